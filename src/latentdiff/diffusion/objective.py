@@ -1,0 +1,50 @@
+"""The training objective: a weighted MSE of a denoising autoencoder (DESIGN.md, Dieleman's view)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from latentdiff.diffusion.schedule import Schedule
+from latentdiff.errors import UserError
+
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+def loss_weight(schedule: Schedule, t: Tensor, prediction: str, weighting: str = "uniform",
+                gamma: float = 5.0) -> Tensor:
+    """λ(t) that multiplies the MSE of a ``prediction``-type target; float32, shape (B,).
+
+    'uniform' is DDPM's "simple" loss (λ = 1 on whatever is predicted). 'min_snr' is Min-SNR-γ
+    (Hang et al. 2023): the ε-loss weighted by min(SNR, γ)/SNR, expressed for each target, since
+    ‖x - x̂‖² = ‖ε - ε̂‖²/SNR and ‖v - v̂‖² = ‖ε - ε̂‖² (1 + SNR)/SNR.
+    """
+    if weighting == "uniform":
+        return torch.ones(t.shape, dtype=torch.float32)
+    if weighting != "min_snr":
+        raise UserError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    snr = schedule.snr(t)
+    clipped = snr.clamp(max=gamma)
+    per_target = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}
+    if prediction not in per_target:
+        raise UserError(f"unknown prediction type {prediction!r}")
+    return per_target[prediction].float()
+
+
+def diffusion_loss(model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: Schedule,
+                   prediction: str = "eps", weighting: str = "uniform", gamma: float = 5.0,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """E_{t,x,ε}[λ(t) ‖target - model(z_t, t)‖²] for one batch; t ~ U{0..T-1}, ε ~ N(0, I).
+
+    t and ε are drawn on the CPU ``generator`` so that a seeded run is reproducible on any device.
+    """
+    B = x0.shape[0]
+    t = torch.randint(0, schedule.num_timesteps, (B,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    z_t = schedule.q_sample(x0, t, eps)  # (20.8)
+    pred = model_fn(z_t, t.to(x0.device))
+    target = schedule.target(x0, t, eps, prediction)
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (loss_weight(schedule, t, prediction, weighting, gamma).to(mse.device) * mse).mean()
