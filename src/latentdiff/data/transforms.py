@@ -1,0 +1,39 @@
+"""Image transforms: resizing on load (PIL), flips and conversions on tensors at batch time."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+
+def resize_and_crop(img: Image.Image, size: int, center_crop: bool = True) -> Image.Image:
+    """Resize to size x size: shorter side then centre crop, or a plain (aspect-changing) resize."""
+    w, h = img.size
+    if center_crop:
+        s = min(w, h)
+        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    else:
+        box = (0.0, 0.0, float(w), float(h))
+    if (w, h) == (size, size):
+        return img
+    if box[2] - box[0] == size and box[3] - box[1] == size and box[0] % 1 == 0 and box[1] % 1 == 0:
+        return img.crop(tuple(int(b) for b in box))  # already the right scale: crop only
+    # One resample from the crop box (no intermediate image); LANCZOS to shrink, BICUBIC to grow.
+    # reducing_gap first shrinks large photos by integer factors, much faster at equal quality.
+    shrink = box[2] - box[0] > size or box[3] - box[1] > size
+    resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
+    return img.resize((size, size), resample, box=box, reducing_gap=3.0 if shrink else None)
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each sample of an (N, C, H, W) batch left-right with probability 1/2."""
+    # The coin flips come from `generator` on the CPU, so they do not depend on x's device.
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    flip = flip.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(flip, x.flip(-1), x)
+
+
+def to_uint8_image(x: torch.Tensor) -> torch.Tensor:
+    """Map floats in [-1, 1] to uint8 in [0, 255], clamping out-of-range values."""
+    # Exact inverse of ImageData.batch's u / 127.5 - 1 for values that came from uint8.
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
