@@ -1,0 +1,214 @@
+"""Run configuration: typed dataclasses per component, YAML presets, ``key=value`` overrides.
+
+A run's config is saved into every checkpoint, so everything needed to rebuild a model is in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latentdiff.data.config import DataConfig
+from latentdiff.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, WEIGHTINGS, Schedule
+from latentdiff.errors import UserError
+from latentdiff.models.unet import UNetConfig
+
+
+@dataclass
+class DiffusionConfig:
+    """The diffusion process and what the network predicts."""
+
+    schedule: str = "linear"  # linear (DDPM), cosine (improved DDPM) or scaled_linear (Stable Diffusion)
+    num_timesteps: int = 1000  # T
+    prediction: str = "eps"  # what the UNet outputs: eps, x0 or v
+    weighting: str = "uniform"  # λ(t): uniform (DDPM "simple") or min_snr (Min-SNR-γ)
+    min_snr_gamma: float = 5.0  # γ of min_snr
+
+    def __post_init__(self) -> None:
+        _choice("diffusion.schedule", self.schedule, SCHEDULES)
+        _choice("diffusion.prediction", self.prediction, PREDICTIONS)
+        _choice("diffusion.weighting", self.weighting, WEIGHTINGS)
+        _positive("diffusion.num_timesteps", self.num_timesteps)
+
+    def build_schedule(self) -> Schedule:
+        """The Schedule these settings describe."""
+        return Schedule.from_name(self.schedule, self.num_timesteps)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, EMA, logging and checkpointing of a training run. Durations count optimiser steps."""
+
+    steps: int = 2000  # total optimiser steps
+    batch_size: int = 128
+    lr: float = 2e-4  # AdamW peak learning rate
+    warmup_steps: int = 100  # linear warm-up from 0 to lr (Adam's early moments are noisy)
+    lr_schedule: str = "constant"  # after warm-up: constant or cosine (decays to 0 at `steps`)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    ema_decay: float = 0.999  # EMA of the weights, used for sampling; warmed up as min(decay, (1+n)/(10+n))
+    seed: int = 0
+    bf16: bool = False  # bf16 autocast for the UNet forward (CPU and GPU); weights and optimiser stay fp32
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    log_every: int = 50  # steps between metrics.csv rows
+    sample_every: int = 0  # steps between sample grids (0: only at the end)
+    checkpoint_every: int = 500  # steps between checkpoints (always one at the end)
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    max_bad_steps: int = 20  # skip steps with a non-finite loss; stop with an error after this many
+    grid_samples: int = 64  # images in the sample grid
+    grid_steps: int = 50  # sampler steps for the grid
+    grid_sampler: str = "ddim"
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("warmup_steps", "log_every", "sample_every", "checkpoint_every", "threads", "max_bad_steps"):
+            if getattr(self, key) < 0:
+                raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise UserError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"train.seed must be in [0, 2**63), got {self.seed}")
+        _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice("train.grid_sampler", self.grid_sampler, tuple(SAMPLERS))
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+        _positive("train.grid_samples", self.grid_samples)
+        _positive("train.grid_steps", self.grid_steps)
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved as config.yaml in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), for YAML and JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
+        """Build from a nested dict, checking every key and type; errors name the key."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: expected a mapping of sections, got {type(d).__name__}")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(sections))
+        if unknown:
+            raise UserError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; known: {', '.join(sections)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: build_dataclass(hints[k], d.get(k) or {}, k) for k in sections})
+
+
+def build_dataclass(cls: type, d: Any, section: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``d`` with strict keys and checked (lightly coerced) types."""
+    if not isinstance(d, dict):
+        raise UserError(f"{section}: expected a mapping of settings, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+        raise UserError(f"{section}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(hints)}")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in d.items()})
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (int, float, bool, str, tuple[int, ...], Optional)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # PyYAML reads 1e-4 (no dot) as a string
+            return float(value) if isinstance(value, str) else _fail(value, tp, key)
+        except ValueError:
+            pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    _fail(value, tp, key)
+
+
+def _fail(value: Any, tp: Any, key: str) -> typing.NoReturn:
+    raise UserError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise UserError(f"{key}: unknown value {value!r}; choose one of {', '.join(options)}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets that ship in latentdiff/configs."""
+    return sorted(p.name[:-5] for p in resources.files("latentdiff.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig:
+    """A preset name or YAML path, with ``section.key=value`` overrides (values parsed as YAML)."""
+    path = Path(preset_or_path)
+    if preset_or_path in list_presets():
+        text = resources.files("latentdiff.configs").joinpath(f"{preset_or_path}.yaml").read_text()
+        where = f"preset {preset_or_path}"
+    elif path.is_file():
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    else:
+        raise UserError(f"{preset_or_path!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
+    try:
+        d = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a mapping of sections at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+        section, name = key.split(".", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        d.setdefault(section, {})
+        if not isinstance(d[section], dict):
+            raise UserError(f"{where}: section {section!r} is not a mapping")
+        d[section][name] = value
+    return RunConfig.from_dict(d, where)

@@ -1,0 +1,120 @@
+"""Safetensors and JSON files, written atomically, read with errors that name the file and keys.
+
+Atomic means: write to a temporary name in the same folder, fsync, rename over the target, fsync the
+folder. A kill at any moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from latentdiff.errors import UserError
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path | str, write: Any) -> None:
+    """Call ``write(tmp_path)`` then move the finished, fsynced file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def save_json(obj: Any, path: Path | str) -> None:
+    """Write JSON atomically (sorted keys, indented, UTF-8)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n",
+                                                         encoding="utf-8"))
+
+
+def load_json(path: Path | str) -> Any:
+    """Read JSON; a missing or malformed file is a UserError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (tensors made contiguous and moved to the CPU)."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; missing, truncated or corrupt files are a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into ``module``; any missing, unexpected or mis-shaped key is a UserError."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es) e.g. {'; '.join(shapes[:3])}")
+    if problems:
+        raise UserError(f"{source} does not match its config: {'; '.join(problems)}")
+    module.load_state_dict(tensors)
+
+
+def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-safe param groups."""
+    tensors = {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            tensors[f"{idx}.{name}"] = torch.as_tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,56 @@
+"""The model folder: one sub-folder per component (``config.json`` + ``model.safetensors``) and a manifest.
+
+``model_index.json`` says which components exist and holds what the pipeline needs beside the weights
+(diffusion settings, image size and channels, class names, training step). No pickles anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentdiff.errors import UserError
+from latentdiff.formats.checkpoint import load_into, load_json, load_tensors, save_json, save_tensors
+from latentdiff.models.unet import UNet, UNetConfig
+
+MANIFEST = "model_index.json"
+FORMAT_VERSION = 1
+
+
+def save_component(folder: Path, name: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Write ``folder/name/config.json`` and ``folder/name/model.safetensors`` atomically."""
+    save_tensors(state, folder / name / "model.safetensors")
+    save_json(config, folder / name / "config.json")
+
+
+def save_model_folder(folder: Path | str, unet: torch.nn.Module, unet_config: UNetConfig,
+                      manifest: dict[str, Any]) -> None:
+    """Export a trained pipeline; the manifest is written last, so a folder with one is complete."""
+    folder = Path(folder)
+    save_component(folder, "unet", unet_config.to_dict(), unet.state_dict())
+    save_json({"format": "latentdiff", "version": FORMAT_VERSION, "components": ["unet"], **manifest},
+              folder / MANIFEST)
+
+
+def read_manifest(folder: Path | str) -> dict[str, Any]:
+    """The manifest of a model folder, with a clear error when the folder is not one."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        hint = " (training has not written a model yet)" if (folder / "config.yaml").is_file() else ""
+        raise UserError(f"{folder} is not a latentdiff model folder: {MANIFEST} not found{hint}")
+    manifest = load_json(folder / MANIFEST)
+    if manifest.get("format") != "latentdiff" or manifest.get("version") != FORMAT_VERSION:
+        raise UserError(f"{folder / MANIFEST}: unsupported format {manifest.get('format')!r} "
+                        f"version {manifest.get('version')!r} (expected latentdiff version {FORMAT_VERSION})")
+    return manifest
+
+
+def load_unet(folder: Path | str, device: str | torch.device = "cpu") -> tuple[UNet, UNetConfig]:
+    """Rebuild the UNet from ``folder/unet/config.json`` and load its weights, checking every key."""
+    sub = Path(folder) / "unet"
+    cfg = UNetConfig.from_dict(load_json(sub / "config.json"))
+    unet = UNet(cfg)
+    load_into(unet, load_tensors(sub / "model.safetensors"), str(sub / "model.safetensors"))
+    return unet.to(device).eval(), cfg

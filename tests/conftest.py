@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+from latentdiff.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A run that takes a second or two: digits at 16 px, a 16-channel UNet."""
+    return load_config("digits-tiny", ["train.steps=6", "train.checkpoint_every=3", "train.log_every=2",
+                                       "train.grid_samples=4", "train.grid_steps=3", "train.warmup_steps=2",
+                                       "data.limit=64"])
