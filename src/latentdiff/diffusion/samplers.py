@@ -26,6 +26,13 @@ class NonFiniteError(UserError):
     """The sampler produced NaN or inf values; the message names the step."""
 
 
+def as_eps_fn(model_fn: Callable[[Tensor, Tensor], Tensor], schedule: Schedule, prediction: str) -> EpsFn:
+    """Adapt a network that predicts ε, x0 or v to the ε-predictor every sampler takes."""
+    if prediction == "eps":
+        return model_fn
+    return lambda x, t: schedule.to_eps(model_fn(x, t), x, t, prediction)
+
+
 def timesteps_for(schedule: Schedule, steps: int, spacing: str = "trailing", offset: int = 0) -> list[int]:
     """The descending integer timesteps a sampler visits (the spacings diffusers users know).
 
@@ -49,7 +56,13 @@ def timesteps_for(schedule: Schedule, steps: int, spacing: str = "trailing", off
 
 
 def randn_cpu(shape: tuple[int, ...], generator: Optional[torch.Generator], like: Tensor) -> Tensor:
-    """Standard normal noise drawn on the CPU generator, so a seed gives the same image on any device."""
+    """Standard normal noise drawn on the CPU, so a seed gives the same image on any device.
+
+    ``generator`` is a torch.Generator, None (global RNG), or any object with ``randn(shape)`` (such as
+    the pipelines' per-sample noise, which keeps each image independent of the batch it is drawn in).
+    """
+    if hasattr(generator, "randn"):
+        return generator.randn(shape).to(like.device, like.dtype)
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
 
 
