@@ -1,0 +1,141 @@
+"""The ``latentdiff`` command: parse, validate, call training or a pipeline, report.
+
+Bad input ends in one line ``error: …`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from latentdiff.errors import UserError
+
+SEED_MAX = 2**63 - 1
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="latentdiff")
+def cli() -> None:
+    """latentdiff: train and run latent diffusion models (the Stable Diffusion family)."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("preset_or_yaml")
+@click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
+@click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps (overrides train.steps).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (default: runs/PRESET).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint "
+              "(model, EMA, optimiser, data order and RNG), up to --steps.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, out: Path | None,
+          resume: bool, device: str) -> None:
+    """Train a diffusion model from a preset (see `latentdiff presets`) or a YAML file.
+
+    Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`.
+    """
+    from latentdiff.config import load_config
+    from latentdiff.training.trainer import Trainer
+
+    out = out or Path("runs") / Path(preset_or_yaml).stem
+    if resume and (out / "config.yaml").is_file():
+        cfg = _resumed_config(out, preset_or_yaml, list(overrides))
+    else:
+        cfg = load_config(preset_or_yaml, list(overrides))
+    if steps is not None:
+        cfg.train.steps = steps
+    grid = Trainer(cfg, out, resume=resume, device=device).run()
+    click.echo(f"model: {out}")
+    if grid:
+        click.echo(f"samples: {grid}")
+
+
+def _resumed_config(out: Path, preset: str, overrides: list[str]):
+    """On --resume the run's own config.yaml is authoritative; only train.* may be overridden."""
+    from latentdiff.config import load_config
+
+    bad = [o for o in overrides if not o.startswith("train.")]
+    if bad:
+        raise UserError(f"--resume keeps the run's data, unet and diffusion settings; cannot apply {', '.join(bad)}")
+    return load_config(str(out / "config.yaml"), overrides)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--n-samples", default=16, show_default=True, type=click.IntRange(min=1), help="Images to draw.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images per network call; memory depends on this, not on --n-samples.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps (NFE).")
+@click.option("--sampler", default="ddim", show_default=True, help="ddim or ddpm (ancestral).")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="DDIM η: 0 deterministic, 1 as noisy as DDPM.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
+              help="Image i uses seed+i, whatever the batch size.")
+@click.option("--class-label", type=int, default=None, help="Class index for class-conditional models.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
+              show_default=True, help="Folder for the PNGs and grid.png.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
+def sample(run_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, eta: float, seed: int,
+           class_label: int | None, out: Path, device: str) -> None:
+    """Draw images from a trained model folder; each PNG keeps its settings in its metadata."""
+    from latentdiff.pipelines.generate import Pipeline
+
+    pipe = Pipeline.load(run_dir, device)
+    t0 = time.perf_counter()
+    images = pipe.generate(n_samples, batch_size, steps, sampler, seed, class_label, eta)
+    dt = time.perf_counter() - t0
+    settings = {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "class_label": class_label}
+    paths, grid = pipe.save(images, out, settings)
+    click.echo(f"{len(paths)} images in {out} ({dt / n_samples:.3f} s/image, {steps} steps of {sampler}); grid: {grid}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Run folder.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the preset's steps.")
+def demo(out: Path, steps: int | None) -> None:
+    """Train the default preset (MNIST digits, embedded data) and write a sample grid."""
+    from latentdiff.config import load_config
+    from latentdiff.training.checkpoints import latest_checkpoint
+    from latentdiff.training.trainer import Trainer
+
+    cfg = load_config("mnist")
+    if steps is not None:
+        cfg.train.steps = steps
+    resume = latest_checkpoint(out / "checkpoints") is not None
+    if resume:
+        click.echo(f"{out} holds an earlier demo run; continuing it", err=True)
+    t0 = time.perf_counter()
+    grid = Trainer(cfg, out, resume=resume).run()
+    click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; model: {out}")
+    click.echo(f"sample grid: {grid}")
+
+
+@cli.command()
+def presets() -> None:
+    """List the training presets that ship with latentdiff."""
+    from latentdiff.config import list_presets
+
+    for name in list_presets():
+        click.echo(name)
+
+
+def main() -> None:
+    """Entry point: run the CLI; user errors print one line and exit with code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; the last checkpoint is intact (use --resume)", err=True)
+        sys.exit(130)

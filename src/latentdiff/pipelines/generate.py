@@ -1,0 +1,112 @@
+"""Generation from a model folder: load → prepare noise per seed → sampler loop in chunks → images.
+
+Memory is bounded by ``batch_size`` whatever ``n_samples`` is. Sample i always starts from the noise
+of seed ``seed + i`` drawn on the CPU, so an image does not depend on the chunking or the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from latentdiff.config import DiffusionConfig, build_dataclass
+from latentdiff.data.images import make_grid, save_png, to_pil, upscale_nearest
+from latentdiff.diffusion import as_eps_fn, sample
+from latentdiff.errors import UserError
+from latentdiff.models.folder import load_unet, read_manifest
+from latentdiff.models.unet import UNet
+
+MAX_SEED = 2**63 - 1
+
+
+class PerSampleNoise:
+    """A noise source that draws each sample's noise from its own CPU generator (seed + i)."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """(len(seeds), *shape[1:]) standard normal noise, one generator per row."""
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in self.generators])
+
+
+@dataclass
+class Pipeline:
+    """A trained pixel-space diffusion model ready to sample; built by :meth:`load`."""
+
+    unet: UNet
+    diffusion: DiffusionConfig
+    manifest: dict[str, Any]
+    path: Path
+    device: torch.device
+
+    @classmethod
+    def load(cls, path: Path | str, device: str | torch.device = "cpu") -> "Pipeline":
+        """Load a model folder written by training (EMA weights)."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        unet, _ = load_unet(path, device)
+        diffusion = build_dataclass(DiffusionConfig, manifest["diffusion"], f"{path}/model_index.json:diffusion")
+        return cls(unet, diffusion, manifest, path, torch.device(device))
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the classes a class-conditional model can draw (empty otherwise)."""
+        return list(self.manifest.get("class_names") or []) if self.unet.config.num_classes else []
+
+    def generate(self, n_samples: int = 16, batch_size: int = 16, steps: int = 50, sampler: str = "ddim",
+                 seed: int = 0, class_label: Optional[int] = None, eta: float = 0.0,
+                 callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+        # callback(done_steps, total_steps) after every network evaluation
+        """Draw ``n_samples`` images as a uint8 (N, C, H, W) tensor, ``batch_size`` at a time."""
+        for name, v in (("n_samples", n_samples), ("batch_size", batch_size), ("steps", steps)):
+            if not isinstance(v, int) or v < 1:
+                raise UserError(f"{name} must be a positive integer, got {v!r}")
+        if not 0 <= seed <= MAX_SEED - n_samples:
+            raise UserError(f"seed must be in [0, {MAX_SEED - n_samples}], got {seed}")
+        labels = self._labels(class_label)
+        schedule = self.diffusion.build_schedule()
+        size, ch = self.manifest["image_size"], self.manifest["channels"]
+        options = {"eta": eta} if sampler == "ddim" else {}
+        if sampler != "ddim" and eta:
+            raise UserError(f"--eta applies to the ddim sampler only, not {sampler!r}")
+        out, total = [], -(-n_samples // batch_size) * steps
+        for start in range(0, n_samples, batch_size):
+            n = min(batch_size, n_samples - start)
+            noise_src = PerSampleNoise(list(range(seed + start, seed + start + n)))
+            x_T = noise_src.randn((n, ch, size, size)).to(self.device)
+            y = None if labels is None else labels.expand(n).to(self.device)
+            eps_fn = as_eps_fn(lambda x, t: self.unet(x, t, class_labels=y), schedule, self.diffusion.prediction)
+            done = (start // batch_size) * steps
+            step_cb = (lambda i, t, x, x0: callback(done + i + 1, total)) if callback else None
+            x = sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src, callback=step_cb,
+                       clip_x0=1.0, **options)
+            out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        return torch.cat(out)
+
+    def _labels(self, class_label: Optional[int]) -> Optional[torch.Tensor]:
+        classes = self.unet.config.num_classes
+        if classes is None:
+            if class_label is not None:
+                raise UserError(f"{self.path} is not class-conditional; drop --class-label")
+            return None
+        if class_label is None:
+            return torch.tensor([classes])  # the null class: unconditional samples
+        if not 0 <= class_label < classes:
+            raise UserError(f"class label {class_label} out of range 0..{classes - 1} ({', '.join(self.class_names)})")
+        return torch.tensor([class_label])
+
+    def save(self, images: torch.Tensor, out_dir: Path | str, settings: dict[str, Any]) -> tuple[list[Path], Path]:
+        """Write one PNG per image (settings and its own seed in the metadata) and a grid.png."""
+        out_dir = Path(out_dir)
+        paths = []
+        for i, img in enumerate(images):
+            p = out_dir / f"{settings.get('seed', 0) + i:06d}.png"
+            save_png(to_pil(img), p, settings | {"seed": settings.get("seed", 0) + i, "model": str(self.path)})
+            paths.append(p)
+        grid = out_dir / "grid.png"
+        save_png(make_grid(upscale_nearest(images)), grid, settings | {"model": str(self.path)})
+        return paths, grid

@@ -1,0 +1,92 @@
+"""Generation from a model folder and the command line, including its bad-input contract."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from latentdiff.data.images import read_png_settings
+from latentdiff.pipelines.generate import Pipeline
+from latentdiff.training.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from latentdiff.config import load_config
+
+    cfg = load_config("digits-tiny", ["train.steps=4", "train.grid_samples=4", "train.grid_steps=2", "data.limit=32"])
+    out = tmp_path_factory.mktemp("run")
+    Trainer(cfg, out, progress=False).run()
+    return out
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "latentdiff", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_chunking_does_not_change_the_images(run_dir):
+    pipe = Pipeline.load(run_dir)
+    for sampler in ("ddim", "ddpm"):
+        a = pipe.generate(n_samples=5, batch_size=5, steps=4, sampler=sampler, seed=11)
+        b = pipe.generate(n_samples=5, batch_size=2, steps=4, sampler=sampler, seed=11)
+        assert a.shape == (5, 1, 16, 16) and a.dtype == torch.uint8
+        assert (a.int() - b.int()).abs().max() <= 1  # same noise per image; only float rounding differs
+        c = pipe.generate(n_samples=2, batch_size=2, steps=4, sampler=sampler, seed=14)
+        assert (a[3:].int() - c.int()).abs().max() <= 1  # image i uses seed + i
+
+
+def test_generate_bad_input(run_dir):
+    from latentdiff.errors import UserError
+
+    pipe = Pipeline.load(run_dir)
+    with pytest.raises(UserError, match="n_samples"):
+        pipe.generate(n_samples=0)
+    with pytest.raises(UserError, match="not class-conditional"):
+        pipe.generate(n_samples=1, class_label=3)
+    with pytest.raises(UserError, match="unknown sampler"):
+        pipe.generate(n_samples=1, sampler="euler")
+
+
+def test_progress_callback_counts_all_steps(run_dir):
+    seen = []
+    Pipeline.load(run_dir).generate(n_samples=3, batch_size=2, steps=3, callback=lambda d, t: seen.append((d, t)))
+    assert seen == [(i, 6) for i in range(1, 7)]
+
+
+def test_cli_sample_writes_pngs_with_settings(run_dir, tmp_path):
+    r = cli("sample", run_dir, "--n-samples", 3, "--batch-size", 2, "--steps", 3, "--seed", 5, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert files == ["000005.png", "000006.png", "000007.png", "grid.png"]
+    settings = read_png_settings(tmp_path / "s" / "000006.png")
+    assert settings["seed"] == 6 and settings["steps"] == 3 and settings["sampler"] == "ddim"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "no/such/dir"], "not a latentdiff model folder"),
+    (["train", "no-such-preset"], "neither a preset"),
+    (["train", "digits-tiny", "train.lr=abc"], "train.lr: expected float"),
+    (["train", "digits-tiny", "data.source=/no/such/folder"], "/no/such/folder"),
+    (["train", "digits-tiny", "--steps", "0"], "--steps"),
+    (["sample", ".", "--seed", "-1"], "--seed"),
+    (["sample", ".", "--n-samples", "0"], "--n-samples"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, needle, tmp_path):
+    r = cli(*args, "--out", tmp_path / "o") if args[0] == "train" else cli(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_sample_wrong_sampler_lists_valid_ones(run_dir):
+    r = cli("sample", run_dir, "--sampler", "plms", "--n-samples", 1)
+    assert r.returncode == 2 and "ddpm, ddim" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_help_mentions_every_option():
+    r = cli("sample", "--help")
+    assert r.returncode == 0
+    for opt in ("--n-samples", "--batch-size", "--steps", "--sampler", "--seed", "--out", "--eta"):
+        assert opt in r.stdout
