@@ -1,0 +1,184 @@
+"""The denoising UNet ε̂(z_t, t, context) of latent diffusion, laid out exactly like CompVis `UNetModel`.
+
+Structure and parameter names (`time_embed`, `label_emb`, `input_blocks`, `middle_block`, `output_blocks`, `out`)
+match `ldm/modules/diffusionmodules/openaimodel.py`, so a Stable Diffusion v1/v2 checkpoint's
+`model.diffusion_model.*` tensors load by name once the prefix is stripped. The UNet only takes a timestep;
+what the prediction means (ε, x0 or v, DESIGN.md) is decided by `diffusion/`, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from ..nn.attention import SpatialTransformer
+from ..nn.embeddings import timestep_embedding
+from ..nn.resblock import Downsample, ResBlock, Upsample, group_norm, zero_module
+
+
+@dataclass
+class UNetConfig:
+    """Hyper-parameters of `UNet`; the defaults are a tiny model for 28x28 grey images on a CPU."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    model_channels: int = 32  # width of the first level; level i has model_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level (each after the first halves H, W)
+    num_res_blocks: int = 1  # ResBlocks per level on the way down (the way up has one more)
+    attention_resolutions: tuple[int, ...] = (2,)  # downsampling factors (1, 2, 4, ...) that get a SpatialTransformer
+    num_heads: int = 4
+    num_head_channels: int = -1  # if > 0: heads = channels // num_head_channels, overriding num_heads (SD v2: 64)
+    transformer_depth: int = 1
+    context_dim: int | None = None  # width of the cross-attention context (text tokens); None: attn2 is self-attention
+    use_linear_projection: bool = False  # SD v2: Linear instead of 1x1 conv for proj_in / proj_out
+    dropout: float = 0.0
+    num_classes: int | None = None  # class-conditional: label_emb has num_classes + 1 rows, the last is "no class"
+    conv_resample: bool = True  # learned conv for down/up-sampling (else average pooling / plain nearest)
+
+    def __post_init__(self) -> None:
+        self.channel_mult, self.attention_resolutions = tuple(self.channel_mult), tuple(self.attention_resolutions)
+
+    @classmethod
+    def sd_v1(cls) -> UNetConfig:
+        """Stable Diffusion v1.x UNet (859,520,964 parameters): 64x64x4 latents, CLIP ViT-L/14 context."""
+        return cls(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                   attention_resolutions=(4, 2, 1), num_heads=8, context_dim=768)
+
+    @classmethod
+    def sd_v2(cls) -> UNetConfig:
+        """Stable Diffusion v2.x UNet: 64-wide heads, OpenCLIP ViT-H/14 context, linear projections."""
+        return cls(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                   attention_resolutions=(4, 2, 1), num_head_channels=64, context_dim=1024,
+                   use_linear_projection=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        """Inverse of `to_dict`; unknown keys raise UserError (a typo must not silently fall back to a default)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown UNet config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d)  # __post_init__ turns the JSON lists back into tuples
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Sequential that hands the embedding to ResBlocks and the context to SpatialTransformers."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
+        """Run the layers in order, each with the inputs it takes."""
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """UNet ε̂(x, t, context, class): ResBlocks + SpatialTransformers, skip connections between the two halves."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or UNetConfig()
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
+        mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+
+        def res(ch_in: int, ch_out: int) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, cfg.dropout, ch_out)
+
+        def attn(ch: int) -> SpatialTransformer:
+            if cfg.num_head_channels > 0:
+                heads, head_dim = ch // cfg.num_head_channels, cfg.num_head_channels
+            else:
+                heads, head_dim = cfg.num_heads, ch // cfg.num_heads
+            return SpatialTransformer(ch, heads, head_dim, cfg.transformer_depth, cfg.dropout, cfg.context_dim,
+                                      cfg.use_linear_projection)
+
+        # Down: conv_in, then per level num_res_blocks x (ResBlock [+ attention]), then a Downsample.
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_chans, ch, ds = [mc], mc, 1  # channels of every skip connection, current width, downsampling factor
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, cfg.conv_resample)))
+                skip_chans.append(ch)
+                ds *= 2
+        # Middle: always attention at the lowest resolution, where the tokens are fewest.
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+        # Up: per level num_res_blocks + 1 ResBlocks, each eating one skip connection (concatenated on channels).
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(attn(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch, cfg.conv_resample))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        # Zero-initialised output: the untrained model predicts 0 (the mean of ε), a well-conditioned start.
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+
+    def _check(self, x: Tensor, t: Tensor, context: Tensor | None, class_labels: Tensor | None) -> None:
+        cfg, factor = self.config, 2 ** (len(self.config.channel_mult) - 1)
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise UserError(f"UNet input must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise UserError(f"UNet input height and width must be divisible by {factor} "
+                            f"(2 ** (len(channel_mult) - 1)), got {tuple(x.shape)}")
+        if t.shape != (x.shape[0],):
+            raise UserError(f"timesteps must be a scalar or shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if cfg.context_dim is None and context is not None:
+            raise UserError("this UNet has no cross-attention (context_dim is None) but a context was given")
+        if cfg.context_dim is not None and (context is None or context.ndim != 3
+                                            or context.shape[-1] != cfg.context_dim):
+            got = None if context is None else tuple(context.shape)
+            raise UserError(f"this UNet needs a context of shape (B, L, {cfg.context_dim}), got {got}")
+        if cfg.num_classes is None and class_labels is not None:
+            raise UserError("this UNet is not class-conditional (num_classes is None) but class_labels were given")
+
+    def _run(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def forward(self, x: Tensor, t: Tensor | float | int, context: Tensor | None = None,
+                class_labels: Tensor | None = None) -> Tensor:
+        """Predict from x (B, C, H, W) at timesteps t ((B,) or scalar), optional context (B, L, D) and labels (B,)."""
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        self._check(x, t, context, class_labels)
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        if self.label_emb is not None:
+            if class_labels is None:  # no label given: the "null" class (last row), as classifier-free guidance uses
+                class_labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.label_emb(class_labels)
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
