@@ -8,7 +8,7 @@ import torch
 
 from latentdiff.data.images import read_png_settings
 from latentdiff.pipelines.generate import Pipeline
-from latentdiff.training.trainer import Trainer
+from latentdiff.training.diffusion_trainer import DiffusionTrainer as Trainer
 
 
 @pytest.fixture(scope="module")

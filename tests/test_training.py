@@ -9,7 +9,8 @@ from latentdiff.config import RunConfig, load_config
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import load_tensors, save_tensors
 from latentdiff.training.checkpoints import latest_checkpoint
-from latentdiff.training.trainer import Trainer, lr_at
+from latentdiff.training.diffusion_trainer import DiffusionTrainer as Trainer
+from latentdiff.training.loop import lr_at
 
 
 def _weights(run_dir):

@@ -38,7 +38,7 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
     Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`.
     """
     from latentdiff.config import load_config
-    from latentdiff.training.trainer import Trainer
+    from latentdiff.training.diffusion_trainer import DiffusionTrainer as Trainer
 
     out = out or Path("runs") / Path(preset_or_yaml).stem
     if resume and (out / "config.yaml").is_file():
@@ -100,7 +100,7 @@ def demo(out: Path, steps: int | None) -> None:
     """Train the default preset (MNIST digits, embedded data) and write a sample grid."""
     from latentdiff.config import load_config
     from latentdiff.training.checkpoints import latest_checkpoint
-    from latentdiff.training.trainer import Trainer
+    from latentdiff.training.diffusion_trainer import DiffusionTrainer as Trainer
 
     cfg = load_config("mnist")
     if steps is not None:
