@@ -33,12 +33,12 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, out: Path | None,
           resume: bool, device: str) -> None:
-    """Train a diffusion model from a preset (see `latentdiff presets`) or a YAML file.
+    """Train a diffusion model or an autoencoder from a preset (`latentdiff presets`) or a YAML file.
 
     Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`.
     """
     from latentdiff.config import load_config
-    from latentdiff.training.diffusion_trainer import DiffusionTrainer as Trainer
+    from latentdiff.training import make_trainer
 
     out = out or Path("runs") / Path(preset_or_yaml).stem
     if resume and (out / "config.yaml").is_file():
@@ -47,7 +47,7 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
         cfg = load_config(preset_or_yaml, list(overrides))
     if steps is not None:
         cfg.train.steps = steps
-    grid = Trainer(cfg, out, resume=resume, device=device).run()
+    grid = make_trainer(cfg, out, resume=resume, device=device).run()
     click.echo(f"model: {out}")
     if grid:
         click.echo(f"samples: {grid}")
@@ -57,7 +57,7 @@ def _resumed_config(out: Path, preset: str, overrides: list[str]):
     """On --resume the run's own config.yaml is authoritative; only train.* may be overridden."""
     from latentdiff.config import load_config
 
-    bad = [o for o in overrides if not o.startswith("train.")]
+    bad = [o for o in overrides if not o.startswith("train.")]  # anything else would change the model
     if bad:
         raise UserError(f"--resume keeps the run's data, unet and diffusion settings; cannot apply {', '.join(bad)}")
     return load_config(str(out / "config.yaml"), overrides)

@@ -18,7 +18,11 @@ import yaml
 from latentdiff.data.config import DataConfig
 from latentdiff.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, WEIGHTINGS, Schedule
 from latentdiff.errors import UserError
+from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
+from latentdiff.training.ae_loss import AutoencoderLossConfig
+
+MODELS = ("diffusion", "autoencoder")
 
 
 @dataclass
@@ -40,6 +44,14 @@ class DiffusionConfig:
     def build_schedule(self) -> Schedule:
         """The Schedule these settings describe."""
         return Schedule.from_name(self.schedule, self.num_timesteps)
+
+
+@dataclass
+class LatentConfig:
+    """Where diffusion runs: on pixels (no autoencoder) or on the latents of a trained autoencoder."""
+
+    autoencoder: str | None = None  # model folder of a trained autoencoder (latentdiff train ae-*); None: pixels
+    sample_posterior: bool = True  # train on z ~ q(z|x) (LDM) rather than its mean; moments are cached
 
 
 @dataclass
@@ -87,12 +99,23 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs; saved as config.yaml in the run folder."""
+    """Everything a training run needs; saved as config.yaml in the run folder.
 
+    ``model`` says what is trained: a diffusion model (sections unet, diffusion, latent) or an
+    autoencoder (sections autoencoder, ae_loss); data and train apply to both.
+    """
+
+    model: str = "diffusion"
     data: DataConfig = field(default_factory=DataConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ae_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _choice("model", self.model, MODELS)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), for YAML and JSON."""
@@ -103,12 +126,13 @@ class RunConfig:
         """Build from a nested dict, checking every key and type; errors name the key."""
         if not isinstance(d, dict):
             raise UserError(f"{where}: expected a mapping of sections, got {type(d).__name__}")
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(sections))
-        if unknown:
-            raise UserError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; known: {', '.join(sections)}")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: build_dataclass(hints[k], d.get(k) or {}, k) for k in sections})
+        unknown = sorted(set(d) - set(hints))
+        if unknown:
+            raise UserError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; known: {', '.join(hints)}")
+        model = _coerce(d.get("model", "diffusion"), str, "model")
+        sections = [k for k in hints if k != "model"]
+        return cls(model=model, **{k: build_dataclass(hints[k], d.get(k) or {}, k) for k in sections})
 
 
 def build_dataclass(cls: type, d: Any, section: str) -> Any:

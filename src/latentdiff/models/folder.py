@@ -13,6 +13,7 @@ import torch
 
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import load_into, load_json, load_tensors, save_json, save_tensors
+from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.models.unet import UNet, UNetConfig
 
 MANIFEST = "model_index.json"
@@ -25,12 +26,16 @@ def save_component(folder: Path, name: str, config: dict[str, Any], state: dict[
     save_json(config, folder / name / "config.json")
 
 
-def save_model_folder(folder: Path | str, unet: torch.nn.Module, unet_config: UNetConfig,
+def save_model_folder(folder: Path | str, components: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]],
                       manifest: dict[str, Any]) -> None:
-    """Export a trained pipeline; the manifest is written last, so a folder with one is complete."""
+    """Export a trained pipeline: ``components`` maps a name to (config, state_dict).
+
+    The manifest is written last, so a folder that has one is complete.
+    """
     folder = Path(folder)
-    save_component(folder, "unet", unet_config.to_dict(), unet.state_dict())
-    save_json({"format": "latentdiff", "version": FORMAT_VERSION, "components": ["unet"], **manifest},
+    for name, (config, state) in components.items():
+        save_component(folder, name, config, state)
+    save_json({"format": "latentdiff", "version": FORMAT_VERSION, "components": sorted(components), **manifest},
               folder / MANIFEST)
 
 
@@ -47,10 +52,21 @@ def read_manifest(folder: Path | str) -> dict[str, Any]:
     return manifest
 
 
-def load_unet(folder: Path | str, device: str | torch.device = "cpu") -> tuple[UNet, UNetConfig]:
+def _load_component(folder: Path | str, name: str, config_cls: Any, model_cls: Any,
+                    device: str | torch.device) -> Any:
+    sub = Path(folder) / name
+    if not sub.is_dir():
+        raise UserError(f"{folder} has no {name}/ component folder")
+    model = model_cls(config_cls.from_dict(load_json(sub / "config.json")))
+    load_into(model, load_tensors(sub / "model.safetensors"), str(sub / "model.safetensors"))
+    return model.to(device).eval()
+
+
+def load_unet(folder: Path | str, device: str | torch.device = "cpu") -> UNet:
     """Rebuild the UNet from ``folder/unet/config.json`` and load its weights, checking every key."""
-    sub = Path(folder) / "unet"
-    cfg = UNetConfig.from_dict(load_json(sub / "config.json"))
-    unet = UNet(cfg)
-    load_into(unet, load_tensors(sub / "model.safetensors"), str(sub / "model.safetensors"))
-    return unet.to(device).eval(), cfg
+    return _load_component(folder, "unet", UNetConfig, UNet, device)
+
+
+def load_autoencoder(folder: Path | str, device: str | torch.device = "cpu") -> Autoencoder:
+    """Rebuild the autoencoder from ``folder/autoencoder/`` (a diffusion model folder or an autoencoder's own)."""
+    return _load_component(folder, "autoencoder", AutoencoderConfig, Autoencoder, device)

@@ -16,7 +16,8 @@ from latentdiff.config import DiffusionConfig, build_dataclass
 from latentdiff.data.images import make_grid, save_png, to_pil, upscale_nearest
 from latentdiff.diffusion import as_eps_fn, sample
 from latentdiff.errors import UserError
-from latentdiff.models.folder import load_unet, read_manifest
+from latentdiff.models.autoencoder import Autoencoder, IdentityAutoencoder
+from latentdiff.models.folder import load_autoencoder, load_unet, read_manifest
 from latentdiff.models.unet import UNet
 
 MAX_SEED = 2**63 - 1
@@ -35,9 +36,10 @@ class PerSampleNoise:
 
 @dataclass
 class Pipeline:
-    """A trained pixel-space diffusion model ready to sample; built by :meth:`load`."""
+    """A trained diffusion model (pixel or latent space) ready to sample; built by :meth:`load`."""
 
     unet: UNet
+    autoencoder: Autoencoder | IdentityAutoencoder
     diffusion: DiffusionConfig
     manifest: dict[str, Any]
     path: Path
@@ -48,9 +50,22 @@ class Pipeline:
         """Load a model folder written by training (EMA weights)."""
         path = Path(path)
         manifest = read_manifest(path)
-        unet, _ = load_unet(path, device)
+        if "unet" not in manifest["components"]:
+            raise UserError(f"{path} holds an autoencoder without a UNet: nothing to sample "
+                            "(train a diffusion model with latent.autoencoder pointing at it)")
+        unet = load_unet(path, device)
+        if "autoencoder" in manifest["components"]:
+            autoencoder = load_autoencoder(path, device)  # kept in fp32: half-precision VAEs give black images
+        else:
+            autoencoder = IdentityAutoencoder(manifest["channels"])
         diffusion = build_dataclass(DiffusionConfig, manifest["diffusion"], f"{path}/model_index.json:diffusion")
-        return cls(unet, diffusion, manifest, path, torch.device(device))
+        return cls(unet, autoencoder, diffusion, manifest, path, torch.device(device))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of what the UNet denoises: the image itself in pixel space."""
+        f, size = self.autoencoder.downsample_factor, self.manifest["image_size"]
+        return (self.autoencoder.latent_channels, size // f, size // f)
 
     @property
     def class_names(self) -> list[str]:
@@ -69,7 +84,7 @@ class Pipeline:
             raise UserError(f"seed must be in [0, {MAX_SEED - n_samples}], got {seed}")
         labels = self._labels(class_label)
         schedule = self.diffusion.build_schedule()
-        size, ch = self.manifest["image_size"], self.manifest["channels"]
+        pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
         options = {"eta": eta} if sampler == "ddim" else {}
         if sampler != "ddim" and eta:
             raise UserError(f"--eta applies to the ddim sampler only, not {sampler!r}")
@@ -77,13 +92,15 @@ class Pipeline:
         for start in range(0, n_samples, batch_size):
             n = min(batch_size, n_samples - start)
             noise_src = PerSampleNoise(list(range(seed + start, seed + start + n)))
-            x_T = noise_src.randn((n, ch, size, size)).to(self.device)
+            x_T = noise_src.randn((n, *self.latent_shape)).to(self.device)
             y = None if labels is None else labels.expand(n).to(self.device)
             eps_fn = as_eps_fn(lambda x, t: self.unet(x, t, class_labels=y), schedule, self.diffusion.prediction)
             done = (start // batch_size) * steps
             step_cb = (lambda i, t, x, x0: callback(done + i + 1, total)) if callback else None
-            x = sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src, callback=step_cb,
-                       clip_x0=1.0, **options)
+            z = sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src, callback=step_cb,
+                       clip_x0=1.0 if pixel_space else None, **options)
+            with torch.no_grad():
+                x = self.autoencoder.decode_latents(z)  # x̂ = D(ẑ / s)
             out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
         return torch.cat(out)
 

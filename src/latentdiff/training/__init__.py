@@ -1,0 +1,20 @@
+"""Training loops: the shared run loop, the diffusion trainer and the autoencoder trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # config.py imports training.ae_loss: import lazily to keep the package importable
+    from latentdiff.config import RunConfig
+    from latentdiff.training.loop import TrainingRun
+
+
+def make_trainer(cfg: "RunConfig", out_dir: Path | str, resume: bool = False, device: str = "auto",
+                 progress: bool | None = None) -> "TrainingRun":
+    """The trainer for ``cfg.model`` ('diffusion' or 'autoencoder')."""
+    if cfg.model == "autoencoder":
+        from latentdiff.training.autoencoder_trainer import AutoencoderTrainer as cls
+    else:
+        from latentdiff.training.diffusion_trainer import DiffusionTrainer as cls
+    return cls(cfg, out_dir, resume=resume, device=device, progress=progress)

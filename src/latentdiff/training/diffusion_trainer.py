@@ -13,9 +13,11 @@ from torch import nn
 from latentdiff.data.images import make_grid, save_png, upscale_nearest
 from latentdiff.diffusion import as_eps_fn, diffusion_loss, sample
 from latentdiff.errors import UserError
-from latentdiff.models.folder import save_model_folder
+from latentdiff.models.autoencoder import IdentityAutoencoder
+from latentdiff.models.folder import load_autoencoder, save_model_folder
 from latentdiff.models.unet import UNet
 from latentdiff.training.ema import EMA
+from latentdiff.training.latents import LatentData, check_latent_shapes, file_fingerprint
 from latentdiff.training.loop import TrainingRun
 
 
@@ -25,9 +27,20 @@ class DiffusionTrainer(TrainingRun):
     kind = "UNet"
 
     def build(self) -> None:
-        """UNet, its EMA copy, AdamW and the noise schedule."""
-        self._check_shapes()
-        tc = self.cfg.train
+        """Autoencoder (or identity) and latent cache, UNet, its EMA copy, AdamW and the noise schedule."""
+        tc, d, lc = self.cfg.train, self.cfg.data, self.cfg.latent
+        self.latents: LatentData | None = None
+        if lc.autoencoder:
+            ae_dir = Path(lc.autoencoder)
+            self.autoencoder = load_autoencoder(ae_dir, self.device)
+            check_latent_shapes(d.image_size, self.autoencoder, self.cfg.unet.in_channels,
+                                self.cfg.unet.out_channels, d.channels)
+            ae_fp = file_fingerprint(ae_dir / "autoencoder" / "model.safetensors")
+            self.latents = LatentData(self.data, self.autoencoder, ae_fp, ae_dir / "latent_cache", d.hflip, self.device)
+        else:
+            self.autoencoder = IdentityAutoencoder(d.channels)
+            check_latent_shapes(d.image_size, None, self.cfg.unet.in_channels, self.cfg.unet.out_channels, d.channels)
+        self._check_classes()
         self.schedule = self.cfg.diffusion.build_schedule()
         self.model = UNet(self.cfg.unet).to(self.device)
         self.ema = EMA(self.model, tc.ema_decay)
@@ -41,11 +54,27 @@ class DiffusionTrainer(TrainingRun):
         """One AdamW."""
         return {"model": self.opt}
 
-    def _check_shapes(self) -> None:
+    def fingerprint(self) -> str:
+        """Data and autoencoder together: either changing invalidates a resume."""
+        return self.latents.fingerprint if self.latents is not None else self.data.fingerprint
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of what the UNet denoises."""
+        f, size = self.autoencoder.downsample_factor, self.cfg.data.image_size
+        return (self.autoencoder.latent_channels, size // f, size // f)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels through the base class, or cached latents drawn from q(z|x)."""
+        if self.latents is None:
+            return super().next_batch()
+        idx = self.batches.next()
+        z = self.latents.batch(idx, self.batches.generator, self.cfg.data.hflip, self.cfg.latent.sample_posterior)
+        self.images_seen += len(idx)
+        return z.to(self.device), idx
+
+    def _check_classes(self) -> None:
         u, d = self.cfg.unet, self.cfg.data
-        if u.in_channels != d.channels or u.out_channels != d.channels:
-            raise UserError(f"unet.in_channels/out_channels ({u.in_channels}/{u.out_channels}) must equal "
-                            f"data.channels ({d.channels}) for pixel-space diffusion")
         if u.num_classes is not None:
             if self.data.labels is None:
                 raise UserError(f"unet.num_classes={u.num_classes} but the data set {d.source!r} has no class labels")
@@ -75,26 +104,32 @@ class DiffusionTrainer(TrainingRun):
         """What a pipeline needs beside the weights."""
         d = self.cfg.data
         return {"step": self.step, "diffusion": dataclasses.asdict(self.cfg.diffusion),
-                "image_size": d.image_size, "channels": d.channels, "class_names": self.data.class_names,
+                "image_size": d.image_size, "channels": d.channels, "latent_shape": list(self.latent_shape),
+                "class_names": self.data.class_names,
                 "data": {"source": d.source, "fingerprint": self.data.fingerprint, "images": len(self.data)}}
 
     def export(self) -> None:
-        """The model folder holds the EMA weights."""
-        save_model_folder(self.out, self.ema.model, self.cfg.unet, self.manifest())
+        """The model folder holds the EMA UNet and, for latent diffusion, a copy of the autoencoder."""
+        components = {"unet": (self.cfg.unet.to_dict(), self.ema.model.state_dict())}
+        if self.latents is not None:
+            components["autoencoder"] = (self.autoencoder.config.to_dict(), self.autoencoder.state_dict())
+        save_model_folder(self.out, components, self.manifest())
 
     @torch.no_grad()
     def preview(self) -> Path:
         """Sample a grid from the EMA model with a fixed seed, so grids over training are comparable."""
-        tc, d = self.cfg.train, self.cfg.data
+        tc = self.cfg.train
         n = tc.grid_samples
         g = torch.Generator().manual_seed(tc.seed)
-        noise = torch.randn(n, d.channels, d.image_size, d.image_size, generator=g).to(self.device)
+        noise = torch.randn(n, *self.latent_shape, generator=g).to(self.device)
         labels = None
         if self.cfg.unet.num_classes is not None:
             labels = (torch.arange(n) % self.cfg.unet.num_classes).to(self.device)
         eps_fn = as_eps_fn(lambda x, t: self.ema.model(x, t, class_labels=labels), self.schedule,
                            self.cfg.diffusion.prediction)
-        x = sample(eps_fn, noise, self.schedule, tc.grid_sampler, tc.grid_steps, generator=g, clip_x0=1.0)
+        clip = 1.0 if self.latents is None else None  # pixels live in [-1, 1]; latents have no fixed range
+        z = sample(eps_fn, noise, self.schedule, tc.grid_sampler, tc.grid_steps, generator=g, clip_x0=clip)
+        x = self.autoencoder.decode_latents(z)
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
         path = self.out / "samples" / f"step_{self.step:08d}.png"
         save_png(make_grid(upscale_nearest(images)), path,

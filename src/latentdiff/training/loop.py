@@ -120,6 +120,10 @@ class TrainingRun:
         """Write an image grid that shows progress; return its path."""
         return None
 
+    def fingerprint(self) -> str:
+        """What the checkpoint's data must match to resume (the data set's fingerprint by default)."""
+        return self.data.fingerprint
+
     def extra_state(self) -> dict[str, Any]:
         """JSON-safe state beyond weights and optimisers (saved in state.json)."""
         return {}
@@ -172,7 +176,7 @@ class TrainingRun:
         folder = latest_checkpoint(self.out / "checkpoints")
         names = list(self.modules()) + [f"opt_{k}" for k in self.optimizers()] + ["rng"]
         groups, state = load_checkpoint(folder, names)
-        if state.get("data_fingerprint") != self.data.fingerprint:
+        if state.get("data_fingerprint") != self.fingerprint():
             raise UserError(f"{folder}: the data set changed since this checkpoint was written "
                             "(fingerprint differs); start a new run with another --out")
         for name, module in self.modules().items():
@@ -195,7 +199,7 @@ class TrainingRun:
         rng = {f"batches.{k}": v for k, v in self.batches.state().items()}
         groups["rng"] = rng | {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
         state = {"optimizers": opt_meta, "bad_steps": self.bad_steps, "images_seen": self.images_seen,
-                 "data_fingerprint": self.data.fingerprint, "config": self.cfg.to_dict(),
+                 "data_fingerprint": self.fingerprint(), "config": self.cfg.to_dict(),
                  "extra": self.extra_state()}
         folder = save_checkpoint(self.out / "checkpoints", self.step, groups, state, self.cfg.train.keep_checkpoints)
         self.export()
@@ -204,7 +208,7 @@ class TrainingRun:
     # ---- the loop -----------------------------------------------------------------------------
     def describe(self) -> str:
         """One line on what is being trained."""
-        n = sum(p.numel() for m in self.modules().values() for p in m.parameters())
+        n = sum(p.numel() for p in self.modules()["model"].parameters())
         return f"{self.kind} {n:,} parameters"
 
     def run(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> Path | None:

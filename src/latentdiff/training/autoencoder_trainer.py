@@ -1,0 +1,117 @@
+"""Training the perceptual-compression stage: autoencoder + LPIPS-style loss + PatchGAN (LDM, Sec. 3.1).
+
+Two optimisers alternate on every step once the discriminator is on (``ae_loss.disc_start``). At each
+export the latent scale s = 1/std(E(x)) is measured on the training images and stored in the
+autoencoder's config, where latent diffusion reads it (DESIGN.md: z = s · E(x)).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentdiff.data.images import make_grid, save_png, upscale_nearest
+from latentdiff.errors import UserError
+from latentdiff.models.autoencoder import Autoencoder, measure_scale_factor
+from latentdiff.models.folder import save_model_folder
+from latentdiff.training.ae_loss import AutoencoderLoss
+from latentdiff.training.loop import TrainingRun
+
+SCALE_IMAGES = 2048  # images encoded to measure the latent scale
+
+
+class AutoencoderTrainer(TrainingRun):
+    """Trains an Autoencoder with AutoencoderLoss; exports it with its measured latent scale."""
+
+    kind = "autoencoder"
+
+    def build(self) -> None:
+        """Autoencoder, loss (with discriminator and perceptual net), two AdamW optimisers."""
+        a, d, tc = self.cfg.autoencoder, self.cfg.data, self.cfg.train
+        if a.in_channels != d.channels or a.out_channels != d.channels:
+            raise UserError(f"autoencoder.in_channels/out_channels ({a.in_channels}/{a.out_channels}) must equal "
+                            f"data.channels ({d.channels})")
+        if d.image_size % a.downsample_factor:
+            raise UserError(f"data.image_size {d.image_size} is not divisible by the autoencoder's "
+                            f"factor f={a.downsample_factor}")
+        self.model = Autoencoder(a).to(self.device)
+        self.loss = AutoencoderLoss(self.cfg.ae_loss, d.channels).to(self.device)
+        # LDM trains the autoencoder with Adam(β = 0.5, 0.9): the GAN game needs short momentum memory
+        self.opt_g = torch.optim.AdamW(list(self.model.parameters()) + self.loss.autoencoder_parameters(),
+                                       lr=tc.lr, betas=(0.5, 0.9), weight_decay=tc.weight_decay)
+        self.opt_d = torch.optim.AdamW(self.loss.discriminator_parameters(), lr=tc.lr, betas=(0.5, 0.9),
+                                       weight_decay=tc.weight_decay)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The autoencoder and the loss (discriminator and learned log-variance)."""
+        return {"model": self.model, "loss": _trainable(self.loss)}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Generator (autoencoder) and discriminator optimisers."""
+        return {"generator": self.opt_g, "discriminator": self.opt_d}
+
+    def train_step(self) -> dict[str, float] | None:
+        """One autoencoder step and, once the GAN is on, one discriminator step."""
+        x, _ = self.next_batch()
+        with torch.autocast(self.device.type, torch.bfloat16) if self.cfg.train.bf16 else nullcontext():
+            recon, posterior = self.model(x, sample_posterior=True, generator=self.noise_gen)
+        recon = recon.float()
+        loss, logs = self.loss.generator_loss(x, recon, posterior, self.step, self.model.last_layer)
+        if self.skip_nonfinite(loss):
+            return None
+        self.clip_and_step(self.opt_g, self.opt_g.param_groups[0]["params"], loss)
+        logs |= {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}  # same columns before disc_start
+        if self.loss.discriminator_active(self.step):
+            d_loss, d_logs = self.loss.discriminator_loss(x, recon.detach(), self.step)
+            self.clip_and_step(self.opt_d, self.loss.discriminator_parameters(), d_loss)
+            logs |= d_logs
+        return logs
+
+    @torch.no_grad()
+    def measure_scale(self) -> float:
+        """s = 1 / std of the posterior means over up to SCALE_IMAGES training images."""
+        self.model.eval()
+        n = min(len(self.data), SCALE_IMAGES)
+        means = [self.model.encode(self.data.batch(torch.arange(i, min(i + 256, n))).to(self.device)).mean
+                 for i in range(0, n, 256)]
+        self.model.train()
+        return measure_scale_factor(torch.cat(means))
+
+    def export(self) -> None:
+        """Write ``autoencoder/`` with the measured scale factor, and the manifest."""
+        self.cfg.autoencoder.scale_factor = self.measure_scale()
+        self.model.config.scale_factor = self.cfg.autoencoder.scale_factor
+        d = self.cfg.data
+        manifest: dict[str, Any] = {
+            "step": self.step, "kind": "autoencoder", "image_size": d.image_size, "channels": d.channels,
+            "scale_factor": self.cfg.autoencoder.scale_factor, "class_names": self.data.class_names,
+            "data": {"source": d.source, "fingerprint": self.data.fingerprint, "images": len(self.data)}}
+        save_model_folder(self.out, {"autoencoder": (self.cfg.autoencoder.to_dict(), self.model.state_dict())},
+                          manifest)
+
+    @torch.no_grad()
+    def preview(self) -> Path:
+        """Originals (odd rows) above their reconstructions (even rows)."""
+        n = min(self.cfg.train.grid_samples, len(self.data), 32)
+        x = self.data.batch(torch.arange(n)).to(self.device)
+        self.model.eval()
+        recon = self.model(x, sample_posterior=False)[0]
+        self.model.train()
+        cols = min(n, 8)
+        rows = [torch.cat([x[i:i + cols], recon[i:i + cols]]) for i in range(0, n, cols)]
+        images = ((torch.cat(rows).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        path = self.out / "samples" / f"recon_{self.step:08d}.png"
+        save_png(make_grid(upscale_nearest(images), nrow=cols), path, {"step": self.step, "kind": "reconstruction"})
+        return path
+
+
+def _trainable(loss: AutoencoderLoss) -> nn.Module:
+    """The loss without its frozen perceptual network (fixed weights need no checkpoint)."""
+    holder = nn.Module()
+    holder.discriminator = loss.discriminator
+    holder.logvar = loss.logvar
+    return holder
