@@ -59,6 +59,7 @@ class TrainConfig:
     """Optimisation, EMA, logging and checkpointing of a training run. Durations count optimiser steps."""
 
     steps: int = 2000  # total optimiser steps
+    time_limit: float = 0.0  # stop (and save) after this many minutes of training in this process; 0: no limit
     batch_size: int = 128
     lr: float = 2e-4  # AdamW peak learning rate
     warmup_steps: int = 100  # linear warm-up from 0 to lr (Adam's early moments are noisy)
@@ -84,6 +85,8 @@ class TrainConfig:
         for key in ("warmup_steps", "log_every", "sample_every", "checkpoint_every", "threads", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.time_limit < 0:
+            raise UserError(f"train.time_limit must be >= 0 minutes, got {self.time_limit}")
         if not self.lr > 0:
             raise UserError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:

@@ -8,7 +8,8 @@ Generator (autoencoder) side, per batch of B images:
     λ     = disc_weight · clamp(‖∇_last L_nll‖ / (‖∇_last L_G‖ + 1e-4), 0, 1e4)   (adaptive weight, Esser et al. 2021)
 
 with ∇_last the gradient at the decoder's last layer; disc_factor is 0 before `disc_start` steps, so the GAN only
-joins once reconstructions are reasonable. Discriminator side: hinge loss ½ [mean relu(1 − D(x)) + mean relu(1 + D(x̂))].
+joins once reconstructions are reasonable. Discriminator side, the hinge loss
+    L_D = ½ [mean relu(1 − D(x)) + mean relu(1 + D(x̂))].
 Sums over pixels (not means) are CompVis' choice; they set the scale at which kl_weight ≈ 1e-6 is "slight".
 """
 

@@ -227,7 +227,11 @@ class TrainingRun:
             m.train()
         logger = CsvLog(self.out / "metrics.csv")
         t0, seen0, sums, count = time.perf_counter(), self.images_seen, {}, 0
+        deadline = time.perf_counter() + tc.time_limit * 60 if tc.time_limit else float("inf")
         while self.step < tc.steps:
+            if time.perf_counter() > deadline:
+                print(f"train.time_limit of {tc.time_limit} min reached at step {self.step}", file=sys.stderr)
+                break
             for opt in self.optimizers().values():
                 for group in opt.param_groups:
                     group["lr"] = lr_at(self.step, tc)

@@ -1,0 +1,375 @@
+"""The perceptual-compression stage of latent diffusion: a KL-regularised autoencoder x -> z -> x̂.
+
+LDM (Rombach et al. 2022, Sec. 3.1) trains an encoder E and decoder D once, so that diffusion runs on the
+f-times smaller latent z = E(x) instead of pixels; a slight KL pull towards N(0, I) ("KL-reg.") keeps the
+latent space from drifting to arbitrary scales. DESIGN.md: z = s · E(x) with the latent scale s measured from
+data (`measure_scale_factor`), diffusion on z, x̂ = D(ẑ / s).
+
+Structure and parameter names (`encoder.down.{i}.block.{j}`, `mid.attn_1`, `decoder.up.{i}`, `quant_conv`, ...)
+match CompVis `ldm/modules/diffusionmodules/model.py` and `ldm/models/autoencoder.py`, so the tensors of a
+Stable Diffusion checkpoint's `first_stage_model.*` load by name once the prefix is stripped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..nn.resblock import group_norm
+
+
+@dataclass
+class AutoencoderConfig:
+    """Hyper-parameters of `Autoencoder`; the defaults are a tiny f=2 model for 28x28 grey images on a CPU."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    base_channels: int = 32  # CompVis `ch`: width of the first level; level i has base_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2)  # one entry per level; each level after the first halves H and W
+    num_res_blocks: int = 1  # ResnetBlocks per encoder level (the decoder has one more, as in CompVis)
+    z_channels: int = 4  # channels between encoder/decoder and the 1x1 (post_)quant_conv
+    embed_dim: int = 4  # latent channels: what the diffusion model sees
+    attn_in_mid: bool = True  # single-head self-attention in the middle block (SD: yes)
+    dropout: float = 0.0
+    double_z: bool = True  # encoder predicts mean and log-variance; False: a deterministic (plain) autoencoder
+    scale_factor: float = 1.0  # s in z = s · (E(x) - shift): measured from data (measure_scale_factor), SD: 0.18215
+    shift_factor: float = 0.0  # subtracted before scaling (SD 1/2: 0; SD3/Flux-style VAEs use one)
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        for key in ("in_channels", "out_channels", "base_channels", "num_res_blocks", "z_channels", "embed_dim"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise UserError(f"autoencoder.{key}: expected a positive integer, got {v!r}")
+        if not self.channel_mult or not all(isinstance(m, int) and m > 0 for m in self.channel_mult):
+            raise UserError(f"autoencoder.channel_mult: expected a non-empty list of positive integers, "
+                            f"got {list(self.channel_mult)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"autoencoder.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.scale_factor, (int, float)) and math.isfinite(self.scale_factor)
+                and self.scale_factor > 0):
+            raise UserError(f"autoencoder.scale_factor: expected a positive finite number, got {self.scale_factor!r}")
+        if not (isinstance(self.shift_factor, (int, float)) and math.isfinite(self.shift_factor)):
+            raise UserError(f"autoencoder.shift_factor: expected a finite number, got {self.shift_factor!r}")
+
+    @classmethod
+    def sd(cls) -> AutoencoderConfig:
+        """Stable Diffusion v1/v2's VAE (KL-f8, 83,653,863 parameters): 512x512x3 <-> 64x64x4, s = 0.18215."""
+        return cls(in_channels=3, out_channels=3, base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                   z_channels=4, embed_dim=4, scale_factor=0.18215)
+
+    @property
+    def downsample_factor(self) -> int:
+        """f = 2 ** (len(channel_mult) - 1): the latent is H/f x W/f."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AutoencoderConfig:
+        """Inverse of `to_dict`; unknown keys raise UserError (a typo must not silently fall back to a default)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown autoencoder config key(s): {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+
+class DiagonalGaussian:
+    """q(z | x) = N(mean, diag(exp(logvar))), from the encoder's 2*C output channels [mean | logvar]."""
+
+    def __init__(self, parameters: Tensor, deterministic: bool = False):
+        self.parameters = parameters
+        self.deterministic = deterministic  # plain autoencoder: parameters hold the mean only, variance 0
+        if deterministic:
+            self.mean, self.logvar = parameters, torch.full_like(parameters, -30.0)
+            self.std, self.var = torch.zeros_like(parameters), torch.zeros_like(parameters)
+        else:
+            self.mean, logvar = parameters.chunk(2, dim=1)
+            self.logvar = logvar.clamp(-30.0, 20.0)  # as CompVis: exp() stays finite in fp32
+            self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """z = mean + std · ε (reparameterised); ε drawn on the generator's device (CPU by default), then moved."""
+        # Same seed, same latent on any device (DESIGN.md): the noise does not come from the GPU's generator.
+        device = generator.device if generator is not None else torch.device("cpu")
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> Tensor:
+        """The most likely z: the mean."""
+        return self.mean
+
+    def kl(self) -> Tensor:
+        """KL(q ‖ N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²), summed over all but the batch dim -> (B,)."""
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
+        return 0.5 * (self.mean.square() + self.var - 1.0 - self.logvar).flatten(1).sum(1)
+
+    def nll(self, x: Tensor) -> Tensor:
+        """−log q(x) = ½ Σ (log 2π + log σ² + (x − μ)² / σ²), summed over all but the batch dim -> (B,)."""
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
+        return 0.5 * (math.log(2 * math.pi) + self.logvar + (x - self.mean).square() / self.var).flatten(1).sum(1)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(SiLU(norm(conv(SiLU(norm(x)))))): CompVis' ResnetBlock without a timestep embedding."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # 1x1 projection of the skip path only where the width changes (CompVis `nin_shortcut`).
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block to x (B, C_in, H, W) -> (B, C_out, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W pixels with 1x1-conv q, k, v and proj_out (CompVis `AttnBlock`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels, eps=1e-6)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) -> x + attention(x)."""
+        b, c, hgt, wid = x.shape
+        h = self.norm(x)
+        # (B, C, H, W) -> (B, 1, HW, C): one head; SDPA takes its fused kernels only for 4-D inputs.
+        q, k, v = (t.flatten(2).transpose(1, 2)[:, None] for t in (self.q(h), self.k(h), self.v(h)))
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √C) v, as CompVis
+        h = h[:, 0].transpose(1, 2).reshape(b, c, hgt, wid)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H, W: pad right/bottom by one, then a 3x3 stride-2 conv (CompVis' asymmetric padding)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H, W: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(channels: int, dropout: float, attn: bool) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = AttnBlock(channels) if attn else nn.Identity()
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
+
+
+class Encoder(nn.Module):
+    """x (B, in, H, W) -> (B, 2*z or z, H/f, W/f): conv_in, levels of ResnetBlocks + Downsample, mid, norm, conv_out."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        ch, mult = cfg.base_channels, cfg.channel_mult
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i, m in enumerate(mult):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(block_in, ch * m, cfg.dropout))
+                block_in = ch * m
+            if i != len(mult) - 1:
+                level.downsample = Downsample(block_in)
+            self.down.append(level)
+        self.mid = _mid(block_in, cfg.dropout, cfg.attn_in_mid)
+        self.norm_out = group_norm(block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encode x to the moments (or the code, when not double_z) at 1/f resolution."""
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """z (B, z_channels, h, w) -> (B, out, f*h, f*w): mirror of the Encoder with one more ResnetBlock per level."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        ch, mult = cfg.base_channels, cfg.channel_mult
+        block_in = ch * mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.mid = _mid(block_in, cfg.dropout, cfg.attn_in_mid)
+        # CompVis builds the levels from the lowest resolution up but stores them by resolution index:
+        # up[0] is the full-resolution level (run last), up[-1] the one right after the middle block.
+        levels: list[nn.Module] = []
+        for i in reversed(range(len(mult))):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, ch * mult[i], cfg.dropout))
+                block_in = ch * mult[i]
+            if i != 0:
+                level.upsample = Upsample(block_in)
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Decode z to an image at f times the resolution."""
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Autoencoder(nn.Module):
+    """KL-regularised autoencoder (CompVis `AutoencoderKL`): encode -> DiagonalGaussian, decode latent -> image."""
+
+    def __init__(self, config: AutoencoderConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or AutoencoderConfig()
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        n = 2 if cfg.double_z else 1
+        self.quant_conv = nn.Conv2d(n * cfg.z_channels, n * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    @property
+    def downsample_factor(self) -> int:
+        """f: the latent is H/f x W/f."""
+        return self.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the diffusion model sees (embed_dim)."""
+        return self.config.embed_dim
+
+    @property
+    def scale_factor(self) -> float:
+        """s of z = s · (E(x) - shift)."""
+        return self.config.scale_factor
+
+    @property
+    def last_layer(self) -> Tensor:
+        """The decoder's last weight, where the GAN loss's adaptive weight compares gradients."""
+        return self.decoder.conv_out.weight
+
+    def _check_image(self, x: Tensor) -> None:
+        c, f = self.config.in_channels, self.downsample_factor
+        if x.ndim != 4 or x.shape[1] != c:
+            raise UserError(f"autoencoder input must be (B, {c}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise UserError(f"autoencoder input height and width must be divisible by the downsampling factor {f}, "
+                            f"got {tuple(x.shape)}")
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        """q(z | x) for images x (B, in_channels, H, W) in [-1, 1]; H and W divisible by f."""
+        self._check_image(x)
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)), deterministic=not self.config.double_z)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Image x̂ (B, out_channels, f*h, f*w) from an unscaled latent z (B, embed_dim, h, w)."""
+        if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
+            raise UserError(f"autoencoder latent must be (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        """Reconstruct x through a sample (or the mode) of the posterior -> (x̂, posterior)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None, sample: bool = False) -> Tensor:
+        """Diffusion latents z = s · (E(x) − shift) (DESIGN.md), from the posterior mode unless `sample`."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.config.scale_factor * (z - self.config.shift_factor)
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Images x̂ = D(ẑ / s + shift): the inverse of `encode_latents`."""
+        return self.decode(z / self.config.scale_factor + self.config.shift_factor)
+
+
+class IdentityAutoencoder(nn.Module):
+    """The f = 1, s = 1 'autoencoder' x -> x: pixel-space diffusion runs through the same latent code path."""
+
+    def __init__(self, channels: int = 1):
+        super().__init__()
+        self.channels = channels
+        self.scale_factor, self.shift_factor = 1.0, 0.0
+
+    @property
+    def downsample_factor(self) -> int:
+        """Always 1."""
+        return 1
+
+    @property
+    def latent_channels(self) -> int:
+        """The image channels."""
+        return self.channels
+
+    def _check(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise UserError(f"input must be (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        return x
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None, sample: bool = False) -> Tensor:
+        """The image itself."""
+        return self._check(x)
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """The latent itself."""
+        return self._check(z)
+
+
+def measure_scale_factor(latents: Tensor) -> float:
+    """1 / std of the latents (LDM's scale_by_std, how SD's 0.18215 was measured), so s · z has unit variance."""
+    std = latents.detach().double().std().item()
+    if not math.isfinite(std) or std <= 0:
+        raise UserError(f"cannot measure the latent scale: the latents' standard deviation is {std} "
+                        f"(shape {tuple(latents.shape)}); encode more than one distinct image")
+    return 1.0 / std
