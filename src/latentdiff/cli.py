@@ -114,6 +114,37 @@ def demo(out: Path, steps: int | None) -> None:
     click.echo(f"sample grid: {grid}")
 
 
+@cli.command("eval")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--n-samples", default=1000, show_default=True, type=click.IntRange(min=10),
+              help="Generated images (and held-out real images) to compare; compare FIDs only at equal n.")
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps (NFE).")
+@click.option("--sampler", default="ddim", show_default=True, help="ddim or ddpm.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
+@click.option("--features", default=None, help="domain:fashion-mnist | domain:mnist5k | domain:PATH | "
+              "inception:PATH (FID Inception weights). Default: the data set's shipped classifier.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here.")
+@click.option("--device", default="cpu", show_default=True)
+def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, seed: int,
+             features: str | None, out: Path | None, device: str) -> None:
+    """Measure a model folder: FID, CMMD, precision/recall of samples, or PSNR/SSIM/rFID of an autoencoder."""
+    import json
+
+    from latentdiff.formats.checkpoint import save_json
+    from latentdiff.models.folder import read_manifest
+    from latentdiff.pipelines.evaluate import evaluate_reconstruction, evaluate_samples
+
+    manifest = read_manifest(model_dir)
+    if "unet" in manifest["components"]:
+        report = evaluate_samples(model_dir, n_samples, batch_size, steps, sampler, seed, features, device=device)
+    else:
+        report = evaluate_reconstruction(model_dir, n_samples, features, device)
+    click.echo(json.dumps(report, indent=2, sort_keys=True))
+    if out:
+        save_json(report, out)
+
+
 @cli.command()
 def presets() -> None:
     """List the training presets that ship with latentdiff."""

@@ -1,0 +1,26 @@
+# latentdiff: `make demo` and `make test` work on a fresh machine (CPU torch, no CUDA download).
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: setup setup-test demo test bench clean
+
+# torch first, and only if missing: a GPU machine keeps its CUDA build, a CPU machine gets the CPU wheel.
+setup:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -q -e ".[data]"
+	@# Fashion-MNIST ships as a Debian package (idx files); optional, installed where we may
+	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
+	  || echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"; }
+
+setup-test: setup
+	$(PIP) install -q -e ".[test]"
+
+demo: setup
+	$(PYTHON) -m latentdiff demo
+
+test: setup-test
+	$(PYTHON) -m pytest
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache
