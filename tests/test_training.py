@@ -166,3 +166,19 @@ def test_config_round_trip(tmp_path):
 def test_atomic_tensor_write_leaves_no_temp_files(tmp_path):
     save_tensors({"a": torch.ones(3)}, tmp_path / "x.safetensors")
     assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_tensorboard_scalars(tiny_cfg, tmp_path):
+    pytest.importorskip("tensorboard")
+    tiny_cfg.train.tensorboard = True
+    tiny_cfg.train.steps = 2
+    Trainer(tiny_cfg, tmp_path, progress=False).run()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_time_limit_stops_with_a_checkpoint(tiny_cfg, tmp_path):
+    tiny_cfg.train.time_limit = 1e-9
+    tiny_cfg.train.steps = 1000
+    trainer = Trainer(tiny_cfg, tmp_path, progress=False)
+    trainer.run()
+    assert trainer.step < 1000 and latest_checkpoint(tmp_path / "checkpoints") is not None

@@ -71,6 +71,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for the UNet forward (CPU and GPU); weights and optimiser stay fp32
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     log_every: int = 50  # steps between metrics.csv rows
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <run>/tensorboard
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     checkpoint_every: int = 500  # steps between checkpoints (always one at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted

@@ -225,7 +225,7 @@ class TrainingRun:
         grid = None
         for m in self.modules().values():
             m.train()
-        logger = CsvLog(self.out / "metrics.csv")
+        logger = CsvLog(self.out / "metrics.csv", self.out / "tensorboard" if tc.tensorboard else None)
         t0, seen0, sums, count = time.perf_counter(), self.images_seen, {}, 0
         deadline = time.perf_counter() + tc.time_limit * 60 if tc.time_limit else float("inf")
         while self.step < tc.steps:
@@ -265,14 +265,21 @@ class TrainingRun:
 
 
 class CsvLog:
-    """metrics.csv: one row per log interval; the header is fixed by the first row written."""
+    """metrics.csv: one row per log interval (header fixed by the first row); optionally TensorBoard too."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         self.path = path
         self.columns: list[str] | None = None
         if path.exists():
             with open(path, newline="") as f:
                 self.columns = next(csv.reader(f), None)
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("train.tensorboard=true needs TensorBoard: pip install 'latentdiff[tensorboard]'") from None
+            self.tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, row: dict[str, Any]) -> None:
         """Append a row (and the header first, for a new file)."""
@@ -282,3 +289,8 @@ class CsvLog:
                 self.columns = list(row)
                 writer.writerow(self.columns)
             writer.writerow([row.get(k, "") for k in self.columns])
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
