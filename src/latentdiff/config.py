@@ -6,7 +6,6 @@ A run's config is saved into every checkpoint, so everything needed to rebuild a
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,6 +17,7 @@ import yaml
 from latentdiff.data.config import DataConfig
 from latentdiff.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, WEIGHTINGS, Schedule
 from latentdiff.errors import UserError
+from latentdiff.formats.dataclass_io import check_type, to_plain, build_dataclass
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
 from latentdiff.training.ae_loss import AutoencoderLossConfig
@@ -123,7 +123,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), for YAML and JSON."""
-        return _plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
@@ -134,65 +134,9 @@ class RunConfig:
         unknown = sorted(set(d) - set(hints))
         if unknown:
             raise UserError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; known: {', '.join(hints)}")
-        model = _coerce(d.get("model", "diffusion"), str, "model")
+        model = check_type(d.get("model", "diffusion"), str, "model")
         sections = [k for k in hints if k != "model"]
         return cls(model=model, **{k: build_dataclass(hints[k], d.get(k) or {}, k) for k in sections})
-
-
-def build_dataclass(cls: type, d: Any, section: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``d`` with strict keys and checked (lightly coerced) types."""
-    if not isinstance(d, dict):
-        raise UserError(f"{section}: expected a mapping of settings, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(d) - set(hints))
-    if unknown:
-        raise UserError(f"{section}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(hints)}")
-    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in d.items()})
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp`` (int, float, bool, str, tuple[int, ...], Optional)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        try:  # PyYAML reads 1e-4 (no dot) as a string
-            return float(value) if isinstance(value, str) else _fail(value, tp, key)
-        except ValueError:
-            pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    _fail(value, tp, key)
-
-
-def _fail(value: Any, tp: Any, key: str) -> typing.NoReturn:
-    raise UserError(f"{key}: expected {tp.__name__}, got {value!r}")
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:

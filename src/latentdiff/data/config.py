@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from latentdiff.errors import UserError
+from latentdiff.formats.dataclass_io import ConfigMixin
 
 EMBEDDED = ("mnist5k", "digits", "fashion-mnist")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(ConfigMixin):
     """Where the images come from and how they are brought to one size and colour mode."""
+
+    section: ClassVar[str] = "data"
 
     source: str = "mnist5k"  # an embedded name (EMBEDDED) or a path to a folder of images
     image_size: int = 28  # square side in pixels after resizing
@@ -54,19 +57,4 @@ class DataConfig:
         """True when `source` names a dataset that ships with the code rather than a folder."""
         return self.source in EMBEDDED
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields, suitable for JSON/YAML."""
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Build from a dict, rejecting unknown keys and invalid values with UserError."""
-        if not isinstance(d, dict):
-            raise UserError(f"data: expected a mapping of settings, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(
-                f"data: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**d)

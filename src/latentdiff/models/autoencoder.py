@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from latentdiff.formats.dataclass_io import ConfigMixin
 from ..nn.resblock import group_norm
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(ConfigMixin):
     """Hyper-parameters of `Autoencoder`; the defaults are a tiny f=2 model for 28x28 grey images on a CPU."""
+
+    section: ClassVar[str] = "autoencoder"
 
     in_channels: int = 1
     out_channels: int = 1
@@ -69,19 +72,7 @@ class AutoencoderConfig:
         """f = 2 ** (len(channel_mult) - 1): the latent is H/f x W/f."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AutoencoderConfig:
-        """Inverse of `to_dict`; unknown keys raise UserError (a typo must not silently fall back to a default)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown autoencoder config key(s): {', '.join(unknown)} "
-                            f"(known: {', '.join(sorted(known))})")
-        return cls(**d)
 
 
 class DiagonalGaussian:

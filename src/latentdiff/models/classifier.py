@@ -8,18 +8,21 @@ penultimate layer (after its ReLU), ``forward`` the class logits.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentdiff.errors import UserError
+from latentdiff.formats.dataclass_io import ConfigMixin
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(ConfigMixin):
     """Hyper-parameters of `Classifier`; defaults fit 28x28 grey images with 10 classes (147k parameters)."""
+
+    section: ClassVar[str] = "classifier"
 
     in_channels: int = 1  # 1 grey or 3 RGB
     image_size: int = 28  # square side the network was trained at (inputs are resized to it); >= 16
@@ -38,19 +41,7 @@ class ClassifierConfig:
         if self.class_names and len(self.class_names) != self.num_classes:
             raise UserError(f"classifier: {len(self.class_names)} class names for {self.num_classes} classes")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
-        """Inverse of `to_dict`; unknown keys raise UserError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown classifier config key(s): {', '.join(unknown)} "
-                            f"(known: {', '.join(sorted(known))})")
-        return cls(**d)
 
 
 class Classifier(nn.Module):

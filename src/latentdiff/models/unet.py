@@ -9,21 +9,24 @@ what the prediction means (ε, x0 or v, DESIGN.md) is decided by `diffusion/`, n
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from latentdiff.formats.dataclass_io import ConfigMixin
 from ..nn.attention import SpatialTransformer
 from ..nn.embeddings import timestep_embedding
 from ..nn.resblock import Downsample, ResBlock, Upsample, group_norm, zero_module
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(ConfigMixin):
     """Hyper-parameters of `UNet`; the defaults are a tiny model for 28x28 grey images on a CPU."""
+
+    section: ClassVar[str] = "unet"
 
     in_channels: int = 1
     out_channels: int = 1
@@ -56,18 +59,7 @@ class UNetConfig:
                    attention_resolutions=(4, 2, 1), num_head_channels=64, context_dim=1024,
                    use_linear_projection=True)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        """Inverse of `to_dict`; unknown keys raise UserError (a typo must not silently fall back to a default)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown UNet config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)  # __post_init__ turns the JSON lists back into tuples
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -18,21 +18,24 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from latentdiff.formats.dataclass_io import ConfigMixin
 from ..models.autoencoder import DiagonalGaussian
 from ..models.discriminator import NORMS, NLayerDiscriminator
 from ..models.perceptual import KINDS, build_perceptual
 
 
 @dataclass
-class AutoencoderLossConfig:
+class AutoencoderLossConfig(ConfigMixin):
     """Weights of the autoencoder loss; defaults follow SD's KL-f8 training except the smaller discriminator."""
+
+    section: ClassVar[str] = "ae_loss"
 
     kl_weight: float = 1e-6  # slight KL pull towards N(0, I): keeps latents bounded without blurring (LDM: 1e-6)
     perceptual_weight: float = 1.0  # LPIPS term added to the pixel loss (LDM: 1.0); 0 skips the network
@@ -69,18 +72,7 @@ class AutoencoderLossConfig:
         if not isinstance(self.logvar_init, (int, float)) or not math.isfinite(self.logvar_init):
             raise bad("logvar_init", "a finite number")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields, suitable for JSON/YAML."""
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AutoencoderLossConfig:
-        """Inverse of `to_dict`; unknown keys raise UserError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown ae_loss config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
 
 
 @contextmanager
