@@ -14,6 +14,7 @@ import torch
 
 from latentdiff.config import DiffusionConfig, build_dataclass
 from latentdiff.data.images import make_grid, save_png, to_pil, upscale_nearest
+from latentdiff.data.transforms import to_uint8_image
 from latentdiff.diffusion import as_eps_fn, sample
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, IdentityAutoencoder
@@ -75,8 +76,10 @@ class Pipeline:
     def generate(self, n_samples: int = 16, batch_size: int = 16, steps: int = 50, sampler: str = "ddim",
                  seed: int = 0, class_label: Optional[int] = None, eta: float = 0.0,
                  callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-        # callback(done_steps, total_steps) after every network evaluation
-        """Draw ``n_samples`` images as a uint8 (N, C, H, W) tensor, ``batch_size`` at a time."""
+        """Draw ``n_samples`` images as a uint8 (N, C, H, W) tensor, ``batch_size`` at a time.
+
+        ``callback(done_steps, total_steps)`` is called after every network evaluation.
+        """
         for name, v in (("n_samples", n_samples), ("batch_size", batch_size), ("steps", steps)):
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"{name} must be a positive integer, got {v!r}")
@@ -101,7 +104,7 @@ class Pipeline:
                        clip_x0=1.0 if pixel_space else None, **options)
             with torch.no_grad():
                 x = self.autoencoder.decode_latents(z)  # x̂ = D(ẑ / s)
-            out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+            out.append(to_uint8_image(x).cpu())
         return torch.cat(out)
 
     def _labels(self, class_label: Optional[int]) -> Optional[torch.Tensor]:

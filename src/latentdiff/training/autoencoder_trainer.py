@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from latentdiff.data.images import make_grid, save_png, upscale_nearest
+from latentdiff.data.transforms import to_uint8_image
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, measure_scale_factor
 from latentdiff.models.folder import save_model_folder
@@ -103,7 +104,7 @@ class AutoencoderTrainer(TrainingRun):
         self.model.train()
         cols = min(n, 8)
         rows = [torch.cat([x[i:i + cols], recon[i:i + cols]]) for i in range(0, n, cols)]
-        images = ((torch.cat(rows).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        images = to_uint8_image(torch.cat(rows)).cpu()
         path = self.out / "samples" / f"recon_{self.step:08d}.png"
         save_png(make_grid(upscale_nearest(images), nrow=cols), path, {"step": self.step, "kind": "reconstruction"})
         return path

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from latentdiff.data.images import make_grid, save_png, upscale_nearest
+from latentdiff.data.transforms import to_uint8_image
 from latentdiff.diffusion import as_eps_fn, diffusion_loss, sample
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import IdentityAutoencoder
@@ -130,7 +131,7 @@ class DiffusionTrainer(TrainingRun):
         clip = 1.0 if self.latents is None else None  # pixels live in [-1, 1]; latents have no fixed range
         z = sample(eps_fn, noise, self.schedule, tc.grid_sampler, tc.grid_steps, generator=g, clip_x0=clip)
         x = self.autoencoder.decode_latents(z)
-        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        images = to_uint8_image(x).cpu()
         path = self.out / "samples" / f"step_{self.step:08d}.png"
         save_png(make_grid(upscale_nearest(images)), path,
                  {"step": self.step, "sampler": tc.grid_sampler, "steps": tc.grid_steps, "seed": tc.seed})
