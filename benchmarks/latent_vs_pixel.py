@@ -39,6 +39,17 @@ path, n, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(2)
 pipe = Pipeline.load(path, device)
 pipe.generate(2, 2, 2)  # warm-up
+def cpu_name() -> str:
+    """The processor's model name (Linux), for the results' machine line."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def rss_kb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
@@ -102,7 +113,7 @@ def main() -> None:
         rows[name] = {"train_images_per_s": rate, "train_steps": steps, **probe(out, args.n_probe, args.device),
                       **{k: quality[k] for k in ("fid", "cmmd", "precision", "recall")}}
     lat, pix = rows["latent (LDM, f=4)"], rows["pixel (DDPM)"]
-    machine = f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}"
+    machine = f"{cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}"
     lines = [f"# Latent vs pixel diffusion, Fashion-MNIST 32x32, {args.minutes} min of training each", "",
              f"machine: {machine}  ", f"command: `python {' '.join(sys.argv)}`  ",
              f"total wall time: {(time.perf_counter() - t_start) / 60:.1f} min  ",

@@ -22,6 +22,17 @@ from latentdiff.diffusion import Schedule, diffusion_loss, sample
 from latentdiff.models.unet import UNet
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), for the results' machine line."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def diffusers_peer(cfg):
     """diffusers' UNet2DModel with the same channel plan (attention at the same levels, plus mid)."""
     from diffusers import UNet2DModel
@@ -92,7 +103,7 @@ def main() -> None:
                      "sample_s_per_img_ddim50": sample_time(fn, x[:16], schedule)})
     ratio = rows[0]["train_img_per_s"] / rows[1]["train_img_per_s"]
     sratio = rows[1]["sample_s_per_img_ddim50"] / rows[0]["sample_s_per_img_ddim50"]
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = [f"# UNet throughput, preset `{args.preset}` ({size}x{size}x{ch}), batch {args.batch}, "
              f"{'bf16 autocast' if args.bf16 else 'fp32'}", "",
              f"machine: {machine}  ", f"command: `python {' '.join(sys.argv)}`", "",

@@ -46,7 +46,7 @@ def test_generate_bad_input(run_dir):
     with pytest.raises(UserError, match="not class-conditional"):
         pipe.generate(n_samples=1, class_label=3)
     with pytest.raises(UserError, match="unknown sampler"):
-        pipe.generate(n_samples=1, sampler="euler")
+        pipe.generate(n_samples=1, sampler="plms")
 
 
 def test_progress_callback_counts_all_steps(run_dir):
@@ -90,3 +90,13 @@ def test_cli_help_mentions_every_option():
     assert r.returncode == 0
     for opt in ("--n-samples", "--batch-size", "--steps", "--sampler", "--seed", "--out", "--eta"):
         assert opt in r.stdout
+
+
+def test_cli_any_sampler_and_spacing_reports_nfe(run_dir, tmp_path):
+    r = cli("sample", run_dir, "--n-samples", 2, "--steps", 4, "--sampler", "heun", "--spacing", "karras",
+            "--out", tmp_path / "h")
+    assert r.returncode == 0, r.stderr
+    assert "heun karras, 7 network evaluations per image" in r.stdout  # Heun: 2 per step, 1 on the last
+    assert read_png_settings(tmp_path / "h" / "000000.png")["nfe"] == 7
+    r = cli("sample", run_dir, "--n-samples", 1, "--sampler", "ddpm", "--eta", "0.5")
+    assert r.returncode == 2 and "takes no option(s) eta" in r.stderr

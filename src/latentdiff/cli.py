@@ -69,27 +69,35 @@ def _resumed_config(out: Path, preset: str, overrides: list[str]):
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per network call; memory depends on this, not on --n-samples.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps (NFE).")
-@click.option("--sampler", default="ddim", show_default=True, help="ddim or ddpm (ancestral).")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="DDIM η: 0 deterministic, 1 as noisy as DDPM.")
+@click.option("--sampler", default="ddim", show_default=True,
+              help="ddpm, ddim, euler, euler_ancestral, heun, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, "
+                   "dpm_adaptive (docs/samplers.md maps them to the names other tools use).")
+@click.option("--spacing", default="trailing", show_default=True,
+              help="Timesteps: trailing, leading, linspace; or σ grids karras, exponential "
+                   "('DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras).")
+@click.option("--eta", default=None, type=click.FloatRange(min=0),
+              help="Noise of ddim / euler_ancestral / dpmpp_*_sde: 0 deterministic, 1 ancestral.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
               help="Image i uses seed+i, whatever the batch size.")
 @click.option("--class-label", type=int, default=None, help="Class index for class-conditional models.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
               show_default=True, help="Folder for the PNGs and grid.png.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
-def sample(run_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, eta: float, seed: int,
-           class_label: int | None, out: Path, device: str) -> None:
+def sample(run_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, spacing: str,
+           eta: float | None, seed: int, class_label: int | None, out: Path, device: str) -> None:
     """Draw images from a trained model folder; each PNG keeps its settings in its metadata."""
     from latentdiff.pipelines.generate import Pipeline
 
     pipe = Pipeline.load(run_dir, device)
     t0 = time.perf_counter()
-    images = pipe.generate(n_samples, batch_size, steps, sampler, seed, class_label, eta)
+    images, nfe = pipe.generate(n_samples, batch_size, steps, sampler, seed, class_label, eta, spacing=spacing,
+                                return_nfe=True)
     dt = time.perf_counter() - t0
-    settings = {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "class_label": class_label}
+    settings = {"sampler": sampler, "spacing": spacing, "steps": steps, "nfe": nfe, "eta": eta, "seed": seed,
+                "class_label": class_label}
     paths, grid = pipe.save(images, out, settings)
-    click.echo(f"{len(paths)} images in {out} ({dt / n_samples:.3f} s/image, {steps} steps of {sampler}); grid: {grid}")
+    click.echo(f"{len(paths)} images in {out} ({dt / n_samples:.3f} s/image, {sampler} {spacing}, "
+               f"{nfe:g} network evaluations per image); grid: {grid}")
 
 
 @cli.command()
@@ -120,13 +128,14 @@ def demo(out: Path, steps: int | None) -> None:
               help="Generated images (and held-out real images) to compare; compare FIDs only at equal n.")
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps (NFE).")
-@click.option("--sampler", default="ddim", show_default=True, help="ddim or ddpm.")
+@click.option("--sampler", default="ddim", show_default=True, help="Any sampler of `latentdiff sample`.")
+@click.option("--spacing", default="trailing", show_default=True, help="As for `latentdiff sample`.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
 @click.option("--features", default=None, help="domain:fashion-mnist | domain:mnist5k | domain:PATH | "
               "inception:PATH (FID Inception weights). Default: the data set's shipped classifier.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here.")
 @click.option("--device", default="cpu", show_default=True)
-def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, seed: int,
+def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, spacing: str, seed: int,
              features: str | None, out: Path | None, device: str) -> None:
     """Measure a model folder: FID, CMMD, precision/recall of samples, or PSNR/SSIM/rFID of an autoencoder."""
     import json
@@ -137,7 +146,8 @@ def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampl
 
     manifest = read_manifest(model_dir)
     if "unet" in manifest["components"]:
-        report = evaluate_samples(model_dir, n_samples, batch_size, steps, sampler, seed, features, device=device)
+        report = evaluate_samples(model_dir, n_samples, batch_size, steps, sampler, seed, features,
+                                  spacing=spacing, device=device)
     else:
         report = evaluate_reconstruction(model_dir, n_samples, features, device)
     click.echo(json.dumps(report, indent=2, sort_keys=True))

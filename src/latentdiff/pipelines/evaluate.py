@@ -50,18 +50,20 @@ def reference_images(manifest: dict[str, Any], n: int, split: str = "test") -> t
 
 
 def evaluate_samples(model_dir: Path | str, n_samples: int = 1000, batch_size: int = 100, steps: int = 50,
-                     sampler: str = "ddim", seed: int = 0, features: Optional[str] = None, eta: float = 0.0,
-                     device: str = "cpu", progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+                     sampler: str = "ddim", seed: int = 0, features: Optional[str] = None,
+                     eta: Optional[float] = None, spacing: str = "trailing", device: str = "cpu",
+                     progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """FID, CMMD, precision/recall of n generated images against n held-out real ones."""
     pipe = Pipeline.load(model_dir, device)
     extractor = parse_features(features, pipe.manifest["data"]["source"], device)
     real, _ = reference_images(pipe.manifest, n_samples)
     t0 = time.perf_counter()
-    fake = pipe.generate(n_samples, batch_size, steps, sampler, seed, eta=eta, callback=progress)
+    fake, nfe = pipe.generate(n_samples, batch_size, steps, sampler, seed, eta=eta, callback=progress,
+                              spacing=spacing, return_nfe=True)
     seconds = time.perf_counter() - t0
     report = evaluate(real, fake, extractor)
-    return report | {"model": str(model_dir), "sampler": sampler, "steps": steps, "seed": seed,
-                     "sample_seconds_per_image": seconds / n_samples}
+    return report | {"model": str(model_dir), "sampler": sampler, "spacing": spacing, "steps": steps,
+                     "nfe_per_sample": nfe, "seed": seed, "sample_seconds_per_image": seconds / n_samples}
 
 
 @torch.no_grad()

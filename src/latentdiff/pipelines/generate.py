@@ -74,11 +74,15 @@ class Pipeline:
         return list(self.manifest.get("class_names") or []) if self.unet.config.num_classes else []
 
     def generate(self, n_samples: int = 16, batch_size: int = 16, steps: int = 50, sampler: str = "ddim",
-                 seed: int = 0, class_label: Optional[int] = None, eta: float = 0.0,
-                 callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+                 seed: int = 0, class_label: Optional[int] = None, eta: Optional[float] = None,
+                 callback: Optional[Callable[[int, int], None]] = None, spacing: str = "trailing",
+                 return_nfe: bool = False, **sampler_options: float) -> torch.Tensor | tuple[torch.Tensor, float]:
         """Draw ``n_samples`` images as a uint8 (N, C, H, W) tensor, ``batch_size`` at a time.
 
-        ``callback(done_steps, total_steps)`` is called after every network evaluation.
+        ``callback(done_steps, total_steps)`` is called after every sampler step (the adaptive sampler's
+        count is capped at the total). ``eta`` and ``sampler_options`` go to the sampler, which refuses
+        options it does not take. With ``return_nfe`` also the network evaluations per sample (the mean
+        over chunks: only the adaptive sampler's count varies).
         """
         for name, v in (("n_samples", n_samples), ("batch_size", batch_size), ("steps", steps)):
             if not isinstance(v, int) or v < 1:
@@ -88,10 +92,8 @@ class Pipeline:
         labels = self._labels(class_label)
         schedule = self.diffusion.build_schedule()
         pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
-        options = {"eta": eta} if sampler == "ddim" else {}
-        if sampler != "ddim" and eta:
-            raise UserError(f"--eta applies to the ddim sampler only, not {sampler!r}")
-        out, total = [], -(-n_samples // batch_size) * steps
+        options = dict(sampler_options) | ({"eta": eta} if eta is not None else {})
+        out, nfes, total = [], [], -(-n_samples // batch_size) * steps
         for start in range(0, n_samples, batch_size):
             n = min(batch_size, n_samples - start)
             noise_src = PerSampleNoise(list(range(seed + start, seed + start + n)))
@@ -99,13 +101,15 @@ class Pipeline:
             y = None if labels is None else labels.expand(n).to(self.device)
             eps_fn = as_eps_fn(lambda x, t: self.unet(x, t, class_labels=y), schedule, self.diffusion.prediction)
             done = (start // batch_size) * steps
-            step_cb = (lambda i, t, x, x0: callback(done + i + 1, total)) if callback else None
-            z = sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src, callback=step_cb,
-                       clip_x0=1.0 if pixel_space else None, **options)
+            step_cb = (lambda i, t, x, x0: callback(min(done + i + 1, total), total)) if callback else None
+            z, nfe = sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src, callback=step_cb,
+                            spacing=spacing, clip_x0=1.0 if pixel_space else None, return_nfe=True, **options)
+            nfes.append(nfe)
             with torch.no_grad():
                 x = self.autoencoder.decode_latents(z)  # x̂ = D(ẑ / s)
             out.append(to_uint8_image(x).cpu())
-        return torch.cat(out)
+        images = torch.cat(out)
+        return (images, sum(nfes) / len(nfes)) if return_nfe else images
 
     def _labels(self, class_label: Optional[int]) -> Optional[torch.Tensor]:
         classes = self.unet.config.num_classes
