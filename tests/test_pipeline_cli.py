@@ -100,3 +100,46 @@ def test_cli_any_sampler_and_spacing_reports_nfe(run_dir, tmp_path):
     assert read_png_settings(tmp_path / "h" / "000000.png")["nfe"] == 7
     r = cli("sample", run_dir, "--n-samples", 1, "--sampler", "ddpm", "--eta", "0.5")
     assert r.returncode == 2 and "takes no option(s) eta" in r.stderr
+
+
+def test_img2img_and_inpaint_pipeline(run_dir):
+    pipe = Pipeline.load(run_dir)
+    src = pipe.generate(n_samples=1, steps=3, seed=9)
+    same = pipe.img2img(src, strength=0.0, n_samples=2, steps=10)
+    assert torch.equal(same, src.expand(2, -1, -1, -1))  # strength 0 returns the input
+    changed = pipe.img2img(src, strength=0.8, n_samples=2, steps=10, seed=1)
+    assert not torch.equal(changed[0], changed[1])  # seed + i: two different redraws
+    mask = torch.ones(16, 16)
+    mask[4:12, 4:12] = 0  # redraw the centre
+    out = pipe.inpaint(src, mask, n_samples=2, steps=6, sampler="ddpm", resample=2)
+    keep = mask.bool().expand(2, 1, 16, 16)
+    assert torch.equal(out[keep], src.expand(2, -1, -1, -1)[keep])  # the known region, exactly
+    assert not torch.equal(out[~keep], src.expand(2, -1, -1, -1)[~keep])
+    from latentdiff.errors import UserError
+
+    with pytest.raises(UserError, match=r"uint8 \(N, 1, 16, 16\)"):
+        pipe.img2img(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(UserError, match="mask must be"):
+        pipe.inpaint(src, torch.ones(8, 8))
+
+
+def test_cli_img2img_and_inpaint(run_dir, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.new("L", (40, 40), 30).save(img)  # any size: resized to the model's
+    r = cli("img2img", run_dir, img, "--strength", 0.5, "--steps", 4, "--n-samples", 2, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    assert read_png_settings(tmp_path / "a" / "000001.png")["strength"] == 0.5
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (16, 16), 0)
+    m.paste(255, (4, 4, 12, 12))
+    m.save(mask)
+    r = cli("inpaint", run_dir, img, mask, "--steps", 4, "--sampler", "ddpm", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    for args, needle in ((("img2img", run_dir, tmp_path / "nope.png"), "file not found"),
+                         (("img2img", run_dir, img, "--strength", 1.5), "--strength"),
+                         (("inpaint", run_dir, img, img), "marks nothing to redraw"),
+                         (("inpaint", run_dir, img, mask, "--sampler", "lms"), "one step at a time")):
+        r = cli(*args, "--out", tmp_path / "c")
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

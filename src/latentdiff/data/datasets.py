@@ -247,7 +247,7 @@ def _flatten_mode(img: Image.Image) -> Image.Image:
     return img.convert("L" if mode == "1" else "RGB")  # 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _decode(path: Path, size: int, channels: int, center_crop: bool) -> np.ndarray:
+def decode_image(path: Path, size: int, channels: int, center_crop: bool) -> np.ndarray:
     """Decode one file to a (channels, size, size) uint8 array; raises on any defect."""
     with Image.open(path) as img:
         if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
@@ -283,7 +283,7 @@ def _load_folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor | None, li
 
     def try_decode(rel: str) -> np.ndarray | str:
         try:
-            return _decode(root / rel, cfg.image_size, cfg.channels, cfg.center_crop)
+            return decode_image(root / rel, cfg.image_size, cfg.channels, cfg.center_crop)
         except Exception as e:  # PIL raises many types on malformed files; all mean "bad file"
             return f"{type(e).__name__}: {e}".replace(str(root / rel), rel)  # name it once
 

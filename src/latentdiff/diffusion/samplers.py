@@ -296,16 +296,26 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 DETERMINISTIC = ("ddim", "euler", "heun", "lms", "dpmpp_2m", "dpm_adaptive")  # with default options
 
 
+ONE_STEP = ("ddpm", "ddim", "euler", "euler_ancestral", "heun")  # no history: can be driven step by step
+
+
 def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddim", steps: int = 50,
            generator: Optional[torch.Generator] = None, callback: Callback = None,
            spacing: str = "trailing", clip_x0: Optional[float] = None, return_nfe: bool = False,
-           **options: float) -> Tensor | tuple[Tensor, int]:
+           init: Optional[Tensor] = None, strength: float = 1.0, mask: Optional[Tensor] = None,
+           resample: int = 1, **options: float) -> Tensor | tuple[Tensor, int]:
     """Run ``sampler`` for ``steps`` steps from x_T = ``noise`` and return x_0 (and the NFE if asked).
 
     ``eps_fn(x_t, t)`` takes a batch and a (B,) long tensor of integer timesteps and returns ε̂; models
     that predict x0 or v are adapted with :func:`as_eps_fn`. ``spacing``: one of SPACINGS.
     ``clip_x0`` clamps x̂ to ±value (pixel-space models on [-1, 1]). Options: ``eta`` (ddim,
     euler_ancestral, dpmpp_*_sde), ``order`` (lms), ``rtol``/``atol``/``max_steps`` (dpm_adaptive).
+
+    Image tasks: with ``init`` (clean data, same shape as ``noise``) the run is SDEdit img2img: only the
+    last ``strength`` · steps steps run, from ``init`` noised by (20.8); strength 0 returns ``init``.
+    With ``mask`` as well (1 = known, broadcastable to ``init``) it is inpainting by replacement: after
+    every step the known region is replaced by ``init`` noised to the new level (exactly ``init`` at the
+    end), and ``resample`` > 1 re-noises each step and repeats it (RePaint) to harmonise the seam.
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -313,7 +323,20 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
     unknown = set(options) - (set(inspect.signature(fn).parameters) - {"model", "x", "sigmas", "generator", "callback"})
     if unknown:
         raise UserError(f"sampler {sampler!r} takes no option(s) {', '.join(sorted(unknown))}")
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"strength must be in [0, 1], got {strength}")
+    if mask is not None and init is None:
+        raise UserError("inpainting needs the known image (init) beside the mask")
+    if mask is not None and sampler not in ONE_STEP:
+        raise UserError(f"inpainting steps the sampler one step at a time; choose one of {', '.join(ONE_STEP)}")
+    if not isinstance(resample, int) or resample < 1:
+        raise UserError(f"resample must be a positive integer, got {resample!r}")
     sigmas = sigmas_for(schedule, steps, spacing).tolist()
+    if init is not None:
+        run = round(strength * steps)
+        if run == 0:
+            return (init.clone(), 0) if return_nfe else init.clone()
+        sigmas = sigmas[steps - run:]
     nfe = 0
 
     def counted(z: Tensor, t: Tensor) -> Tensor:
@@ -324,6 +347,25 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
     model = Denoiser(counted, schedule, clip_x0)
     hook = None if callback is None else (
         lambda i, s, s_next, x, x0: callback(i, model.timestep(s), x * _abar(s_next) ** 0.5, x0))
+    # x = z/√ᾱ: pure noise is z_T/√ᾱ_T; a noised image is init + σ ε, the σ view of (20.8)
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5 if init is None else init + sigmas[0] * noise
     with torch.no_grad():
-        x0 = fn(model, noise * (1 + sigmas[0] ** 2) ** 0.5, sigmas, generator, hook, **options)  # x = z_T/√ᾱ_T
+        if mask is None:
+            x0 = fn(model, x, sigmas, generator, hook, **options)
+        else:
+            x0 = _inpaint(fn, model, x, sigmas, init, mask.to(x), generator, hook, resample, options)
     return (x0, nfe) if return_nfe else x0
+
+
+def _inpaint(fn: Callable[..., Tensor], model: Denoiser, x: Tensor, sigmas: list[float], known: Tensor,
+             mask: Tensor, generator: Optional[torch.Generator], hook: Hook, resample: int,
+             options: dict) -> Tensor:
+    """One sampler step at a time; after each, the known region is the known image at that noise level."""
+    for i, s, s_next in _steps(sigmas):
+        for r in range(resample):
+            x = fn(model, x, [s, s_next], generator, None, **options)
+            x = mask * (known + s_next * randn_cpu(x.shape, generator, x)) + (1 - mask) * x
+            if r + 1 < resample:  # RePaint: back to σ_s with fresh forward noise, then step again
+                x = x + (s**2 - s_next**2) ** 0.5 * randn_cpu(x.shape, generator, x)
+        _check(x, i, s, s_next, hook, x)
+    return x

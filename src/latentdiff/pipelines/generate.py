@@ -76,13 +76,17 @@ class Pipeline:
     def generate(self, n_samples: int = 16, batch_size: int = 16, steps: int = 50, sampler: str = "ddim",
                  seed: int = 0, class_label: Optional[int] = None, eta: Optional[float] = None,
                  callback: Optional[Callable[[int, int], None]] = None, spacing: str = "trailing",
-                 return_nfe: bool = False, **sampler_options: float) -> torch.Tensor | tuple[torch.Tensor, float]:
+                 return_nfe: bool = False, images: Optional[torch.Tensor] = None, strength: float = 1.0,
+                 mask: Optional[torch.Tensor] = None, resample: int = 1,
+                 **sampler_options: float) -> torch.Tensor | tuple[torch.Tensor, float]:
         """Draw ``n_samples`` images as a uint8 (N, C, H, W) tensor, ``batch_size`` at a time.
 
         ``callback(done_steps, total_steps)`` is called after every sampler step (the adaptive sampler's
         count is capped at the total). ``eta`` and ``sampler_options`` go to the sampler, which refuses
         options it does not take. With ``return_nfe`` also the network evaluations per sample (the mean
-        over chunks: only the adaptive sampler's count varies).
+        over chunks: only the adaptive sampler's count varies). With ``images`` (uint8, one or
+        ``n_samples``) it is img2img at ``strength``; with a ``mask`` too (1 = keep, (H, W)) inpainting:
+        see :meth:`img2img` and :meth:`inpaint`.
         """
         for name, v in (("n_samples", n_samples), ("batch_size", batch_size), ("steps", steps)):
             if not isinstance(v, int) or v < 1:
@@ -93,6 +97,7 @@ class Pipeline:
         schedule = self.diffusion.build_schedule()
         pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
         options = dict(sampler_options) | ({"eta": eta} if eta is not None else {})
+        init_all, keep = self._task_inputs(images, mask, n_samples)
         out, nfes, total = [], [], -(-n_samples // batch_size) * steps
         for start in range(0, n_samples, batch_size):
             n = min(batch_size, n_samples - start)
@@ -102,15 +107,52 @@ class Pipeline:
             eps_fn = as_eps_fn(lambda x, t: self.unet(x, t, class_labels=y), schedule, self.diffusion.prediction)
             done = (start // batch_size) * steps
             step_cb = (lambda i, t, x, x0: callback(min(done + i + 1, total), total)) if callback else None
+            init = None if init_all is None else init_all[start:start + n]
             z, nfe = sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src, callback=step_cb,
-                            spacing=spacing, clip_x0=1.0 if pixel_space else None, return_nfe=True, **options)
+                            spacing=spacing, clip_x0=1.0 if pixel_space else None, return_nfe=True, init=init,
+                            strength=strength, mask=keep, resample=resample, **options)
             nfes.append(nfe)
             with torch.no_grad():
                 x = self.autoencoder.decode_latents(z)  # x̂ = D(ẑ / s)
             out.append(to_uint8_image(x).cpu())
-        images = torch.cat(out)
-        return (images, sum(nfes) / len(nfes)) if return_nfe else images
+        result = torch.cat(out)
+        if mask is not None:  # pixel-exact known region: latent models only reproduce it up to the autoencoder
+            keep_px = mask.to(torch.bool).expand_as(result)
+            result = torch.where(keep_px, images.expand_as(result), result)
+        return (result, sum(nfes) / len(nfes)) if return_nfe else result
 
+    def img2img(self, images: torch.Tensor, strength: float = 0.6, **kwargs: Any) -> torch.Tensor:
+        """SDEdit: noise uint8 ``images`` (N, C, H, W) to ``strength`` ∈ [0, 1] and denoise; 0 returns them."""
+        return self.generate(**({"n_samples": len(images)} | kwargs), images=images, strength=strength)
+
+    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, resample: int = 1, **kwargs: Any) -> torch.Tensor:
+        """Redraw where ``mask`` (H, W) is 0, keep where it is 1; RePaint resampling with ``resample`` > 1."""
+        return self.generate(**({"n_samples": len(images)} | kwargs), images=images, mask=mask, resample=resample)
+
+    @torch.no_grad()
+    def _task_inputs(self, images: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                     n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Latents of the input images and the keep-mask at latent resolution (None, None without images)."""
+        if images is None:
+            if mask is not None:
+                raise UserError("a mask needs the image it applies to")
+            return None, None
+        size, ch = self.manifest["image_size"], self.manifest["channels"]
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (ch, size, size):
+            raise UserError(f"input images must be uint8 (N, {ch}, {size}, {size}) for this model, "
+                            f"got {images.dtype} {tuple(images.shape)}")
+        if len(images) not in (1, n):
+            raise UserError(f"give one input image or n_samples={n}, got {len(images)}")
+        x = images.expand(n, -1, -1, -1).float().div(127.5).sub(1).to(self.device)
+        z = self.autoencoder.encode_latents(x)  # posterior mode, scaled: z = s · E(x)
+        if mask is None:
+            return z, None
+        if tuple(mask.shape) != (size, size):
+            raise UserError(f"mask must be ({size}, {size}) like the image, got {tuple(mask.shape)}")
+        f = self.autoencoder.downsample_factor
+        # a latent cell is kept only if every pixel it covers is kept (min-pool), so the seam is redrawn
+        keep = -torch.nn.functional.max_pool2d(-mask.float()[None, None], f) if f > 1 else mask.float()[None, None]
+        return z, keep.to(self.device)
     def _labels(self, class_label: Optional[int]) -> Optional[torch.Tensor]:
         classes = self.unet.config.num_classes
         if classes is None:
