@@ -143,3 +143,18 @@ def test_cli_img2img_and_inpaint(run_dir, tmp_path):
                          (("inpaint", run_dir, img, mask, "--sampler", "lms"), "one step at a time")):
         r = cli(*args, "--out", tmp_path / "c")
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_cli_viz(run_dir, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.new("L", (16, 16), 200).save(img)
+    for args in (("forward", img, "--t", "0,500,999", "--out", tmp_path / "f.png"),
+                 ("reverse", run_dir, "--steps", 3, "--gif", tmp_path / "r.gif", "--out", tmp_path / "r.png"),
+                 ("schedules", "--steps", 5, "--out", tmp_path / "s.png")):
+        r = cli("viz", *args)
+        assert r.returncode == 0, r.stderr
+    assert all((tmp_path / n).stat().st_size > 0 for n in ("f.png", "r.gif", "r.png", "s.png"))
+    r = cli("viz", "forward", img, "--t", "0,abc")
+    assert r.returncode == 2 and "Traceback" not in r.stderr

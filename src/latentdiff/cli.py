@@ -226,6 +226,81 @@ def _read_mask(path: Path, size: int):
     return keep
 
 
+@cli.group()
+def viz() -> None:
+    """Draw the method: forward noising, the reverse trajectory, the noise schedules."""
+
+
+@viz.command("forward")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--t", "ts", default="0,100,250,500,750,999", show_default=True, help="Timesteps, comma-separated.")
+@click.option("--schedule", default="linear", show_default=True, help="linear, cosine or scaled_linear.")
+@click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2))
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Use this model's schedule instead.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
+@click.option("--image-size", type=click.IntRange(min=1), default=None, help="Resize the image first.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("forward.png"), show_default=True)
+def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: Path | None, seed: int,
+                image_size: int | None, out: Path) -> None:
+    """IMAGE noised by q(z_t | x) (20.8) at the chosen timesteps, as one labelled strip."""
+    from latentdiff.data.images import save_png
+    from latentdiff.diffusion import Schedule
+    from latentdiff.pipelines.viz import forward_strip, parse_timesteps
+
+    if model is not None:
+        from latentdiff.pipelines.generate import Pipeline
+
+        sched = Pipeline.load(model).diffusion.build_schedule()
+    else:
+        sched = Schedule.from_name(schedule, num_timesteps)
+    steps = parse_timesteps(ts)
+    save_png(forward_strip(str(image), sched, steps, seed, image_size), out, {"viz": "forward", "t": steps})
+    click.echo(f"forward noising: {out}")
+
+
+@viz.command("reverse")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
+@click.option("--class-label", type=int, default=None)
+@click.option("--eta", default=None, type=click.FloatRange(min=0))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("reverse.png"), show_default=True)
+@click.option("--gif", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also an animated GIF.")
+@click.option("--every", default=1, show_default=True, type=click.IntRange(min=1), help="GIF: one frame every N steps.")
+@click.option("--duration-ms", default=80, show_default=True, type=click.IntRange(min=10))
+def viz_reverse(model_dir: Path, sampler: str, steps: int, spacing: str, seed: int, class_label: int | None,
+                eta: float | None, out: Path, gif: Path | None, every: int, duration_ms: int) -> None:
+    """The reverse trajectory of one sample: x_t above, the predicted x̂0 below, step by step."""
+    from latentdiff.data.images import save_png
+    from latentdiff.pipelines.generate import Pipeline
+    from latentdiff.pipelines.viz import reverse_trajectory, save_gif
+
+    pipe = Pipeline.load(model_dir)
+    options = {"eta": eta} if eta is not None else {}
+    strip, frames = reverse_trajectory(pipe, sampler, steps, seed, spacing, every=every, class_label=class_label,
+                                       **options)
+    save_png(strip, out, {"viz": "reverse", "sampler": sampler, "steps": steps, "seed": seed, "model": str(model_dir)})
+    click.echo(f"reverse trajectory: {out}")
+    if gif:
+        save_gif(frames, gif, duration_ms)
+        click.echo(f"animation: {gif}")
+
+
+@viz.command("schedules")
+@click.option("--names", default="linear,cosine,scaled_linear", show_default=True)
+@click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2))
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Sampler steps shown.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("schedules.png"), show_default=True)
+def viz_schedules(names: str, num_timesteps: int, steps: int, out: Path) -> None:
+    """ᾱ_t, log-SNR and the timesteps each spacing visits, for the named schedules."""
+    from latentdiff.pipelines.viz import schedule_plots
+
+    schedule_plots(tuple(n.strip() for n in names.split(",") if n.strip()), num_timesteps, steps, out)
+    click.echo(f"schedules: {out}")
+
+
 @cli.command("eval")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--n-samples", default=1000, show_default=True, type=click.IntRange(min=10),

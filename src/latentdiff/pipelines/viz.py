@@ -24,7 +24,8 @@ from latentdiff.formats.checkpoint import atomic_write
 from latentdiff.models.autoencoder import IdentityAutoencoder
 from latentdiff.pipelines.generate import MAX_SEED, PerSampleNoise, Pipeline
 
-__all__ = ["forward_strip", "noised_images", "trajectory", "reverse_trajectory", "save_gif", "schedule_plots", "load_image", "parse_timesteps"]
+__all__ = ["forward_strip", "noised_images", "trajectory", "reverse_trajectory", "save_gif", "schedule_plots",
+           "load_image", "parse_timesteps"]
 
 TILE_MIN_SIDE = 96  # strips: small images are enlarged (nearest) to at least this, so labels fit under them
 STRIP_COLUMNS = 10  # reverse strip: about this many evenly chosen steps
