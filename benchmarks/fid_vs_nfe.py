@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 from latentdiff.pipelines.evaluate import evaluate_samples
 
@@ -38,8 +38,7 @@ def main() -> None:
                      "fid": r["fid"], "cmmd": r["cmmd"], "precision": r["precision"], "recall": r["recall"],
                      "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.machine())
+    cpu = cpu_name()
     lines = [f"# FID vs NFE: `{args.model}`", "", f"machine: {cpu}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}  ", f"command: `python {' '.join(sys.argv)}`", "",
              f"{args.n} samples (seeds 0..{args.n - 1}) vs {args.n} held-out test images, shipped domain features.", "",

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 from latentdiff.config import load_config
 from latentdiff.training import make_trainer
@@ -39,15 +40,6 @@ path, n, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(2)
 pipe = Pipeline.load(path, device)
 pipe.generate(2, 2, 2)  # warm-up
-def cpu_name() -> str:
-    """The processor's model name (Linux), for the results' machine line."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rss_kb():

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 from latentdiff.config import load_config
 from latentdiff.diffusion import Schedule, diffusion_loss, sample
 from latentdiff.models.unet import UNet
 
 
-def cpu_name() -> str:
-    """The processor's model name (Linux), for the results' machine line."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def diffusers_peer(cfg):
