@@ -68,7 +68,7 @@ def test_forward_strip_reads_files_and_rejects_bad_timesteps(tmp_path):
     assert len(strip.info["tiles"]) == 3
     with pytest.raises(UserError, match="0..99"):
         forward_strip(p, Schedule.from_name("cosine", 100), [0, 100])
-    with pytest.raises(UserError, match="cannot read image"):
+    with pytest.raises(UserError, match="missing.png: file not found"):
         forward_strip(tmp_path / "missing.png", Schedule.from_name("linear"), [0])
 
 

@@ -139,20 +139,11 @@ def _sampling_options(f):
     return f
 
 
-def _read_input(path: Path, pipe, what: str):
+def _read_input(path: Path, pipe):
     """An image file as uint8 (1, C, H, W) at the model's size and channels."""
-    import torch
-    from PIL import Image, UnidentifiedImageError
+    from latentdiff.data.datasets import read_image
 
-    from latentdiff.data.datasets import decode_image
-
-    try:
-        arr = decode_image(path, pipe.manifest["image_size"], pipe.manifest["channels"], True)
-    except FileNotFoundError:
-        raise UserError(f"{what} {path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{what} {path}: cannot read image ({e})") from None
-    return torch.from_numpy(arr.copy())[None]
+    return read_image(path, pipe.manifest["image_size"], pipe.manifest["channels"])[None]
 
 
 def _run_task(pipe, images, settings: dict, out: Path, **kwargs) -> None:
@@ -177,7 +168,7 @@ def img2img(model_dir: Path, image: Path, strength: float, steps: int, sampler: 
     pipe = Pipeline.load(model_dir, device)
     settings = {"task": "img2img", "input": str(image), "strength": strength, "sampler": sampler,
                 "spacing": spacing, "steps": steps, "eta": eta, "seed": seed}
-    _run_task(pipe, _read_input(image, pipe, "image"), settings, out, n_samples=n_samples, batch_size=batch_size,
+    _run_task(pipe, _read_input(image, pipe), settings, out, n_samples=n_samples, batch_size=batch_size,
               steps=steps, sampler=sampler, seed=seed, eta=eta, spacing=spacing, strength=strength)
 
 
@@ -197,7 +188,7 @@ def inpaint(model_dir: Path, image: Path, mask: Path, resample: int, steps: int,
     m = _read_mask(mask, pipe.manifest["image_size"])
     settings = {"task": "inpaint", "input": str(image), "mask": str(mask), "resample": resample,
                 "sampler": sampler, "spacing": spacing, "steps": steps, "eta": eta, "seed": seed}
-    _run_task(pipe, _read_input(image, pipe, "image"), settings, out, n_samples=n_samples, batch_size=batch_size,
+    _run_task(pipe, _read_input(image, pipe), settings, out, n_samples=n_samples, batch_size=batch_size,
               steps=steps, sampler=sampler, seed=seed, eta=eta, spacing=spacing, mask=m, resample=resample)
 
 

@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from latentdiff.data.config import EMBEDDED, DataConfig
-from latentdiff.data.transforms import resize_and_crop
+from latentdiff.data.transforms import from_uint8_image, resize_and_crop
 from latentdiff.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class ImageData:
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """Float batch in [-1, 1] for the given indices (augmentation such as random_hflip: caller's)."""
-        return self.images[idx].float().div_(127.5).sub_(1.0)
+        return from_uint8_image(self.images[idx])
 
 
 def load_dataset(cfg: DataConfig) -> ImageData:
@@ -245,6 +245,20 @@ def _flatten_mode(img: Image.Image) -> Image.Image:
         except (ImageCms.PyCMSError, OSError):
             pass
     return img.convert("L" if mode == "1" else "RGB")  # 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def read_image(path: Path | str, size: int | None = None, channels: int | None = None,
+               center_crop: bool = True) -> torch.Tensor:
+    """One image file as uint8 (C, H, W); size None keeps the shorter side, channels None keeps grey grey."""
+    try:
+        with Image.open(path) as img:
+            channels = channels or (1 if _flatten_mode(img).mode == "L" else 3)
+            size = size or min(img.size)
+        return torch.from_numpy(decode_image(Path(path), size, channels, center_crop).copy())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
 
 
 def decode_image(path: Path, size: int, channels: int, center_crop: bool) -> np.ndarray:

@@ -18,7 +18,7 @@ PNG_KEY = "latentdiff"  # tEXt chunk holding the settings as JSON
 
 def to_pil(img: torch.Tensor) -> Image.Image:
     """A uint8 (C, H, W) tensor with C in {1, 3} as a PIL image."""
-    arr = img.detach().cpu().permute(1, 2, 0).numpy()
+    arr = img.detach().cpu().permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
 
 

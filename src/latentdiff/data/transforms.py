@@ -33,7 +33,12 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
     return torch.where(flip, x.flip(-1), x)
 
 
+def from_uint8_image(x: torch.Tensor) -> torch.Tensor:
+    """Map uint8 images in [0, 255] to floats in [-1, 1] (the range every model here works in)."""
+    return x.float().div(127.5).sub(1.0)
+
+
 def to_uint8_image(x: torch.Tensor) -> torch.Tensor:
     """Map floats in [-1, 1] to uint8 in [0, 255], clamping out-of-range values."""
-    # Exact inverse of ImageData.batch's u / 127.5 - 1 for values that came from uint8.
+    # Exact inverse of from_uint8_image for values that came from uint8.
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -91,10 +91,6 @@ class Schedule:
         a = self.alphas_cumprod[torch.as_tensor(t).long().cpu()]
         return a / (1 - a)
 
-    def to_dict(self) -> dict:
-        """JSON-safe description (the β table is rebuilt from the name where possible)."""
-        return {"name": self.name, "num_timesteps": self.num_timesteps, "betas": self.betas.tolist()}
-
     # ---- forward process -------------------------------------------------------------------
     def q_step_sample(self, z_prev: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """One forward step, (20.3)/(20.4): z_t = √(1-β_t) z_{t-1} + √β_t ε_t."""

@@ -13,8 +13,8 @@ Stable Diffusion checkpoint's `first_stage_model.*` load by name once the prefix
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

@@ -7,13 +7,13 @@ penultimate layer (after its ReLU), ``forward`` the class logits.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentdiff.data.transforms import from_uint8_image
 from latentdiff.errors import UserError
 from latentdiff.formats.dataclass_io import ConfigMixin
 
@@ -73,7 +73,7 @@ class Classifier(nn.Module):
 
 def prepare_images(images: Tensor, cfg: ClassifierConfig) -> Tensor:
     """uint8 (N, C, H, W) → floats in [-1, 1] with the classifier's channels and size."""
-    x = images.float().div(127.5).sub(1.0)
+    x = from_uint8_image(images)
     if x.shape[1] != cfg.in_channels:
         # Grey from RGB by the ITU-R 601 luma weights (PIL's "L"); RGB from grey by repetition.
         x = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True) \

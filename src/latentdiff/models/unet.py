@@ -8,8 +8,8 @@ what the prediction means (ε, x0 or v, DESIGN.md) is decided by `diffusion/`, n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from latentdiff.data import DataConfig, load_dataset
-from latentdiff.data.transforms import to_uint8_image
+from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.errors import UserError
 from latentdiff.eval.features import SHIPPED, FeatureExtractor, build_extractor
 from latentdiff.eval.report import evaluate, reconstruction_report
@@ -75,7 +75,7 @@ def evaluate_reconstruction(model_dir: Path | str, n: int = 1000, features: Opti
     originals, _ = reference_images(manifest, n)
     recon = []
     for i in range(0, len(originals), 100):
-        x = originals[i:i + 100].float().div(127.5).sub(1).to(device)
+        x = from_uint8_image(originals[i:i + 100]).to(device)
         recon.append(to_uint8_image(ae(x, sample_posterior=False)[0]).cpu())
     extractor = parse_features(features, manifest["data"]["source"], device) if (
         features or manifest["data"]["source"] in SHIPPED) else None

@@ -14,7 +14,7 @@ import torch
 
 from latentdiff.config import DiffusionConfig, build_dataclass
 from latentdiff.data.images import make_grid, save_png, to_pil, upscale_nearest
-from latentdiff.data.transforms import to_uint8_image
+from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.diffusion import as_eps_fn, sample
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, IdentityAutoencoder
@@ -143,7 +143,7 @@ class Pipeline:
                             f"got {images.dtype} {tuple(images.shape)}")
         if len(images) not in (1, n):
             raise UserError(f"give one input image or n_samples={n}, got {len(images)}")
-        x = images.expand(n, -1, -1, -1).float().div(127.5).sub(1).to(self.device)
+        x = from_uint8_image(images.expand(n, -1, -1, -1)).to(self.device)
         z = self.autoencoder.encode_latents(x)  # posterior mode, scaled: z = s · E(x)
         if mask is None:
             return z, None

@@ -12,11 +12,12 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from latentdiff.data.transforms import to_uint8_image
+from latentdiff.data.datasets import read_image
+from latentdiff.data.images import to_pil
+from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.diffusion import SCHEDULES, Schedule, as_eps_fn, sample, timesteps_for
 from latentdiff.diffusion.sigmas import SIGMA_SPACINGS, TIMESTEP_SPACINGS, sigmas_for
 from latentdiff.errors import UserError
@@ -51,12 +52,6 @@ def _upscale(img: torch.Tensor, min_side: int) -> torch.Tensor:
     return img.repeat_interleave(factor, -1).repeat_interleave(factor, -2) if factor > 1 else img
 
 
-def _pil(img: torch.Tensor) -> Image.Image:
-    """uint8 (C, H, W) with C in {1, 3} as an 'L' or 'RGB' image."""
-    arr = img.detach().cpu().permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-
-
 def _labelled_grid(rows: list[list[torch.Tensor]], captions: list[list[str]], row_names: Sequence[str] = (),
                    min_side: int = TILE_MIN_SIDE) -> Image.Image:
     """Tile uint8 (C, H, W) images in rows, each with text lines under it, row names on the left."""
@@ -80,7 +75,7 @@ def _labelled_grid(rows: list[list[torch.Tensor]], captions: list[list[str]], ro
             draw.text((PAD, y + h // 2 - line_h // 2), row_names[r], font=_font(), fill=black)
         for k, tile in enumerate(row):
             x = left + PAD + k * col_w + (col_w - PAD - w) // 2
-            canvas.paste(_pil(tile), (x, y))
+            canvas.paste(to_pil(tile), (x, y))
             canvas.info["tiles"].append((r, k, (x, y, x + w, y + h)))
             for j, line in enumerate(captions[r][k].split("\n") if captions[r][k] else []):
                 tw = _text_size(line)[0]
@@ -93,17 +88,7 @@ def _labelled_grid(rows: list[list[torch.Tensor]], captions: list[list[str]], ro
 def load_image(image: torch.Tensor | str | Path, image_size: Optional[int] = None) -> torch.Tensor:
     """A uint8 (C, H, W) tensor from a tensor or an image file (grey stays 1 channel), optionally resized square."""
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as im:
-                im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read image {image}: {e}") from None
-        if image_size is not None:  # centre crop to a square, then resize
-            side = min(im.size)
-            l, t = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((l, t, l + side, t + side)).resize((image_size, image_size), Image.Resampling.BICUBIC)
-        arr = torch.from_numpy(np.asarray(im).copy())
-        return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1).contiguous()
+        return read_image(image, image_size)  # the data sets' decoder: same modes, crop and resampling
     img = torch.as_tensor(image)
     if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] not in (1, 3):
         raise UserError(f"expected a uint8 (C, H, W) image with C in {{1, 3}}, got {img.dtype} {tuple(img.shape)}")
@@ -132,7 +117,7 @@ def noised_images(image: torch.Tensor | str | Path, schedule: Schedule, ts: Sequ
     if bad:
         raise UserError(f"timesteps must be in 0..{T - 1} (the schedule's T={T}), got {bad}")
     img = load_image(image, image_size)
-    x = img.float().div(127.5).sub(1.0)  # uint8 -> [-1, 1], as ImageData.batch
+    x = from_uint8_image(img)
     # one ε for every tile, so the strip shows the same noise growing: (20.8) z_t = √ᾱ_t x + √(1-ᾱ_t) ε
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     n = len(ts)
@@ -157,7 +142,7 @@ def _frame(x_t: torch.Tensor, x0: torch.Tensor, caption: str, min_side: int) -> 
     line_h = _text_size("Ag")[1] + 2
     canvas = Image.new(mode, (2 * w + 3 * PAD, h + line_h + 2 * PAD), (255,) * 3 if mode == "RGB" else 255)
     for k, tile in enumerate(pair):
-        canvas.paste(_pil(tile), (PAD + k * (w + PAD), PAD))
+        canvas.paste(to_pil(tile), (PAD + k * (w + PAD), PAD))
     ImageDraw.Draw(canvas).text((PAD, PAD + h + 1), caption, font=_font(), fill=(0,) * 3 if mode == "RGB" else 0)
     return canvas
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
