@@ -158,3 +158,20 @@ def test_cli_viz(run_dir, tmp_path):
     assert all((tmp_path / n).stat().st_size > 0 for n in ("f.png", "r.gif", "r.png", "s.png"))
     r = cli("viz", "forward", img, "--t", "0,abc")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_every_cli_option_has_help_text():
+    import click
+
+    from latentdiff.cli import cli as group
+
+    def commands(g, prefix=""):
+        for name, cmd in g.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", cmd
+
+    missing = [f"{name} {p.opts[0]}" for name, cmd in commands(group) for p in cmd.params
+               if isinstance(p, click.Option) and not p.help and p.opts[0] not in ("--help",)]
+    assert not missing, missing

@@ -129,12 +129,14 @@ def _sampling_options(f):
         click.option("--sampler", default="ddim", show_default=True, help="Any sampler of `latentdiff sample`."),
         click.option("--spacing", default="trailing", show_default=True, help="As for `latentdiff sample`."),
         click.option("--eta", default=None, type=click.FloatRange(min=0), help="As for `latentdiff sample`."),
-        click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX)),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
+                     help="Output i uses seed+i."),
         click.option("--n-samples", default=4, show_default=True, type=click.IntRange(min=1), help="Outputs."),
-        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="Images per network call; memory depends on this."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
                      show_default=True, help="Folder for the PNGs and grid.png."),
-        click.option("--device", default="cpu", show_default=True)]):
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")]):
         f = opt(f)
     return f
 
@@ -226,11 +228,12 @@ def viz() -> None:
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--t", "ts", default="0,100,250,500,750,999", show_default=True, help="Timesteps, comma-separated.")
 @click.option("--schedule", default="linear", show_default=True, help="linear, cosine or scaled_linear.")
-@click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2))
+@click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2), help="T of the schedule.")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Use this model's schedule instead.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX), help="Seed of the noise ε.")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Resize the image first.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("forward.png"), show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("forward.png"), show_default=True,
+              help="PNG to write.")
 def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: Path | None, seed: int,
                 image_size: int | None, out: Path) -> None:
     """IMAGE noised by q(z_t | x) (20.8) at the chosen timesteps, as one labelled strip."""
@@ -251,16 +254,17 @@ def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: 
 
 @viz.command("reverse")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--sampler", default="ddim", show_default=True)
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
-@click.option("--spacing", default="trailing", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
-@click.option("--class-label", type=int, default=None)
-@click.option("--eta", default=None, type=click.FloatRange(min=0))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("reverse.png"), show_default=True)
+@click.option("--sampler", default="ddim", show_default=True, help="Any sampler of `latentdiff sample`.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps.")
+@click.option("--spacing", default="trailing", show_default=True, help="As for `latentdiff sample`.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX), help="Seed of the sample.")
+@click.option("--class-label", type=int, default=None, help="Class index for class-conditional models.")
+@click.option("--eta", default=None, type=click.FloatRange(min=0), help="As for `latentdiff sample`.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("reverse.png"), show_default=True,
+              help="PNG strip to write.")
 @click.option("--gif", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also an animated GIF.")
 @click.option("--every", default=1, show_default=True, type=click.IntRange(min=1), help="GIF: one frame every N steps.")
-@click.option("--duration-ms", default=80, show_default=True, type=click.IntRange(min=10))
+@click.option("--duration-ms", default=80, show_default=True, type=click.IntRange(min=10), help="GIF frame time.")
 def viz_reverse(model_dir: Path, sampler: str, steps: int, spacing: str, seed: int, class_label: int | None,
                 eta: float | None, out: Path, gif: Path | None, every: int, duration_ms: int) -> None:
     """The reverse trajectory of one sample: x_t above, the predicted x̂0 below, step by step."""
@@ -280,10 +284,11 @@ def viz_reverse(model_dir: Path, sampler: str, steps: int, spacing: str, seed: i
 
 
 @viz.command("schedules")
-@click.option("--names", default="linear,cosine,scaled_linear", show_default=True)
-@click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2))
+@click.option("--names", default="linear,cosine,scaled_linear", show_default=True, help="Schedules, comma-separated.")
+@click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2), help="T of the schedules.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Sampler steps shown.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("schedules.png"), show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("schedules.png"), show_default=True,
+              help="PNG to write.")
 def viz_schedules(names: str, num_timesteps: int, steps: int, out: Path) -> None:
     """ᾱ_t, log-SNR and the timesteps each spacing visits, for the named schedules."""
     from latentdiff.pipelines.viz import schedule_plots
@@ -296,15 +301,16 @@ def viz_schedules(names: str, num_timesteps: int, steps: int, out: Path) -> None
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--n-samples", default=1000, show_default=True, type=click.IntRange(min=10),
               help="Generated images (and held-out real images) to compare; compare FIDs only at equal n.")
-@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Images per network call while sampling.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps (NFE).")
 @click.option("--sampler", default="ddim", show_default=True, help="Any sampler of `latentdiff sample`.")
 @click.option("--spacing", default="trailing", show_default=True, help="As for `latentdiff sample`.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX), help="Sample i uses seed+i.")
 @click.option("--features", default=None, help="domain:fashion-mnist | domain:mnist5k | domain:PATH | "
               "inception:PATH (FID Inception weights). Default: the data set's shipped classifier.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
 def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, spacing: str, seed: int,
              features: str | None, out: Path | None, device: str) -> None:
     """Measure a model folder: FID, CMMD, precision/recall of samples, or PSNR/SSIM/rFID of an autoencoder."""
