@@ -17,6 +17,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._ema_params = list(self.model.parameters())  # built once: update() runs every step
 
     def decay_at(self, step: int) -> float:
         """The decay used for the update after ``step`` optimiser steps."""
@@ -25,8 +26,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Move the average towards ``model``'s current weights."""
-        ema_p = [p for p in self.model.parameters()]
         cur_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay_at(step))
+        torch._foreach_lerp_(self._ema_params, cur_p, 1.0 - self.decay_at(step))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
