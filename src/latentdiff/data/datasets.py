@@ -44,6 +44,7 @@ class ImageData:
     fingerprint: str  # sha256 over the settings and the pixels; keys caches such as latents
     source: str
     files: list[str] = field(default_factory=list)  # folder sources: relative path of each image
+    captions: list[str] | None = None  # one caption per image for text-conditional training
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -87,7 +88,8 @@ def _in_test(key: str) -> bool:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10 == 0
 
 
-def _fingerprint(cfg: DataConfig, images: torch.Tensor, labels: torch.Tensor | None, names: list[str]) -> str:
+def _fingerprint(cfg: DataConfig, images: torch.Tensor, labels: torch.Tensor | None, names: list[str],
+                 captions: list[str] | None = None) -> str:
     # Only what shapes the pixels and labels: moving a folder, pointing fashion_mnist_dir elsewhere,
     # or toggling hflip / on_bad_file keeps the fingerprint, and so any cache or resume keyed on it.
     settings = cfg.to_dict()
@@ -99,6 +101,8 @@ def _fingerprint(cfg: DataConfig, images: torch.Tensor, labels: torch.Tensor | N
     h.update(images.contiguous().numpy())
     if labels is not None:
         h.update(labels.contiguous().numpy())
+    if captions is not None:
+        h.update(json.dumps(captions).encode())
     return h.hexdigest()
 
 
