@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from latentdiff.errors import UserError
 from latentdiff.formats.dataclass_io import ConfigMixin
 
-EMBEDDED = ("mnist5k", "digits", "fashion-mnist")
+EMBEDDED = ("mnist5k", "digits", "fashion-mnist", "emoji")
 
 
 @dataclass
@@ -26,6 +26,9 @@ class DataConfig(ConfigMixin):
     limit: int | None = None  # keep the first N images after the split
     on_bad_file: str = "skip"  # "skip" (count and warn once) or "fail" (raise naming the file)
     fashion_mnist_dir: str | None = None  # folder with the idx .gz files; default: Debian's path
+    captions: str = "auto"  # "auto" (use them if any image has one), "require" (all must) or "ignore"
+    caption_column: str = "text"  # the caption key of metadata.jsonl lines (beside "file_name")
+    emoji_font: str | None = None  # "emoji" source: a CBDT colour emoji font; default: Noto's path
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> UserError:
@@ -51,6 +54,12 @@ class DataConfig(ConfigMixin):
             raise bad("on_bad_file", "'skip' or 'fail'")
         if self.fashion_mnist_dir is not None and not isinstance(self.fashion_mnist_dir, str):
             raise bad("fashion_mnist_dir", "a folder path or null")
+        if self.captions not in ("auto", "require", "ignore"):
+            raise bad("captions", "'auto', 'require' or 'ignore'")
+        if not isinstance(self.caption_column, str) or not self.caption_column or self.caption_column == "file_name":
+            raise bad("caption_column", "a metadata.jsonl key other than 'file_name'")
+        if self.emoji_font is not None and (not isinstance(self.emoji_font, str) or not self.emoji_font):
+            raise bad("emoji_font", "a font file path or null")
 
     @property
     def is_embedded(self) -> bool:

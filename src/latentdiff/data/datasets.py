@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import hashlib
@@ -9,6 +10,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from latentdiff.data import emoji
 from latentdiff.data.config import EMBEDDED, DataConfig
 from latentdiff.data.transforms import from_uint8_image, resize_and_crop
 from latentdiff.errors import UserError
@@ -26,6 +29,7 @@ from latentdiff.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+METADATA_FILE = "metadata.jsonl"  # Hugging Face imagefolder: one {"file_name": ..., "text": ...} per line
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -56,7 +60,11 @@ class ImageData:
 
 def load_dataset(cfg: DataConfig) -> ImageData:
     """Load the images `cfg` describes into memory (nothing is cached on disk)."""
-    if cfg.is_embedded:
+    captions: list[str] | None = None
+    if cfg.source == "emoji":
+        images, captions = _load_emoji(cfg)
+        label_t, names, files = None, [], []
+    elif cfg.is_embedded:
         grey, labels, names, own_split = _EMBEDDED_LOADERS[cfg.source](cfg)
         if not own_split:
             keep = [i for i in range(len(grey)) if _in_test(str(i)) == (cfg.split == "test")]
@@ -69,14 +77,19 @@ def load_dataset(cfg: DataConfig) -> ImageData:
         arr, labels = np.require(arr, requirements=["C", "W"]), np.require(labels, requirements=["C", "W"])
         images, label_t, files = torch.from_numpy(arr), torch.from_numpy(labels), []
     else:
-        images, label_t, names, files = _load_folder(cfg)
+        images, label_t, names, files, captions = _load_folder(cfg)
+    if cfg.captions == "ignore":
+        captions = None
+    elif cfg.captions == "require" and captions is None:
+        raise UserError(f"data.captions='require' but data.source {cfg.source!r} has no captions")
     return ImageData(
         images=images,
         labels=label_t,
         class_names=names,
-        fingerprint=_fingerprint(cfg, images, label_t, names),
+        fingerprint=_fingerprint(cfg, images, label_t, names, captions),
         source=cfg.source,
         files=files,
+        captions=captions,
     )
 
 
@@ -92,8 +105,9 @@ def _fingerprint(cfg: DataConfig, images: torch.Tensor, labels: torch.Tensor | N
                  captions: list[str] | None = None) -> str:
     # Only what shapes the pixels and labels: moving a folder, pointing fashion_mnist_dir elsewhere,
     # or toggling hflip / on_bad_file keeps the fingerprint, and so any cache or resume keyed on it.
+    # The caption settings act through the captions themselves, which are hashed below.
     settings = cfg.to_dict()
-    for key in ("fashion_mnist_dir", "hflip", "on_bad_file"):
+    for key in ("fashion_mnist_dir", "hflip", "on_bad_file", "captions", "caption_column", "emoji_font"):
         settings.pop(key)
     if not cfg.is_embedded:
         settings["source"] = "folder"
@@ -213,6 +227,18 @@ _EMBEDDED_LOADERS: dict[str, Callable[[DataConfig], EmbeddedResult]] = {
 }
 
 
+def _load_emoji(cfg: DataConfig) -> tuple[torch.Tensor, list[str]]:
+    """Colour emoji from the font's cmap on white, captioned with their lower-case Unicode names."""
+    if cfg.channels != 3:
+        raise UserError(f"data.source 'emoji': colour images need data.channels=3, got {cfg.channels}")
+    font = emoji.find_font(cfg.emoji_font)
+    # Split by a hash of the caption, so a newer font adding emoji never moves existing ones across.
+    chosen = [(e, c) for e, c in emoji.emoji_list(font) if _in_test(c) == (cfg.split == "test")]
+    chosen = chosen[: cfg.limit]
+    arr = emoji.render_emoji([e for e, _ in chosen], font, cfg.image_size)
+    return torch.from_numpy(arr), [c for _, c in chosen]
+
+
 # ---------------------------------------------------------------------------------- image folders
 
 
@@ -278,7 +304,84 @@ def decode_image(path: Path, size: int, channels: int, center_crop: bool) -> np.
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def _load_folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor | None, list[str], list[str]]:
+def _read_text(path: Path) -> str:
+    """A caption file as text: UTF-8 with an optional BOM; invalid bytes name their offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read caption file ({e.strerror or e})") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        off = bom + e.start
+        line = data.count(b"\n", 0, off) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 at byte offset {off} ({e.reason}); save it as UTF-8") from None
+
+
+def _read_captions(root: Path, files: list[str], column: str) -> tuple[dict[str, str], str]:
+    """Caption per image from metadata.jsonl files, else from a sidecar .txt; plus a hint for errors."""
+    metas, txts = [], set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]  # as _list_images
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for f in filenames:
+            rel = posixpath.normpath(posixpath.join(rel_dir, f))
+            if f == METADATA_FILE:
+                metas.append(rel)
+            elif f.endswith(".txt") and not f.startswith((".", "__")):
+                txts.add(rel)
+            elif f == "metadata.csv":
+                log.warning("%s: metadata.csv is not read; write the captions to %s", root / rel, METADATA_FILE)
+    images = set(files)
+    captions: dict[str, str] = {}
+    named: dict[str, str] = {}  # image -> "metadata.jsonl:line" that named it, to report duplicates
+    absent: list[str] = []
+    keys: set[str] = set()
+    for meta in sorted(metas):
+        path, base = root / meta, posixpath.dirname(meta)
+        # split("\n"), not splitlines(): JSON strings may hold raw U+2028 or U+0085.
+        for n, line in enumerate(_read_text(path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
+                raise UserError(f"{path}:{n}: expected a JSON object with a 'file_name' string, got {line[:80]!r}")
+            keys.update(row)
+            # file_name is relative to the metadata file's folder (imagefolder's rule).
+            rel = posixpath.normpath(posixpath.join(base, row["file_name"]))
+            if rel not in images:
+                absent.append(f"{meta}:{n} {row['file_name']!r}")
+                continue
+            if rel in named:
+                raise UserError(f"{root / rel}: named twice, at {named[rel]} and {meta}:{n}; keep one line")
+            named[rel] = f"{meta}:{n}"
+            text = row.get(column)
+            if text is not None and not isinstance(text, str):
+                got = f"{type(text).__name__} {str(text)[:40]!r}"
+                raise UserError(f"{path}:{n}: {column!r} must be a string, got {got}")
+            if text and text.strip():  # blank captions count as missing
+                captions[rel] = text.strip()
+    if absent:
+        more = f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""
+        raise UserError(f"{root}: {len(absent)} metadata line(s) name files that are not images in the folder: "
+                        f"{', '.join(absent[:5])}{more}")
+    for rel in files:
+        txt = posixpath.splitext(rel)[0] + ".txt"
+        if rel not in captions and txt in txts:
+            text = _read_text(root / txt).strip()
+            if text:
+                captions[rel] = text
+    hint = ""
+    if metas and column not in keys:
+        hint = f"; {metas[0]} has no {column!r} key (keys: {', '.join(sorted(keys))}): set data.caption_column"
+    return captions, hint
+
+
+def _load_folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor | None, list[str], list[str], list[str] | None]:
     root = Path(cfg.source).expanduser()
     if not root.exists():
         raise UserError(f"data.source {cfg.source!r}: no such folder (embedded names: {', '.join(EMBEDDED)})")
@@ -290,6 +393,19 @@ def _load_folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor | None, li
     # Hugging Face imagefolder: labels from first-level sub-folders when every image sits in one.
     labelled = all("/" in f for f in files)
     names = sorted({f.split("/", 1)[0] for f in files}) if labelled else []
+    captioned, hint = _read_captions(root, files, cfg.caption_column) if cfg.captions != "ignore" else ({}, "")
+    use_captions = cfg.captions == "require" or bool(captioned)
+    if use_captions and len(captioned) < len(files):
+        # Checked over the whole folder, before decoding: both splits agree and errors come early.
+        lacking = [f for f in files if f not in captioned]
+        why = ("data.captions='require'" if cfg.captions == "require"
+               else f"data.captions='auto' needs all or none, and {len(captioned)} have one")
+        more = f" (and {len(lacking) - 5} more)" if len(lacking) > 5 else ""
+        raise UserError(f"{root}: {len(lacking)} of {len(files)} images have no caption ({why}): "
+                        f"{', '.join(lacking[:5])}{more}; add metadata.jsonl lines or .txt files, "
+                        f"or set data.captions=ignore{hint}")
+    if not captioned and hint:
+        log.warning("%s: no captions found%s", root, hint)
     # Split by a hash of the relative path, so adding files never moves existing ones across.
     cands = [f for f in files if _in_test(f) == (cfg.split == "test")]
     if not cands:
@@ -327,4 +443,6 @@ def _load_folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor | None, li
     images = torch.from_numpy(out[: len(kept)].copy() if len(kept) < n_max else out)
     index = {n: i for i, n in enumerate(names)}
     labels = torch.tensor([index[f.split("/", 1)[0]] for f in kept], dtype=torch.int64) if labelled else None
-    return images, labels, names, kept
+    # Built from `kept`, so images skipped as unreadable drop their captions too.
+    captions = [captioned[f] for f in kept] if use_captions else None
+    return images, labels, names, kept, captions
