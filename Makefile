@@ -12,6 +12,10 @@ setup:
 	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
 	  || echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"; }
+	@# The "emoji" source renders the Noto Color Emoji font; optional, installed where we may
+	@test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -q fonts-noto-color-emoji >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q fonts-noto-color-emoji >/dev/null)) \
+	  || echo "note: Noto Color Emoji not installed (apt-get install fonts-noto-color-emoji)"; }
 
 setup-test: setup
 	$(PIP) install -q -e ".[test]"
