@@ -80,21 +80,28 @@ def _resumed_config(out: Path, preset: str, overrides: list[str]):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
               help="Image i uses seed+i, whatever the batch size.")
 @click.option("--class-label", type=int, default=None, help="Class index for class-conditional models.")
+@click.option("--prompt", default=None, help="Text for text-conditional models (cut to the encoder's context).")
+@click.option("--negative-prompt", default=None, help="Text to steer away from (replaces the empty prompt in CFG).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale (1: none; default: the model's own, from training).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
               show_default=True, help="Folder for the PNGs and grid.png.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
 def sample(run_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, spacing: str,
-           eta: float | None, seed: int, class_label: int | None, out: Path, device: str) -> None:
+           eta: float | None, seed: int, class_label: int | None, prompt: str | None, negative_prompt: str | None,
+           guidance: float | None, out: Path, device: str) -> None:
     """Draw images from a trained model folder; each PNG keeps its settings in its metadata."""
     from latentdiff.pipelines.generate import Pipeline
 
     pipe = Pipeline.load(run_dir, device)
     t0 = time.perf_counter()
-    images, nfe = pipe.generate(n_samples, batch_size, steps, sampler, seed, class_label, eta, spacing=spacing,
-                                return_nfe=True)
+    images, nfe = pipe.generate(n_samples, batch_size, steps, sampler, seed, class_label=class_label, eta=eta,
+                                prompt=prompt, negative_prompt=negative_prompt, guidance=guidance,
+                                spacing=spacing, return_nfe=True)
     dt = time.perf_counter() - t0
     settings = {"sampler": sampler, "spacing": spacing, "steps": steps, "nfe": nfe, "eta": eta, "seed": seed,
-                "class_label": class_label}
+                "class_label": class_label, "prompt": prompt, "negative_prompt": negative_prompt,
+                "guidance": guidance}
     paths, grid = pipe.save(images, out, settings)
     click.echo(f"{len(paths)} images in {out} ({dt / n_samples:.3f} s/image, {sampler} {spacing}, "
                f"{nfe:g} network evaluations per image); grid: {grid}")

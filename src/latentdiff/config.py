@@ -21,8 +21,9 @@ from latentdiff.formats.dataclass_io import check_type, to_plain, build_dataclas
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
 from latentdiff.training.ae_loss import AutoencoderLossConfig
+from latentdiff.training.clip_config import CLIPTrainConfig
 
-MODELS = ("diffusion", "autoencoder")
+MODELS = ("diffusion", "autoencoder", "clip")
 
 
 @dataclass
@@ -52,6 +53,23 @@ class LatentConfig:
 
     autoencoder: str | None = None  # model folder of a trained autoencoder (latentdiff train ae-*); None: pixels
     sample_posterior: bool = True  # train on z ~ q(z|x) (LDM) rather than its mean; moments are cached
+
+
+@dataclass
+class CondConfig:
+    """What the denoiser is told: a class (unet.num_classes) or a prompt (unet.context_dim), and CFG settings."""
+
+    drop_prob: float = 0.1  # training replaces the label by the null class / the caption by "" this often (CFG)
+    text_encoder: str = "minilm"  # "minilm" (packaged, frozen) or a model folder from `latentdiff train clip-*`
+    context_length: int = 32  # tokens of context the minilm encoder gives (a CLIP encoder has its own)
+    guidance: float = 4.0  # classifier-free guidance scale for preview grids and the default at sampling
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.drop_prob < 1:
+            raise UserError(f"cond.drop_prob must be in [0, 1), got {self.drop_prob}")
+        if not self.guidance >= 0:
+            raise UserError(f"cond.guidance must be >= 0, got {self.guidance}")
+        _positive("cond.context_length", self.context_length)
 
 
 @dataclass
@@ -106,7 +124,7 @@ class RunConfig:
     """Everything a training run needs; saved as config.yaml in the run folder.
 
     ``model`` says what is trained: a diffusion model (sections unet, diffusion, latent) or an
-    autoencoder (sections autoencoder, ae_loss); data and train apply to both.
+    autoencoder (sections autoencoder, ae_loss) or a CLIP model (section clip); data and train apply to all.
     """
 
     model: str = "diffusion"
@@ -114,8 +132,10 @@ class RunConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    cond: CondConfig = field(default_factory=CondConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     ae_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    clip: CLIPTrainConfig = field(default_factory=CLIPTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:

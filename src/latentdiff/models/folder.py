@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,15 +27,19 @@ def save_component(folder: Path, name: str, config: dict[str, Any], state: dict[
 
 
 def save_model_folder(folder: Path | str, components: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]],
-                      manifest: dict[str, Any]) -> None:
+                      manifest: dict[str, Any], savers: dict[str, Callable[[Path], None]] | None = None) -> None:
     """Export a trained pipeline: ``components`` maps a name to (config, state_dict).
 
-    The manifest is written last, so a folder that has one is complete.
+    ``savers`` maps further component names to functions that write their own folder (a text encoder
+    with its tokenizer). The manifest is written last, so a folder that has one is complete.
     """
     folder = Path(folder)
     for name, (config, state) in components.items():
         save_component(folder, name, config, state)
-    save_json({"format": "latentdiff", "version": FORMAT_VERSION, "components": sorted(components), **manifest},
+    for name, save in (savers or {}).items():
+        save(folder / name)
+    names = sorted([*components, *(savers or {})])
+    save_json({"format": "latentdiff", "version": FORMAT_VERSION, "components": names, **manifest},
               folder / MANIFEST)
 
 

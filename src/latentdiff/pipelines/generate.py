@@ -15,13 +15,24 @@ import torch
 from latentdiff.config import DiffusionConfig, build_dataclass
 from latentdiff.data.images import make_grid, save_png, to_pil, upscale_nearest
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
-from latentdiff.diffusion import as_eps_fn, sample
+from latentdiff.diffusion import Schedule, as_eps_fn, classifier_free_guidance, sample
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, IdentityAutoencoder
+from latentdiff.models.conditioning import Conditioner
 from latentdiff.models.folder import load_autoencoder, load_unet, read_manifest
+from latentdiff.models.text_encoder import load_text_encoder
 from latentdiff.models.unet import UNet
 
 MAX_SEED = 2**63 - 1
+
+
+def _per_sample(prompts: str | list[str], n: int, name: str) -> list[str]:
+    """One prompt for all samples, or a list with one per sample."""
+    if isinstance(prompts, str):
+        return [prompts] * n
+    if len(prompts) not in (1, n):
+        raise UserError(f"give one {name} or one per sample (n_samples={n}), got {len(prompts)}")
+    return list(prompts) * (n // len(prompts))
 
 
 class PerSampleNoise:
@@ -45,6 +56,7 @@ class Pipeline:
     manifest: dict[str, Any]
     path: Path
     device: torch.device
+    cond: Conditioner
 
     @classmethod
     def load(cls, path: Path | str, device: str | torch.device = "cpu") -> "Pipeline":
@@ -60,7 +72,11 @@ class Pipeline:
         else:
             autoencoder = IdentityAutoencoder(manifest["channels"])
         diffusion = build_dataclass(DiffusionConfig, manifest["diffusion"], f"{path}/model_index.json:diffusion")
-        return cls(unet, autoencoder, diffusion, manifest, path, torch.device(device))
+        text_encoder = None
+        if "text_encoder" in manifest["components"]:
+            text_encoder = load_text_encoder(path / "text_encoder", device)
+        cond = Conditioner(unet.config, text_encoder, device)
+        return cls(unet, autoencoder, diffusion, manifest, path, torch.device(device), cond)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -74,14 +90,18 @@ class Pipeline:
         return list(self.manifest.get("class_names") or []) if self.unet.config.num_classes else []
 
     def generate(self, n_samples: int = 16, batch_size: int = 16, steps: int = 50, sampler: str = "ddim",
-                 seed: int = 0, class_label: Optional[int] = None, eta: Optional[float] = None,
+                 seed: int = 0, class_label: Optional[int] = None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, guidance: Optional[float] = None,
+                 eta: Optional[float] = None,
                  callback: Optional[Callable[[int, int], None]] = None, spacing: str = "trailing",
                  return_nfe: bool = False, images: Optional[torch.Tensor] = None, strength: float = 1.0,
                  mask: Optional[torch.Tensor] = None, resample: int = 1,
                  **sampler_options: float) -> torch.Tensor | tuple[torch.Tensor, float]:
         """Draw ``n_samples`` images as a uint8 (N, C, H, W) tensor, ``batch_size`` at a time.
 
-        ``callback(done_steps, total_steps)`` is called after every sampler step (the adaptive sampler's
+        Conditional models take ``class_label`` or ``prompt`` (one, or one per sample), with classifier-free
+        ``guidance`` (default: the scale the model was trained to preview with; 1 = no guidance) away
+        from ``negative_prompt`` (default: the empty prompt). ``callback(done_steps, total_steps)`` is called after every sampler step (the adaptive sampler's
         count is capped at the total). ``eta`` and ``sampler_options`` go to the sampler, which refuses
         options it does not take. With ``return_nfe`` also the network evaluations per sample (the mean
         over chunks: only the adaptive sampler's count varies). With ``images`` (uint8, one or
@@ -93,7 +113,7 @@ class Pipeline:
                 raise UserError(f"{name} must be a positive integer, got {v!r}")
         if not 0 <= seed <= MAX_SEED - n_samples:
             raise UserError(f"seed must be in [0, {MAX_SEED - n_samples}], got {seed}")
-        labels = self._labels(class_label)
+        cond_all, uncond_all, guidance = self.conditions(n_samples, class_label, prompt, negative_prompt, guidance)
         schedule = self.diffusion.build_schedule()
         pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
         options = dict(sampler_options) | ({"eta": eta} if eta is not None else {})
@@ -103,8 +123,9 @@ class Pipeline:
             n = min(batch_size, n_samples - start)
             noise_src = PerSampleNoise(list(range(seed + start, seed + start + n)))
             x_T = noise_src.randn((n, *self.latent_shape)).to(self.device)
-            y = None if labels is None else labels.expand(n).to(self.device)
-            eps_fn = as_eps_fn(lambda x, t: self.unet(x, t, class_labels=y), schedule, self.diffusion.prediction)
+            part = slice(start, start + n)
+            eps_fn = self.eps_fn({k: v[part] for k, v in cond_all.items()},
+                                 {k: v[part] for k, v in uncond_all.items()}, guidance, schedule)
             done = (start // batch_size) * steps
             step_cb = (lambda i, t, x, x0: callback(min(done + i + 1, total), total)) if callback else None
             init = None if init_all is None else init_all[start:start + n]
@@ -153,17 +174,36 @@ class Pipeline:
         # a latent cell is kept only if every pixel it covers is kept (min-pool), so the seam is redrawn
         keep = -torch.nn.functional.max_pool2d(-mask.float()[None, None], f) if f > 1 else mask.float()[None, None]
         return z, keep.to(self.device)
-    def _labels(self, class_label: Optional[int]) -> Optional[torch.Tensor]:
-        classes = self.unet.config.num_classes
-        if classes is None:
-            if class_label is not None:
-                raise UserError(f"{self.path} is not class-conditional; drop --class-label")
-            return None
-        if class_label is None:
-            return torch.tensor([classes])  # the null class: unconditional samples
-        if not 0 <= class_label < classes:
-            raise UserError(f"class label {class_label} out of range 0..{classes - 1} ({', '.join(self.class_names)})")
-        return torch.tensor([class_label])
+    def eps_fn(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], guidance: float,
+               schedule: Schedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The UNet as the ε-predictor the samplers take, with classifier-free guidance."""
+        model_fn = classifier_free_guidance(self.unet, cond, uncond, guidance)
+        return as_eps_fn(model_fn, schedule, self.diffusion.prediction)
+
+    @torch.no_grad()
+    def conditions(self, n: int, class_label: Optional[int], prompt: str | list[str] | None,
+                    negative_prompt: str | list[str] | None,
+                    guidance: Optional[float]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+        """The UNet's conditional and unconditional inputs for all n samples, and the guidance scale."""
+        kind = self.cond.kind
+        if class_label is not None and kind != "class":
+            raise UserError(f"{self.path} is not class-conditional; drop --class-label")
+        if (prompt is not None or negative_prompt is not None) and kind != "text":
+            raise UserError(f"{self.path} was not trained on captions: it takes no prompt")
+        if guidance is not None and not guidance >= 0:
+            raise UserError(f"guidance must be >= 0, got {guidance}")
+        if kind == "none" or (kind == "class" and class_label is None):
+            return self.cond.null(n), self.cond.null(n), 1.0  # no condition: plain (unconditional) samples
+        if guidance is None:
+            guidance = float(self.manifest.get("conditioning", {}).get("guidance", 1.0))
+        if kind == "class":
+            classes = self.unet.config.num_classes
+            if not 0 <= class_label < classes:
+                raise UserError(f"class label {class_label} out of range 0..{classes - 1} "
+                                f"({', '.join(self.class_names)})")
+            return self.cond.labels(torch.full((n,), class_label)), self.cond.null(n), guidance
+        return (self.cond.prompts(_per_sample(prompt or "", n, "prompt")),
+                self.cond.prompts(_per_sample(negative_prompt or "", n, "negative_prompt")), guidance)
 
     def save(self, images: torch.Tensor, out_dir: Path | str, settings: dict[str, Any]) -> tuple[list[Path], Path]:
         """Write one PNG per image (settings and its own seed in the metadata) and a grid.png."""

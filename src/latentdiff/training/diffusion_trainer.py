@@ -12,10 +12,12 @@ from torch import nn
 
 from latentdiff.data.images import make_grid, save_png, upscale_nearest
 from latentdiff.data.transforms import to_uint8_image
-from latentdiff.diffusion import as_eps_fn, diffusion_loss, sample
+from latentdiff.diffusion import as_eps_fn, classifier_free_guidance, diffusion_loss, sample
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import IdentityAutoencoder
+from latentdiff.models.conditioning import Conditioner, conditioning_kind
 from latentdiff.models.folder import load_autoencoder, save_model_folder
+from latentdiff.models.text_encoder import build_text_encoder
 from latentdiff.models.unet import UNet
 from latentdiff.training.ema import EMA
 from latentdiff.training.latents import LatentData, check_latent_shapes, file_fingerprint
@@ -41,7 +43,7 @@ class DiffusionTrainer(TrainingRun):
         else:
             self.autoencoder = IdentityAutoencoder(d.channels)
             check_latent_shapes(d.image_size, None, self.cfg.unet.in_channels, self.cfg.unet.out_channels, d.channels)
-        self._check_classes()
+        self._check_conditioning()
         self.schedule = self.cfg.diffusion.build_schedule()
         self.model = UNet(self.cfg.unet).to(self.device)
         self.ema = EMA(self.model, tc.ema_decay)
@@ -74,24 +76,43 @@ class DiffusionTrainer(TrainingRun):
         self.images_seen += len(idx)
         return z.to(self.device), idx
 
-    def _check_classes(self) -> None:
+    def _check_conditioning(self) -> None:
+        """Labels for a class-conditional UNet, captions and a text encoder for a text-conditional one."""
         u, d = self.cfg.unet, self.cfg.data
-        if u.num_classes is not None:
+        kind = conditioning_kind(u)
+        text_encoder = None
+        if kind == "class":
             if self.data.labels is None:
                 raise UserError(f"unet.num_classes={u.num_classes} but the data set {d.source!r} has no class labels")
             if int(self.data.labels.max()) >= u.num_classes:
                 raise UserError(f"unet.num_classes={u.num_classes} but the data has "
                                 f"{int(self.data.labels.max()) + 1} classes")
+        if kind == "text":
+            if not self.data.captions:
+                raise UserError(f"unet.context_dim is set but the data set {d.source!r} has no captions "
+                                "(use a captioned source: shapes, emoji, or a folder with metadata.jsonl / .txt files)")
+            c = self.cfg.cond
+            text_encoder = build_text_encoder(c.text_encoder, c.context_length, self.device)
+        self.cond = Conditioner(u, text_encoder, self.device, cache=True)
+
+    def condition(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's labels or captions, each replaced by the null condition with probability drop_prob."""
+        if self.cond.kind == "none":
+            return {}
+        drop = torch.rand(len(idx), generator=self.noise_gen) < self.cfg.cond.drop_prob
+        labels = self.data.labels[idx] if self.cond.kind == "class" else None
+        captions = [self.data.captions[i] for i in idx.tolist()] if self.cond.kind == "text" else None
+        return self.cond.dropped(labels, captions, drop)
 
     def train_step(self) -> dict[str, float] | None:
         """One AdamW step on a batch; skipped (None) when the loss is not finite."""
         tc = self.cfg.train
         x0, idx = self.next_batch()
-        labels = self.data.labels[idx].to(self.device) if self.cfg.unet.num_classes is not None else None
+        cond = self.condition(idx)
 
         def model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.autocast(self.device.type, torch.bfloat16) if tc.bf16 else nullcontext():
-                return self.model(z_t, t, class_labels=labels)
+                return self.model(z_t, t, **cond)
 
         d = self.cfg.diffusion
         loss = diffusion_loss(model_fn, x0, self.schedule, d.prediction, d.weighting, d.min_snr_gamma, self.noise_gen)
@@ -107,6 +128,7 @@ class DiffusionTrainer(TrainingRun):
         return {"step": self.step, "diffusion": dataclasses.asdict(self.cfg.diffusion),
                 "image_size": d.image_size, "channels": d.channels, "latent_shape": list(self.latent_shape),
                 "class_names": self.data.class_names,
+                "conditioning": {"kind": self.cond.kind, "guidance": self.cfg.cond.guidance},
                 "data": {"source": d.source, "fingerprint": self.data.fingerprint, "images": len(self.data)}}
 
     def export(self) -> None:
@@ -114,7 +136,8 @@ class DiffusionTrainer(TrainingRun):
         components = {"unet": (self.cfg.unet.to_dict(), self.ema.model.state_dict())}
         if self.latents is not None:
             components["autoencoder"] = (self.autoencoder.config.to_dict(), self.autoencoder.state_dict())
-        save_model_folder(self.out, components, self.manifest())
+        savers = {"text_encoder": self.cond.text_encoder.save} if self.cond.kind == "text" else {}
+        save_model_folder(self.out, components, self.manifest(), savers)
 
     @torch.no_grad()
     def preview(self) -> Path:
@@ -123,16 +146,28 @@ class DiffusionTrainer(TrainingRun):
         n = tc.grid_samples
         g = torch.Generator().manual_seed(tc.seed)
         noise = torch.randn(n, *self.latent_shape, generator=g).to(self.device)
-        labels = None
-        if self.cfg.unet.num_classes is not None:
-            labels = (torch.arange(n) % self.cfg.unet.num_classes).to(self.device)
-        eps_fn = as_eps_fn(lambda x, t: self.ema.model(x, t, class_labels=labels), self.schedule,
-                           self.cfg.diffusion.prediction)
+        settings: dict[str, Any] = {}
+        if self.cond.kind == "class":  # each row of the grid: one class
+            cond = self.cond.labels(torch.arange(n) % self.cfg.unet.num_classes)
+        elif self.cond.kind == "text":  # the first captions of the data, always the same ones
+            prompts = self.preview_prompts(n)
+            cond, settings = self.cond.prompts(prompts), {"prompts": prompts}
+        else:
+            cond = {}
+        if cond:
+            settings["guidance"] = self.cfg.cond.guidance
+        model_fn = classifier_free_guidance(self.ema.model, cond, self.cond.null(n), self.cfg.cond.guidance)
+        eps_fn = as_eps_fn(model_fn, self.schedule, self.cfg.diffusion.prediction)
         clip = 1.0 if self.latents is None else None  # pixels live in [-1, 1]; latents have no fixed range
         z = sample(eps_fn, noise, self.schedule, tc.grid_sampler, tc.grid_steps, generator=g, clip_x0=clip)
         x = self.autoencoder.decode_latents(z)
         images = to_uint8_image(x).cpu()
         path = self.out / "samples" / f"step_{self.step:08d}.png"
         save_png(make_grid(upscale_nearest(images)), path,
-                 {"step": self.step, "sampler": tc.grid_sampler, "steps": tc.grid_steps, "seed": tc.seed})
+                 {"step": self.step, "sampler": tc.grid_sampler, "steps": tc.grid_steps, "seed": tc.seed} | settings)
         return path
+
+    def preview_prompts(self, n: int) -> list[str]:
+        """n captions for the grid: distinct captions of the data in their order, repeated if too few."""
+        distinct = list(dict.fromkeys(self.data.captions))[:n]
+        return [distinct[i % len(distinct)] for i in range(n)]
