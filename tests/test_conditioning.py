@@ -1,0 +1,112 @@
+"""Class and text conditioning: guidance as a denoiser wrapper, condition dropout, prompts end to end."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.config import load_config
+from latentdiff.diffusion import classifier_free_guidance
+from latentdiff.errors import UserError
+from latentdiff.pipelines.generate import Pipeline
+from latentdiff.training.diffusion_trainer import DiffusionTrainer
+
+
+def test_guidance_formula_and_one_batched_call():
+    calls = []
+
+    def model(x, t, context):
+        calls.append(x.shape[0])
+        t = torch.as_tensor(t).float().expand(len(x))
+        return x * context.mean(dim=(1, 2))[:, None, None, None] + t[:, None, None, None]
+
+    x, t = torch.randn(3, 2, 4, 4), torch.tensor(7)
+    cond, uncond = {"context": torch.full((3, 5, 8), 2.0)}, {"context": torch.full((3, 5, 8), -1.0)}
+    e_c, e_u = model(x, t.expand(3), **cond), model(x, t.expand(3), **uncond)
+    calls.clear()
+    for w in (0.0, 1.0, 2.5, 8.0):
+        out = classifier_free_guidance(model, cond, uncond, w)(x, t)
+        torch.testing.assert_close(out, e_u + w * (e_c - e_u))
+    assert calls == [3, 3, 6, 6]  # w = 0 and 1 need one pass; otherwise cond and uncond share one batch
+    with pytest.raises(UserError, match="guidance"):
+        classifier_free_guidance(model, cond, uncond, -1.0)
+
+
+def test_class_labels_are_dropped_at_drop_prob(tiny_cfg, tmp_path):
+    cfg = load_config("digits-tiny", ["unet.num_classes=10", "cond.drop_prob=0.3", "data.limit=64"])
+    trainer = DiffusionTrainer(cfg, tmp_path, progress=False)
+    idx = torch.arange(64).repeat(40)
+    labels = trainer.condition(idx)["class_labels"].cpu()
+    dropped = labels == 10
+    assert abs(float(dropped.float().mean()) - 0.3) < 0.03
+    assert torch.equal(labels[~dropped], trainer.data.labels[idx][~dropped])
+
+
+@pytest.fixture(scope="module")
+def captioned_run(tmp_path_factory):
+    """Eight 16 px images with captions (metadata.jsonl); a text-conditional UNet trained a few steps."""
+    root = tmp_path_factory.mktemp("captioned")
+    rows = []
+    for i in range(8):
+        arr = np.zeros((16, 16, 3), np.uint8)
+        arr[..., i % 3] = 200
+        Image.fromarray(arr).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": ["red", "green", "blue"][i % 3] + " square"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config("digits-tiny", [f"data.source={root}", "data.channels=3", "data.image_size=16",
+                                      "unet.in_channels=3", "unet.out_channels=3", "unet.context_dim=384",
+                                      "cond.context_length=8", "train.steps=3", "train.grid_samples=2",
+                                      "train.grid_steps=2", "train.batch_size=4", "train.warmup_steps=1"])
+    out = tmp_path_factory.mktemp("run")
+    DiffusionTrainer(cfg, out, progress=False).run()
+    return out, cfg
+
+
+def test_text_conditional_model_samples_from_prompts(captioned_run):
+    out, _ = captioned_run
+    manifest = json.loads((out / "model_index.json").read_text())
+    assert "text_encoder" in manifest["components"] and manifest["conditioning"]["kind"] == "text"
+    pipe = Pipeline.load(out)
+    a = pipe.generate(n_samples=2, batch_size=2, steps=3, seed=3, prompt="red square", guidance=3.0)
+    b = pipe.generate(n_samples=2, batch_size=1, steps=3, seed=3, prompt=["red square"], guidance=3.0)
+    assert a.shape == (2, 3, 16, 16) and (a.int() - b.int()).abs().max() <= 1
+    # with the negative prompt equal to the prompt, guidance has nothing to amplify: any scale gives w = 1
+    same1 = pipe.generate(n_samples=1, steps=3, seed=4, prompt="blue square", negative_prompt="blue square",
+                          guidance=1.0)
+    same7 = pipe.generate(n_samples=1, steps=3, seed=4, prompt="blue square", negative_prompt="blue square",
+                          guidance=7.0)
+    assert (same1.int() - same7.int()).abs().max() <= 1
+    other = pipe.generate(n_samples=1, steps=3, seed=4, prompt="blue square", guidance=7.0)
+    assert not torch.equal(same7, other)
+
+
+def test_text_bad_input(captioned_run, tmp_path):
+    out, cfg = captioned_run
+    pipe = Pipeline.load(out)
+    with pytest.raises(UserError, match="class"):
+        pipe.generate(n_samples=1, steps=2, class_label=1)
+    with pytest.raises(UserError, match="guidance must be >= 0"):
+        pipe.generate(n_samples=1, steps=2, prompt="red square", guidance=-1)
+    with pytest.raises(UserError, match="one prompt or one per sample"):
+        pipe.generate(n_samples=3, steps=2, prompt=["a", "b"])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pipe.generate(n_samples=1, steps=2, prompt="red " * 40)
+    assert any("truncated to the context length 8" in str(x.message) for x in w)
+    pipe.generate(n_samples=1, steps=2, prompt="")  # empty prompt: the unconditional context, no error
+    bad = load_config("digits-tiny", [f"data.source={cfg.data.source}", "data.channels=3", "data.image_size=16",
+                                      "unet.in_channels=3", "unet.out_channels=3", "unet.context_dim=64"])
+    with pytest.raises(UserError, match="width 384 does not match unet.context_dim 64"):
+        DiffusionTrainer(bad, tmp_path / "bad", progress=False)
+    digits = load_config("digits-tiny", ["unet.context_dim=384"])
+    with pytest.raises(UserError, match="has no captions"):
+        DiffusionTrainer(digits, tmp_path / "nocap", progress=False)
+
+
+def test_unconditional_model_refuses_prompts(tiny_cfg, tmp_path):
+    DiffusionTrainer(tiny_cfg, tmp_path, progress=False).run()
+    with pytest.raises(UserError, match="takes no prompt"):
+        Pipeline.load(tmp_path).generate(n_samples=1, steps=2, prompt="a digit")
