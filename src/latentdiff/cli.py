@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -63,6 +64,19 @@ def _resumed_config(out: Path, preset: str, overrides: list[str]):
     return load_config(str(out / "config.yaml"), overrides)
 
 
+def _condition_options(f):
+    """What a conditional model is told: a class or a prompt, and the guidance scale."""
+    for opt in reversed([
+        click.option("--class-label", type=int, default=None, help="Class index for class-conditional models."),
+        click.option("--prompt", default=None, help="Text for text-conditional models (cut to the encoder's context)."),
+        click.option("--negative-prompt", default=None,
+                     help="Text to steer away from (replaces the empty prompt in classifier-free guidance)."),
+        click.option("--guidance", type=float, default=None,
+                     help="Classifier-free guidance scale (1: none; default: the model's own, from training).")]):
+        f = opt(f)
+    return f
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--n-samples", default=16, show_default=True, type=click.IntRange(min=1), help="Images to draw.")
@@ -79,11 +93,7 @@ def _resumed_config(out: Path, preset: str, overrides: list[str]):
               help="Noise of ddim / euler_ancestral / dpmpp_*_sde: 0 deterministic, 1 ancestral.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
               help="Image i uses seed+i, whatever the batch size.")
-@click.option("--class-label", type=int, default=None, help="Class index for class-conditional models.")
-@click.option("--prompt", default=None, help="Text for text-conditional models (cut to the encoder's context).")
-@click.option("--negative-prompt", default=None, help="Text to steer away from (replaces the empty prompt in CFG).")
-@click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance scale (1: none; default: the model's own, from training).")
+@_condition_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
               show_default=True, help="Folder for the PNGs and grid.png.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
@@ -169,16 +179,18 @@ def _run_task(pipe, images, settings: dict, out: Path, **kwargs) -> None:
 @click.option("--strength", default=0.6, show_default=True, type=click.FloatRange(0, 1),
               help="How far to noise the input: 0 returns it, 1 ignores it (SDEdit).")
 @_sampling_options
+@_condition_options
 def img2img(model_dir: Path, image: Path, strength: float, steps: int, sampler: str, spacing: str,
-            eta: float | None, seed: int, n_samples: int, batch_size: int, out: Path, device: str) -> None:
+            eta: float | None, seed: int, n_samples: int, batch_size: int, out: Path, device: str,
+            **conditions: Any) -> None:
     """Redraw IMAGE: noise it to --strength and denoise with the model (SDEdit)."""
     from latentdiff.pipelines.generate import Pipeline
 
     pipe = Pipeline.load(model_dir, device)
     settings = {"task": "img2img", "input": str(image), "strength": strength, "sampler": sampler,
-                "spacing": spacing, "steps": steps, "eta": eta, "seed": seed}
+                "spacing": spacing, "steps": steps, "eta": eta, "seed": seed} | conditions
     _run_task(pipe, _read_input(image, pipe), settings, out, n_samples=n_samples, batch_size=batch_size,
-              steps=steps, sampler=sampler, seed=seed, eta=eta, spacing=spacing, strength=strength)
+              steps=steps, sampler=sampler, seed=seed, eta=eta, spacing=spacing, strength=strength, **conditions)
 
 
 @cli.command()
@@ -188,17 +200,20 @@ def img2img(model_dir: Path, image: Path, strength: float, steps: int, sampler: 
 @click.option("--resample", default=1, show_default=True, type=click.IntRange(min=1),
               help="RePaint: repeat each step this often, re-noising in between (better seams, more NFE).")
 @_sampling_options
+@_condition_options
 def inpaint(model_dir: Path, image: Path, mask: Path, resample: int, steps: int, sampler: str, spacing: str,
-            eta: float | None, seed: int, n_samples: int, batch_size: int, out: Path, device: str) -> None:
+            eta: float | None, seed: int, n_samples: int, batch_size: int, out: Path, device: str,
+            **conditions: Any) -> None:
     """Redraw the white part of MASK (a PNG) in IMAGE; the rest is kept exactly."""
     from latentdiff.pipelines.generate import Pipeline
 
     pipe = Pipeline.load(model_dir, device)
     m = _read_mask(mask, pipe.manifest["image_size"])
     settings = {"task": "inpaint", "input": str(image), "mask": str(mask), "resample": resample,
-                "sampler": sampler, "spacing": spacing, "steps": steps, "eta": eta, "seed": seed}
+                "sampler": sampler, "spacing": spacing, "steps": steps, "eta": eta, "seed": seed} | conditions
     _run_task(pipe, _read_input(image, pipe), settings, out, n_samples=n_samples, batch_size=batch_size,
-              steps=steps, sampler=sampler, seed=seed, eta=eta, spacing=spacing, mask=m, resample=resample)
+              steps=steps, sampler=sampler, seed=seed, eta=eta, spacing=spacing, mask=m, resample=resample,
+              **conditions)
 
 
 def _read_mask(path: Path, size: int):
