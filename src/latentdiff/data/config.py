@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from latentdiff.errors import UserError
 from latentdiff.formats.dataclass_io import ConfigMixin
 
-EMBEDDED = ("mnist5k", "digits", "fashion-mnist", "emoji")
+EMBEDDED = ("mnist5k", "digits", "fashion-mnist", "emoji", "shapes")
 
 
 @dataclass
@@ -29,6 +29,8 @@ class DataConfig(ConfigMixin):
     captions: str = "auto"  # "auto" (use them if any image has one), "require" (all must) or "ignore"
     caption_column: str = "text"  # the caption key of metadata.jsonl lines (beside "file_name")
     emoji_font: str | None = None  # "emoji" source: a CBDT colour emoji font; default: Noto's path
+    shapes_count: int = 20000  # "shapes" source: how many captioned images to draw (before limit)
+    two_object_fraction: float = 0.3  # "shapes" source: share of images with two objects and a relation
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> UserError:
@@ -60,6 +62,11 @@ class DataConfig(ConfigMixin):
             raise bad("caption_column", "a metadata.jsonl key other than 'file_name'")
         if self.emoji_font is not None and (not isinstance(self.emoji_font, str) or not self.emoji_font):
             raise bad("emoji_font", "a font file path or null")
+        if not is_int(self.shapes_count) or self.shapes_count <= 0:
+            raise bad("shapes_count", "a positive integer")
+        frac = self.two_object_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+            raise bad("two_object_fraction", "a number from 0 to 1")
 
     @property
     def is_embedded(self) -> bool:

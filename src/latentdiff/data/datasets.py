@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from latentdiff.data import emoji
+from latentdiff.data import emoji, shapes
 from latentdiff.data.config import EMBEDDED, DataConfig
 from latentdiff.data.transforms import from_uint8_image, resize_and_crop
 from latentdiff.errors import UserError
@@ -63,6 +63,9 @@ def load_dataset(cfg: DataConfig) -> ImageData:
     captions: list[str] | None = None
     if cfg.source == "emoji":
         images, captions = _load_emoji(cfg)
+        label_t, names, files = None, [], []
+    elif cfg.source == "shapes":
+        images, captions = _load_shapes(cfg)
         label_t, names, files = None, [], []
     elif cfg.is_embedded:
         grey, labels, names, own_split = _EMBEDDED_LOADERS[cfg.source](cfg)
@@ -109,6 +112,9 @@ def _fingerprint(cfg: DataConfig, images: torch.Tensor, labels: torch.Tensor | N
     settings = cfg.to_dict()
     for key in ("fashion_mnist_dir", "hflip", "on_bad_file", "captions", "caption_column", "emoji_font"):
         settings.pop(key)
+    if cfg.source != "shapes":  # shapes-only settings: other sources' fingerprints stay as they were
+        for key in ("shapes_count", "two_object_fraction"):
+            settings.pop(key)
     if not cfg.is_embedded:
         settings["source"] = "folder"
     h = hashlib.sha256(json.dumps([settings, names, list(images.shape)], sort_keys=True).encode())
@@ -237,6 +243,17 @@ def _load_emoji(cfg: DataConfig) -> tuple[torch.Tensor, list[str]]:
     chosen = chosen[: cfg.limit]
     arr = emoji.render_emoji([e for e, _ in chosen], font, cfg.image_size)
     return torch.from_numpy(arr), [c for _, c in chosen]
+
+
+def _load_shapes(cfg: DataConfig) -> tuple[torch.Tensor, list[str]]:
+    """Procedural captioned shapes (latentdiff.data.shapes); "test" holds the unseen colour-shape pairs."""
+    if cfg.channels != 3:
+        raise UserError(f"data.source 'shapes': colour images need data.channels=3, got {cfg.channels}")
+    if cfg.image_size < 8:
+        raise UserError(f"data.source 'shapes': data.image_size must be at least 8, got {cfg.image_size}")
+    n = min(cfg.shapes_count, cfg.limit or cfg.shapes_count)  # the first n equal those of a longer run
+    seed = 0 if cfg.split == "train" else 1
+    return shapes.make_shapes(n, cfg.split, seed, cfg.image_size, cfg.two_object_fraction)
 
 
 # ---------------------------------------------------------------------------------- image folders
