@@ -1,4 +1,4 @@
-"""Training loops: the shared run loop, the diffusion trainer and the autoencoder trainer."""
+"""Training loops: the shared run loop, the diffusion, autoencoder and CLIP trainers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ if TYPE_CHECKING:  # config.py imports training.ae_loss: import lazily to keep t
 
 def make_trainer(cfg: "RunConfig", out_dir: Path | str, resume: bool = False, device: str = "auto",
                  progress: bool | None = None) -> "TrainingRun":
-    """The trainer for ``cfg.model`` ('diffusion' or 'autoencoder')."""
+    """The trainer for ``cfg.model`` ('diffusion', 'autoencoder' or 'clip')."""
     if cfg.model == "autoencoder":
         from latentdiff.training.autoencoder_trainer import AutoencoderTrainer as cls
+    elif cfg.model == "clip":
+        from latentdiff.training.clip_trainer import CLIPTrainer as cls
     else:
         from latentdiff.training.diffusion_trainer import DiffusionTrainer as cls
     return cls(cfg, out_dir, resume=resume, device=device, progress=progress)

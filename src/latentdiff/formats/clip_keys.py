@@ -1,0 +1,81 @@
+"""transformers ``CLIPTextModel`` keys -> ``models.clip.CLIPTextTransformer`` keys.
+
+Accepts the bare keys of transformers 5 (``embeddings.token_embedding.weight``), the prefixed keys of
+older files (``text_model.embeddings...``) and SD v1 single-file checkpoints
+(``cond_stage_model.transformer.text_model...``). Anything not recognised, or a layer with a missing
+tensor, is a UserError that names the keys.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from latentdiff.errors import UserError
+
+_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "position_embedding.weight",
+    "final_layer_norm.weight": "final_norm.weight",
+    "final_layer_norm.bias": "final_norm.bias",
+}
+_LAYER = {  # inside encoder.layers.N.
+    "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+    "self_attn.out_proj": "attn.out", "layer_norm1": "norm1", "layer_norm2": "norm2",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+_LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_IGNORED = ("embeddings.position_ids",)  # a non-persistent buffer that older files still carry
+
+
+def _strip_prefix(key: str) -> str:
+    i = key.find("text_model.")
+    return key[i + len("text_model."):] if i >= 0 else key
+
+
+def clip_text_from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers CLIPTextModel state dict to CLIPTextTransformer's keys (tensors unchanged)."""
+    out: dict[str, torch.Tensor] = {}
+    unexpected, layers = [], set()
+    for key, value in state_dict.items():
+        k = _strip_prefix(key)
+        if k in _IGNORED:
+            continue
+        if k in _FIXED:
+            out[_FIXED[k]] = value
+            continue
+        m = _LAYER_RE.fullmatch(k)
+        if m and m.group(2) in _LAYER:
+            layers.add(int(m.group(1)))
+            out[f"blocks.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        hint = " (a projection belongs to CLIPModel, not the text encoder)" if any(
+            "projection" in k for k in unexpected) else ""
+        raise UserError(f"CLIP text state dict: {len(unexpected)} unexpected key(s), e.g. "
+                        f"{', '.join(sorted(unexpected)[:3])}{hint}")
+    expected = set(_FIXED.values()) | {f"blocks.{n}.{name}.{p}" for n in range(len(layers))
+                                        for name in _LAYER.values() for p in ("weight", "bias")}
+    missing = sorted(expected - set(out))
+    if missing or layers != set(range(len(layers))):
+        raise UserError(f"CLIP text state dict: {len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}"
+                        f" (layers found: {sorted(layers)})")
+    return out
+
+
+def clip_text_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
+    """A transformers CLIPTextConfig dict (config.json) as keyword arguments of our CLIPTextConfig."""
+    try:
+        eos = config.get("eos_token_id", 2)
+        return {"vocab_size": config["vocab_size"], "context_length": config["max_position_embeddings"],
+                "width": config["hidden_size"], "layers": config["num_hidden_layers"],
+                "heads": config["num_attention_heads"], "intermediate_size": config["intermediate_size"],
+                "act": config.get("hidden_act", "quick_gelu"), "layer_norm_eps": config.get("layer_norm_eps", 1e-5),
+                "projection_dim": config.get("projection_dim", config["hidden_size"]),
+                # transformers pools at argmax(ids) when eos_token_id == 2 (the files written before its fix)
+                "eos_id": None if eos == 2 else eos}
+    except KeyError as e:
+        raise UserError(f"CLIP text config: missing key {e.args[0]!r}") from None
