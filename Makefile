@@ -8,6 +8,10 @@ PIP = $(PYTHON) -m pip
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q -e ".[data]"
+	@# CLIP's BPE vocabulary file ships in open-clip-torch; --no-deps because its dependencies pull torchvision
+	@# and a CUDA torch build, and we only read the vocabulary file (the package is never imported)
+	$(PYTHON) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('open_clip') is None)" || \
+	  $(PIP) install -q --no-deps open-clip-torch
 	@# Fashion-MNIST ships as a Debian package (idx files); optional, installed where we may
 	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
