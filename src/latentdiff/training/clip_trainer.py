@@ -60,7 +60,7 @@ class CLIPTrainer(TrainingRun):
         captions = captions_for(self.data, c.caption_template)
         if latest_checkpoint(self.out / "checkpoints") is not None:  # resuming: the weights belong to this tokenizer
             self.tokenizer = load_tokenizer(self.out / "tokenizer")
-        else:  # BPE training breaks ties between equal pair counts differently from run to run: keep this one
+        else:  # saved now, so a resume reads these ids even if a newer tokenizers library would train others
             self.tokenizer = TrainedTokenizer.train(captions, vocab_size=c.vocab_size, context_length=c.context_length)
             self.tokenizer.save(self.out / "tokenizer")
         unique = {t: i for i, t in enumerate(dict.fromkeys(captions))}  # class-name captions repeat a lot
