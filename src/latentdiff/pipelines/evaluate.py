@@ -81,3 +81,32 @@ def evaluate_reconstruction(model_dir: Path | str, n: int = 1000, features: Opti
         features or manifest["data"]["source"] in SHIPPED) else None
     return reconstruction_report(originals, torch.cat(recon), extractor) | {"model": str(model_dir)}
 
+
+
+def adherence_prompt_sets(n: int, seed: int = 0) -> dict[str, list[str]]:
+    """The shapes prompts a text model is measured on: one object with seen or unseen colour–shape
+    pairs, and two objects (seen pairs), n each; fixed by the seed."""
+    from latentdiff.data.shapes import eval_prompts
+
+    return {"1 object, seen": eval_prompts(n, 1, True, seed), "1 object, unseen": eval_prompts(n, 1, False, seed + 1),
+            "2 objects, seen": eval_prompts(n, 2, True, seed + 2)}
+
+
+def evaluate_adherence(pipe: Pipeline, prompt_sets: dict[str, list[str]], steps: int = 25, sampler: str = "ddim",
+                       guidance: Optional[float] = None, seed: int = 0, batch_size: int = 100) -> dict[str, Any]:
+    """Generate one image per prompt (same seeds for every set) and score it with the model-free scorer."""
+    from latentdiff.eval.adherence import adherence_report
+
+    prompts, groups, images = [], [], []
+    t0 = time.perf_counter()
+    for name, group in prompt_sets.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            images.append(pipe.generate(len(chunk), batch_size, steps, sampler, seed + i, prompt=chunk,
+                                        guidance=guidance))
+        prompts += group
+        groups += [name] * len(group)
+    images = torch.cat(images)
+    report = adherence_report(images, prompts, groups)
+    return report | {"images": images, "prompts": prompts, "sampler": sampler, "steps": steps,
+                     "guidance": guidance, "seconds_per_image": (time.perf_counter() - t0) / len(prompts)}
