@@ -110,3 +110,31 @@ def test_unconditional_model_refuses_prompts(tiny_cfg, tmp_path):
     DiffusionTrainer(tiny_cfg, tmp_path, progress=False).run()
     with pytest.raises(UserError, match="takes no prompt"):
         Pipeline.load(tmp_path).generate(n_samples=1, steps=2, prompt="a digit")
+
+
+def test_captioned_rows_layout():
+    from latentdiff.data.images import captioned_rows
+
+    images = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    grid = captioned_rows(images, ["a red circle", "a blue square"], 3)
+    assert grid.height == 2 * (8 + 2) + 2 and grid.width > 3 * (8 + 2)
+    with pytest.raises(ValueError):
+        captioned_rows(images, ["one caption"], 3)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_small_shapes_set(tmp_path):
+    """The main job's three stages, cut to seconds: files, report keys, and a resumed second call."""
+    from latentdiff.pipelines.demo import GRID_PROMPTS, run_demo
+
+    small = ["data.shapes_count=256", "train.batch_size=16", "train.steps=4", "train.warmup_steps=1",
+             "train.grid_samples=2", "train.grid_steps=2"]
+    summary = run_demo(tmp_path, 1.0, 1.0, n_eval=2, overrides=small, log=lambda m: None)
+    assert (tmp_path / "prompts.png").is_file() and (tmp_path / "adherence.md").is_file()
+    assert set(summary["groups"]) == {"1 object, seen", "1 object, unseen", "2 objects, seen"}
+    assert all(r["n"] == 2 for r in summary["groups"].values())
+    assert 0.0 <= summary["accuracy"]["whole"] <= 1.0
+    assert "| prompts | n |" in summary["table"]
+    from latentdiff.data.images import read_png_settings
+
+    assert read_png_settings(tmp_path / "prompts.png")["prompts"] == GRID_PROMPTS

@@ -55,3 +55,21 @@ def upscale_nearest(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:
     return images.repeat_interleave(factor, -1).repeat_interleave(factor, -2) if factor > 1 else images
 
 
+
+
+def captioned_rows(images: torch.Tensor, captions: list[str], ncols: int, pad: int = 2) -> Image.Image:
+    """A grid of ``len(captions)`` rows of ``ncols`` images each, every row's caption written on its left."""
+    from PIL import ImageDraw, ImageFont
+
+    if len(images) != len(captions) * ncols:
+        raise ValueError(f"{len(images)} images for {len(captions)} rows of {ncols}")
+    grid = make_grid(images, ncols, pad).convert("RGB")
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(measure.textbbox((0, 0), c, font=font)[2] for c in captions) + 2 * pad
+    canvas = Image.new("RGB", (text_w + grid.width, grid.height), (255, 255, 255))
+    canvas.paste(grid, (text_w, 0))
+    draw, row_h = ImageDraw.Draw(canvas), images.shape[-2] + pad
+    for r, c in enumerate(captions):
+        draw.text((pad, pad + r * row_h + row_h // 2 - 6), c, font=font, fill=(0, 0, 0))
+    return canvas

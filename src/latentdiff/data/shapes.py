@@ -26,14 +26,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (235, 235, 235),
 }
 SHAPES = ("circle", "square", "triangle", "cross")  # cross = plus sign; each fills an s×s box
-SIZES: dict[str, float] = {"small": 0.25, "large": 0.42}  # side of the object's box / image side
+SIZES: dict[str, float] = {"small": 0.3, "large": 0.45}  # side of the object's box / image side
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 # Never in the train split; every colour and every shape still appears in training with others.
 HELD_OUT = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "cross"), ("yellow", "square")})
 
 SIZE_JITTER = 0.05  # relative; small*1.05 stays far below large*0.95, so sizes never blur together
-CROSS_HALF_WIDTH = 0.18  # arm half-width of the plus sign, in units of the box side
+CROSS_HALF_WIDTH = 0.2  # arm half-width of the plus sign, in units of the box side
 _PREPOSITION = {"center": "in the", "left": "on the", "right": "on the"}  # else "at the"
 _SYNONYMS = {"centre": "center", "middle": "center", "an": "a"}
 _PAIRS = [(c, s) for c in COLOURS for s in SHAPES]

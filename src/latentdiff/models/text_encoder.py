@@ -53,6 +53,9 @@ class MiniLMTextEncoder(nn.Module):
     def __init__(self, context_length: int = 32, folder: str | Path | None = None) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer  # heavy import: only when text is used
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a frozen local folder: no "Loading weights" bar in training logs
 
         self.folder = Path(folder) if folder else minilm_folder()
         if not (self.folder / "config.json").is_file():

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from latentdiff.data.datasets import read_image
 from latentdiff.data.images import to_pil
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
-from latentdiff.diffusion import SCHEDULES, Schedule, as_eps_fn, sample, timesteps_for
+from latentdiff.diffusion import SCHEDULES, Schedule, sample, timesteps_for
 from latentdiff.diffusion.sigmas import SIGMA_SPACINGS, TIMESTEP_SPACINGS, sigmas_for
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import atomic_write
