@@ -138,3 +138,12 @@ def test_demo_end_to_end_on_a_small_shapes_set(tmp_path):
     from latentdiff.data.images import read_png_settings
 
     assert read_png_settings(tmp_path / "prompts.png")["prompts"] == GRID_PROMPTS
+
+
+def test_reverse_trajectory_follows_the_prompt(captioned_run):
+    from latentdiff.pipelines.viz import trajectory
+
+    pipe = Pipeline.load(captioned_run[0])
+    kw = {"prompt": "green square", "negative_prompt": "red square", "guidance": 4.0}
+    final = trajectory(pipe, "ddim", 3, seed=2, **kw)["x0"][-1]
+    assert (final.int() - pipe.generate(1, 1, 3, "ddim", seed=2, **kw)[0].int()).abs().max() <= 1

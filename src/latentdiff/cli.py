@@ -282,7 +282,7 @@ def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: 
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps.")
 @click.option("--spacing", default="trailing", show_default=True, help="As for `latentdiff sample`.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX), help="Seed of the sample.")
-@click.option("--class-label", type=int, default=None, help="Class index for class-conditional models.")
+@_condition_options
 @click.option("--eta", default=None, type=click.FloatRange(min=0), help="As for `latentdiff sample`.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("reverse.png"), show_default=True,
               help="PNG strip to write.")
@@ -290,6 +290,7 @@ def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: 
 @click.option("--every", default=1, show_default=True, type=click.IntRange(min=1), help="GIF: one frame every N steps.")
 @click.option("--duration-ms", default=80, show_default=True, type=click.IntRange(min=10), help="GIF frame time.")
 def viz_reverse(model_dir: Path, sampler: str, steps: int, spacing: str, seed: int, class_label: int | None,
+                prompt: str | None, negative_prompt: str | None, guidance: float | None,
                 eta: float | None, out: Path, gif: Path | None, every: int, duration_ms: int) -> None:
     """The reverse trajectory of one sample: x_t above, the predicted x̂0 below, step by step."""
     from latentdiff.data.images import save_png
@@ -299,7 +300,7 @@ def viz_reverse(model_dir: Path, sampler: str, steps: int, spacing: str, seed: i
     pipe = Pipeline.load(model_dir)
     options = {"eta": eta} if eta is not None else {}
     strip, frames = reverse_trajectory(pipe, sampler, steps, seed, spacing, every=every, class_label=class_label,
-                                       **options)
+                                       prompt=prompt, negative_prompt=negative_prompt, guidance=guidance, **options)
     save_png(strip, out, {"viz": "reverse", "sampler": sampler, "steps": steps, "seed": seed, "model": str(model_dir)})
     click.echo(f"reverse trajectory: {out}")
     if gif:

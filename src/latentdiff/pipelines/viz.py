@@ -148,14 +148,15 @@ def _frame(x_t: torch.Tensor, x0: torch.Tensor, caption: str, min_side: int) -> 
 
 
 def trajectory(pipe: Pipeline, sampler: str = "ddim", steps: int = 50, seed: int = 0, spacing: str = "trailing",
-               class_label: Optional[int] = None, prompt: Optional[str] = None, guidance: Optional[float] = None,
+               class_label: Optional[int] = None, prompt: Optional[str] = None,
+               negative_prompt: Optional[str] = None, guidance: Optional[float] = None,
                **sampler_options: float) -> dict[str, Any]:
     """Per-step uint8 images of one sample: {'t': [t_i], 'x_t': (N, C, H, W), 'x0': (N, C, H, W)}, decoded."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UserError(f"steps must be a positive integer, got {steps!r}")
     if not 0 <= seed <= MAX_SEED - 1:
         raise UserError(f"seed must be in [0, {MAX_SEED - 1}], got {seed}")
-    cond, uncond, guidance = pipe.conditions(1, class_label, prompt, None, guidance)
+    cond, uncond, guidance = pipe.conditions(1, class_label, prompt, negative_prompt, guidance)
     schedule = pipe.diffusion.build_schedule()
     pixel_space = isinstance(pipe.autoencoder, IdentityAutoencoder)
     # the noise path of Pipeline.generate for sample 0 of seed `seed`: same x_T, same sampler noise
@@ -180,7 +181,8 @@ def trajectory(pipe: Pipeline, sampler: str = "ddim", steps: int = 50, seed: int
 
 def reverse_trajectory(pipe: Pipeline, sampler: str = "ddim", steps: int = 50, seed: int = 0,
                        spacing: str = "trailing", every: Optional[int] = None, class_label: Optional[int] = None,
-                       prompt: Optional[str] = None, guidance: Optional[float] = None, frame_size: int = 84, columns: int = STRIP_COLUMNS, **sampler_options: float,
+                       prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
+                       guidance: Optional[float] = None, frame_size: int = 84, columns: int = STRIP_COLUMNS, **sampler_options: float,
                        ) -> tuple[Image.Image, list[Image.Image]]:
     """Sample one image (the same as ``pipe.generate(1, 1, steps, sampler, seed)``) and picture every step.
 
@@ -191,7 +193,8 @@ def reverse_trajectory(pipe: Pipeline, sampler: str = "ddim", steps: int = 50, s
     for name, v in (("every", 1 if every is None else every), ("columns", columns)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UserError(f"{name} must be a positive integer, got {v!r}")
-    traj = trajectory(pipe, sampler, steps, seed, spacing, class_label, prompt, guidance, **sampler_options)
+    traj = trajectory(pipe, sampler, steps, seed, spacing, class_label, prompt, negative_prompt, guidance,
+                      **sampler_options)
     xt_img, x0_img, ts = traj["x_t"], traj["x0"], traj["t"]
     n = len(ts)
     every = every or 1
