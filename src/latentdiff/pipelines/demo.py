@@ -50,7 +50,7 @@ def train_stage(preset: str, out: Path, overrides: list[str], log: Callable[[str
     return time.perf_counter() - t0
 
 
-def run_demo(out: Path, ae_minutes: float = 3.5, ldm_minutes: float = 5.2, n_eval: int = 100,
+def run_demo(out: Path, ae_minutes: float = 2.6, ldm_minutes: float = 6.0, n_eval: int = 100,
              guidance: float | None = None, log: Callable[[str], None] | None = None,
              overrides: list[str] = ()) -> dict[str, Any]:
     """Train both models within the time budgets, write the prompt grid and the adherence report.
