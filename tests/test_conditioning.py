@@ -147,3 +147,14 @@ def test_reverse_trajectory_follows_the_prompt(captioned_run):
     kw = {"prompt": "green square", "negative_prompt": "red square", "guidance": 4.0}
     final = trajectory(pipe, "ddim", 3, seed=2, **kw)["x0"][-1]
     assert (final.int() - pipe.generate(1, 1, 3, "ddim", seed=2, **kw)[0].int()).abs().max() <= 1
+
+
+def test_text_contexts_are_cached_only_within_the_memory_budget(captioned_run, tmp_path, monkeypatch):
+    import latentdiff.training.diffusion_trainer as dt
+
+    _, cfg = captioned_run
+    assert DiffusionTrainer(cfg, tmp_path / "a", progress=False).cond.cache is not None
+    monkeypatch.setattr(dt, "CACHE_BYTES", 1000)  # 3 captions x 8 tokens x 384 x 4 bytes do not fit
+    trainer = DiffusionTrainer(cfg, tmp_path / "b", progress=False)
+    assert trainer.cond.cache is None
+    assert trainer.condition(torch.arange(4))["context"].shape == (4, 8, 384)

@@ -24,6 +24,9 @@ from latentdiff.training.latents import LatentData, check_latent_shapes, file_fi
 from latentdiff.training.loop import TrainingRun
 
 
+CACHE_BYTES = 2 * 2**30  # memory the per-caption text contexts may take; more captions are encoded per batch
+
+
 class DiffusionTrainer(TrainingRun):
     """Trains a UNet to predict ε, x0 or v; samples and exports its EMA copy."""
 
@@ -93,7 +96,10 @@ class DiffusionTrainer(TrainingRun):
                                 "(use a captioned source: shapes, emoji, or a folder with metadata.jsonl / .txt files)")
             c = self.cfg.cond
             text_encoder = build_text_encoder(c.text_encoder, c.context_length, self.device)
-        self.cond = Conditioner(u, text_encoder, self.device, cache=True)
+        # a frozen encoder's contexts are cached per caption, unless that would not fit in CACHE_BYTES
+        cache = kind == "text" and (len(set(self.data.captions)) * text_encoder.context_length
+                                    * text_encoder.width * 4 <= CACHE_BYTES)
+        self.cond = Conditioner(u, text_encoder, self.device, cache=cache)
 
     def condition(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch's labels or captions, each replaced by the null condition with probability drop_prob."""
