@@ -158,3 +158,22 @@ def test_text_contexts_are_cached_only_within_the_memory_budget(captioned_run, t
     trainer = DiffusionTrainer(cfg, tmp_path / "b", progress=False)
     assert trainer.cond.cache is None
     assert trainer.condition(torch.arange(4))["context"].shape == (4, 8, 384)
+
+
+def test_each_distinct_prompt_is_encoded_once():
+    from latentdiff.models.conditioning import Conditioner
+    from latentdiff.models.unet import UNetConfig
+
+    seen = []
+
+    class Encoder(torch.nn.Module):
+        width, context_length = 4, 3
+
+        def forward(self, prompts):
+            seen.extend(prompts)
+            return torch.stack([torch.full((3, 4), float(len(p))) for p in prompts])
+
+    cond = Conditioner(UNetConfig(context_dim=4), Encoder())
+    ctx = cond.prompts(["a b", "a b", "", "a b"])["context"]
+    assert sorted(seen) == ["", "a b"]  # not four encoder rows
+    assert ctx.shape == (4, 3, 4) and ctx[:, 0, 0].tolist() == [3.0, 3.0, 0.0, 3.0]

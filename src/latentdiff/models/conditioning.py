@@ -53,13 +53,13 @@ class Conditioner:
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise UserError(f"prompts must be strings, got {type(bad[0]).__name__}")
-        if self.cache is None:
-            return {"context": self.text_encoder(list(prompts)).to(self.device)}
-        missing = sorted({p for p in prompts if p not in self.cache})
+        # each distinct prompt is encoded once (one prompt for n samples: one encoder row, not n)
+        store = self.cache if self.cache is not None else {}
+        missing = [p for p in dict.fromkeys(prompts) if p not in store]
         for i in range(0, len(missing), 256):
             chunk = missing[i:i + 256]
-            self.cache.update(zip(chunk, self.text_encoder(chunk).cpu()))
-        return {"context": torch.stack([self.cache[p] for p in prompts]).to(self.device)}
+            store.update(zip(chunk, self.text_encoder(chunk).cpu()))  # the persistent cache stays off the GPU
+        return {"context": torch.stack([store[p] for p in prompts]).to(self.device)}
 
     def null(self, n: int) -> dict[str, Tensor]:
         """The unconditional inputs for n samples (empty dict for an unconditional model)."""
