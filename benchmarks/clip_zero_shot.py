@@ -22,6 +22,7 @@ from latentdiff.data import DataConfig, load_dataset
 from latentdiff.eval.zero_shot import zero_shot_accuracy
 from latentdiff.models.clip import load_clip
 from latentdiff.training import make_trainer
+from latentdiff.training.clip_trainer import class_prompts
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     clip, tokenizer = load_clip(args.out)
     test = load_dataset(DataConfig(source="fashion-mnist", split="test", image_size=28))
-    prompts = [cfg.clip.caption_template.format(name) for name in test.class_names]  # as the training captions
+    prompts = class_prompts(test, cfg.clip.caption_template)  # the training captions' template, as the trainer
     acc = zero_shot_accuracy(clip, tokenizer, test.images, test.labels, prompts)
     row = {"machine": cpu_name(), "steps": args.steps, "batch_size": cfg.train.batch_size,
            "train_seconds": train_s, "test_images": len(test), "zero_shot_accuracy": acc,
