@@ -34,7 +34,7 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, out: Path | None,
           resume: bool, device: str) -> None:
-    """Train a diffusion model or an autoencoder from a preset (`latentdiff presets`) or a YAML file.
+    """Train a diffusion model, an autoencoder or a CLIP model from a preset (`latentdiff presets`) or a YAML file.
 
     Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`.
     """
