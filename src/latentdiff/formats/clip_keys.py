@@ -79,3 +79,30 @@ def clip_text_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
                 "eos_id": None if eos == 2 else eos}
     except KeyError as e:
         raise UserError(f"CLIP text config: missing key {e.args[0]!r}") from None
+
+
+def clip_text_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextTransformer keys -> transformers CLIPTextModel keys (``text_model.`` prefix), the inverse map."""
+    fixed = {v: k for k, v in _FIXED.items()}
+    layer = {v: k for k, v in _LAYER.items()}
+    out = {}
+    for key, value in state_dict.items():
+        if key in fixed:
+            out["text_model." + fixed[key]] = value
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if not m or m.group(2) not in layer:
+            raise UserError(f"CLIP text state dict: no transformers name for {key!r}")
+        out[f"text_model.encoder.layers.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"] = value
+    return out
+
+
+def clip_text_config_to_hf(cfg: Any, tokenizer: Any) -> dict[str, Any]:
+    """A transformers CLIPTextConfig dict (config.json) for our CLIPTextConfig and its tokenizer."""
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.context_length, "hidden_size": cfg.width,
+            "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+            "intermediate_size": cfg.mlp_width, "hidden_act": cfg.act, "layer_norm_eps": cfg.layer_norm_eps,
+            "projection_dim": cfg.projection_dim, "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
+            # eos_token_id 2 is transformers' signal for "pool at the largest id", our eos_id None
+            "eos_token_id": 2 if cfg.eos_id is None else cfg.eos_id}

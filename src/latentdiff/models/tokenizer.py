@@ -148,18 +148,23 @@ class CLIPTokenizer(Tokenizer):
     @classmethod
     def from_folder(cls, path: Path | str, context_length: int | None = None,
                     pad_token: str | int | None = None) -> CLIPTokenizer:
-        """Read a diffusers `tokenizer/` folder: vocab.json + merges.txt (+ pad and length from its configs)."""
+        """Read a diffusers `tokenizer/` folder: vocab.json + merges.txt, or the tokenizers library's
+        tokenizer.json (what transformers 5 writes); pad and length from its configs."""
         path = Path(path)
         missing = [f for f in ("vocab.json", "merges.txt") if not (path / f).is_file()]
-        if missing:
-            raise UserError(f"{path}: not a CLIP tokenizer folder, missing {' and '.join(missing)}")
-        vocab = load_json(path / "vocab.json")
+        if missing and (path / "tokenizer.json").is_file():
+            vocab, merges = _read_tokenizer_json(path / "tokenizer.json")
+        elif missing:
+            raise UserError(f"{path}: not a CLIP tokenizer folder, missing {' and '.join(missing)} "
+                            "(or tokenizer.json)")
+        else:
+            vocab = load_json(path / "vocab.json")
+            lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         if not isinstance(vocab, dict):
-            raise UserError(f"{path / 'vocab.json'}: expected a JSON object of token -> id")
-        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+            raise UserError(f"{path}: the vocabulary must be a JSON object of token -> id")
         if any(len(m) != 2 for m in merges):
-            raise UserError(f"{path / 'merges.txt'}: every line must be two space-separated symbols")
+            raise UserError(f"{path}: every merge must be two space-separated symbols")
         settings = {}  # later files win, as in transformers: special_tokens_map.json over tokenizer_config.json
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (path / name).is_file():
@@ -257,6 +262,18 @@ class CLIPTokenizer(Tokenizer):
             data.extend(self._char_byte[c] for c in (token[:-4] if end else token))
             data.extend(b" " if end else b"")
         return data.decode("utf-8", errors="replace").strip()
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, ...]]]:
+    """Vocabulary (with the added special tokens) and merges of a tokenizers-library BPE file."""
+    data = load_json(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise UserError(f"{path}: not a BPE tokenizer.json (model.type must be 'BPE' with a vocab)")
+    vocab = dict(model["vocab"]) | {t["content"]: t["id"] for t in data.get("added_tokens", [])
+                                    if isinstance(t, dict) and "content" in t and "id" in t}
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    return vocab, merges
 
 
 def _open_clip_dir() -> str | None:

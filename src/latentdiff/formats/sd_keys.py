@@ -1,0 +1,369 @@
+"""Stable Diffusion key names: CompVis (single-file, our own layout) <-> diffusers, and OpenCLIP -> ours.
+
+Our UNet and autoencoder use CompVis names, so a single-file checkpoint loads after stripping its
+prefixes; the diffusers folder layout renames blocks. Each map here is built from the model's config,
+so one table serves both directions and every key is accounted for (missing and unexpected keys are
+UserErrors that name them). The configs themselves are read back from the tensor shapes where the
+weights say it (widths, levels, attention, context width) and from convention where they do not
+(head counts: SD v1 has 8 heads, SD v2 64-wide heads).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from latentdiff.errors import UserError
+
+Tensors = dict[str, torch.Tensor]
+
+_RES_UNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_RES_VAE = {"nin_shortcut": "conv_shortcut"}
+_ATTN_VAE = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _unet_blocks(cfg: Any) -> dict[str, tuple[str, dict[str, str]]]:
+    """CompVis block prefix -> (diffusers prefix, renames of the names inside the block)."""
+    blocks: dict[str, tuple[str, dict[str, str]]] = {
+        "time_embed.0": ("time_embedding.linear_1", {}), "time_embed.2": ("time_embedding.linear_2", {}),
+        "label_emb": ("class_embedding", {}), "input_blocks.0.0": ("conv_in", {}),
+        "out.0": ("conv_norm_out", {}), "out.2": ("conv_out", {}),
+        "middle_block.0": ("mid_block.resnets.0", _RES_UNET), "middle_block.1": ("mid_block.attentions.0", {}),
+        "middle_block.2": ("mid_block.resnets.1", _RES_UNET)}
+    levels, k, ds = len(cfg.channel_mult), 1, 1
+    for level in range(levels):  # the same walk as UNet.__init__
+        for i in range(cfg.num_res_blocks):
+            blocks[f"input_blocks.{k}.0"] = (f"down_blocks.{level}.resnets.{i}", _RES_UNET)
+            blocks[f"input_blocks.{k}.1"] = (f"down_blocks.{level}.attentions.{i}", {})
+            k += 1
+        if level != levels - 1:
+            blocks[f"input_blocks.{k}.0"] = (f"down_blocks.{level}.downsamplers.0", {"op": "conv"})
+            k, ds = k + 1, ds * 2
+    k = 0
+    for up, level in enumerate(reversed(range(levels))):
+        has_attn = ds in cfg.attention_resolutions
+        for i in range(cfg.num_res_blocks + 1):
+            blocks[f"output_blocks.{k}.0"] = (f"up_blocks.{up}.resnets.{i}", _RES_UNET)
+            if has_attn:
+                blocks[f"output_blocks.{k}.1"] = (f"up_blocks.{up}.attentions.{i}", {})
+            if level and i == cfg.num_res_blocks:
+                blocks[f"output_blocks.{k}.{2 if has_attn else 1}"] = (f"up_blocks.{up}.upsamplers.0", {})
+            k += 1
+        ds //= 2
+    return blocks
+
+
+def _vae_blocks(cfg: Any) -> dict[str, tuple[str, dict[str, str]]]:
+    levels = len(cfg.channel_mult)
+    blocks: dict[str, tuple[str, dict[str, str]]] = {"quant_conv": ("quant_conv", {}),
+                                                      "post_quant_conv": ("post_quant_conv", {})}
+    for part in ("encoder", "decoder"):
+        blocks |= {f"{part}.conv_in": (f"{part}.conv_in", {}), f"{part}.conv_out": (f"{part}.conv_out", {}),
+                   f"{part}.norm_out": (f"{part}.conv_norm_out", {}),
+                   f"{part}.mid.block_1": (f"{part}.mid_block.resnets.0", _RES_VAE),
+                   f"{part}.mid.block_2": (f"{part}.mid_block.resnets.1", _RES_VAE),
+                   f"{part}.mid.attn_1": (f"{part}.mid_block.attentions.0", _ATTN_VAE)}
+    for i in range(levels):
+        up = levels - 1 - i  # CompVis numbers decoder levels by resolution, diffusers in running order
+        for j in range(cfg.num_res_blocks + 1):
+            blocks[f"encoder.down.{i}.block.{j}"] = (f"encoder.down_blocks.{i}.resnets.{j}", _RES_VAE)
+            blocks[f"decoder.up.{i}.block.{j}"] = (f"decoder.up_blocks.{up}.resnets.{j}", _RES_VAE)
+        blocks[f"encoder.down.{i}.downsample.conv"] = (f"encoder.down_blocks.{i}.downsamplers.0.conv", {})
+        blocks[f"decoder.up.{i}.upsample.conv"] = (f"decoder.up_blocks.{up}.upsamplers.0.conv", {})
+    return blocks
+
+
+def _rename(key: str, blocks: dict[str, tuple[str, dict[str, str]]]) -> str | None:
+    """The diffusers name of a CompVis key, or None if no block owns it."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):  # longest block prefix first
+        prefix = ".".join(parts[:n])
+        if prefix in blocks:
+            target, inner = blocks[prefix]
+            rest = ".".join(parts[n:])
+            for old, new in inner.items():
+                if rest == old or rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+                    break
+            return f"{target}.{rest}"
+    return None
+
+
+def key_map(compvis_keys: list[str], blocks: dict[str, tuple[str, dict[str, str]]]) -> dict[str, str]:
+    """CompVis key -> diffusers key for every key of a model."""
+    out = {}
+    for k in compvis_keys:
+        d = _rename(k, blocks)
+        if d is None:
+            raise UserError(f"no diffusers name for {k!r}")  # a programming error: the tables miss a block
+        out[k] = d
+    return out
+
+
+def _convert(state: Tensors, mapping: dict[str, str], what: str) -> Tensors:
+    """Rename by ``mapping`` (source -> target), naming missing and unexpected keys."""
+    missing = sorted(set(mapping) - set(state))
+    unexpected = sorted(set(state) - set(mapping))
+    if missing or unexpected:
+        raise UserError(f"{what}: {len(missing)} missing key(s) (e.g. {', '.join(missing[:3]) or '-'}), "
+                        f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'})")
+    return {mapping[k]: v for k, v in state.items()}
+
+
+def _expected_keys(model_cls: Any, cfg: Any) -> list[str]:
+    with torch.device("meta"):
+        return list(model_cls(cfg).state_dict())
+
+
+def unet_to_diffusers(state: Tensors, cfg: Any) -> Tensors:
+    """Our (CompVis) UNet state dict -> diffusers UNet2DConditionModel names."""
+    from latentdiff.models.unet import UNet
+
+    return _convert(state, key_map(_expected_keys(UNet, cfg), _unet_blocks(cfg)), "UNet state dict")
+
+
+def unet_from_diffusers(state: Tensors, cfg: Any) -> Tensors:
+    """A diffusers UNet2DConditionModel state dict -> our (CompVis) names."""
+    from latentdiff.models.unet import UNet
+
+    mapping = key_map(_expected_keys(UNet, cfg), _unet_blocks(cfg))
+    return _convert(state, {d: c for c, d in mapping.items()}, "diffusers UNet state dict")
+
+
+def _vae_attn_shapes(state: Tensors, to_conv: bool) -> Tensors:
+    """The VAE's mid-block attention is 1x1 convs in CompVis, Linear layers in diffusers: same numbers."""
+    out = {}
+    for k, v in state.items():
+        if re.search(r"mid(\.attn_1|_block\.attentions\.0)\.(q|k|v|proj_out|to_q|to_k|to_v|to_out\.0)\.weight$", k):
+            v = v.reshape(*v.shape[:2], 1, 1) if to_conv else v.reshape(v.shape[:2])
+        out[k] = v
+    return out
+
+
+def vae_to_diffusers(state: Tensors, cfg: Any) -> Tensors:
+    """Our (CompVis) autoencoder state dict -> diffusers AutoencoderKL names and shapes."""
+    from latentdiff.models.autoencoder import Autoencoder
+
+    renamed = _convert(state, key_map(_expected_keys(Autoencoder, cfg), _vae_blocks(cfg)), "autoencoder state dict")
+    return _vae_attn_shapes(renamed, to_conv=False)
+
+
+def vae_from_diffusers(state: Tensors, cfg: Any) -> Tensors:
+    """A diffusers AutoencoderKL state dict -> our (CompVis) names and shapes."""
+    from latentdiff.models.autoencoder import Autoencoder
+
+    mapping = key_map(_expected_keys(Autoencoder, cfg), _vae_blocks(cfg))
+    return _vae_attn_shapes(_convert(state, {d: c for c, d in mapping.items()}, "diffusers VAE state dict"),
+                            to_conv=True)
+
+
+# ---- OpenCLIP text tower (SD v2's cond_stage_model.model.*) -> CLIPTextTransformer ---------------
+_OPEN_CLIP_LAYER = {"ln_1": "norm1", "ln_2": "norm2", "attn.out_proj": "attn.out", "mlp.c_fc": "mlp.fc1",
+                    "mlp.c_proj": "mlp.fc2"}
+_OPEN_CLIP_SKIP = ("text_projection", "logit_scale", "attn_mask")  # pooled projection, loss scale, a buffer
+
+
+def open_clip_text_layers(state: Tensors) -> int:
+    """Number of transformer blocks in an OpenCLIP text state dict."""
+    idx = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def clip_text_from_open_clip(state: Tensors, layers: int) -> Tensors:
+    """OpenCLIP text weights -> CLIPTextTransformer keys, keeping the first ``layers`` blocks.
+
+    SD v2 conditions on the penultimate block's output passed through the final LayerNorm, so its
+    encoder is the first 23 of 24 blocks plus ``ln_final`` (what diffusers' converted folders hold too).
+    ``in_proj_weight`` packs q, k, v; it is split here.
+    """
+    out: Tensors = {}
+    unexpected = []
+    for key, v in state.items():
+        if key.startswith("visual.") or key in _OPEN_CLIP_SKIP:
+            continue
+        if key == "token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif key == "positional_embedding":
+            out["position_embedding.weight"] = v
+        elif key.startswith("ln_final."):
+            out["final_norm." + key.split(".")[-1]] = v
+        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key):
+            n, name, p = int(m.group(1)), m.group(2), m.group(3)
+            if n >= layers:
+                continue
+            if name == "attn.in_proj":
+                for part, chunk in zip("qkv", v.chunk(3, dim=0)):
+                    out[f"blocks.{n}.attn.{part}.{p}"] = chunk
+            elif name in _OPEN_CLIP_LAYER:
+                out[f"blocks.{n}.{_OPEN_CLIP_LAYER[name]}.{p}"] = v
+            else:
+                unexpected.append(key)
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise UserError(f"OpenCLIP text state dict: {len(unexpected)} unexpected key(s), e.g. "
+                        f"{', '.join(sorted(unexpected)[:3])}")
+    return out
+
+
+# ---- configs read from the weights -------------------------------------------------------------------
+def _need(state: Tensors, key: str, what: str) -> torch.Tensor:
+    if key not in state:
+        raise UserError(f"{what}: key {key!r} not found; this does not look like a Stable Diffusion "
+                        f"{what} (keys start with: {', '.join(sorted(state)[:3])})")
+    return state[key]
+
+
+def unet_config_from_compvis(state: Tensors, v2: bool = False) -> dict[str, Any]:
+    """UNetConfig keyword arguments from a CompVis UNet state dict (prefix already stripped).
+
+    Head counts leave no trace in the weights: SD v1 uses 8 heads, SD v2 (``v2``) 64-wide heads.
+    """
+    conv_in = _need(state, "input_blocks.0.0.weight", "UNet")
+    mc = conv_in.shape[0]
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("input_blocks.")})
+    downs = [b for b in blocks if f"input_blocks.{b}.0.op.weight" in state]
+    levels = len(downs) + 1
+    nrb = (len(blocks) - 1 - len(downs)) // levels
+    if len(blocks) != 1 + levels * nrb + len(downs) or nrb < 1:
+        raise UserError(f"UNet: {len(blocks)} input blocks with {len(downs)} downsamplers fit no UNet layout")
+    mult, attn, k, ds = [], [], 1, 1
+    for level in range(levels):
+        out_ch = _need(state, f"input_blocks.{k}.0.in_layers.2.weight", "UNet").shape[0]
+        if out_ch % mc:
+            raise UserError(f"UNet: level {level} width {out_ch} is not a multiple of {mc}")
+        mult.append(out_ch // mc)
+        proj = state.get(f"input_blocks.{k}.1.proj_in.weight")
+        if proj is not None:
+            attn.append(ds)
+        k += nrb + (level != levels - 1)
+        ds *= 2
+    mid = "middle_block.1."
+    proj = _need(state, mid + "proj_in.weight", "UNet")
+    linear = proj.ndim == 2
+    depth = len({k.split(".")[3] for k in state if k.startswith(mid + "transformer_blocks.")})
+    to_k = _need(state, mid + "transformer_blocks.0.attn2.to_k.weight", "UNet")
+    context = to_k.shape[1]
+    heads = {"num_head_channels": 64} if v2 else {"num_heads": 8}
+    label = state.get("label_emb.weight")
+    return {"in_channels": conv_in.shape[1], "out_channels": _need(state, "out.2.weight", "UNet").shape[0],
+            "model_channels": mc, "channel_mult": tuple(mult), "num_res_blocks": nrb,
+            "attention_resolutions": tuple(attn), "transformer_depth": depth, "context_dim": context,
+            "use_linear_projection": linear, "num_classes": None if label is None else label.shape[0] - 1,
+            **heads}
+
+
+def vae_config_from_compvis(state: Tensors) -> dict[str, Any]:
+    """AutoencoderConfig keyword arguments from a CompVis autoencoder state dict (prefix stripped)."""
+    conv_in = _need(state, "encoder.conv_in.weight", "autoencoder")
+    base = conv_in.shape[0]
+    levels = len({k.split(".")[2] for k in state if k.startswith("encoder.down.")})
+    nrb = len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")})
+    mult = tuple(_need(state, f"encoder.down.{i}.block.0.conv2.weight", "autoencoder").shape[0] // base
+                 for i in range(levels))
+    quant = _need(state, "quant_conv.weight", "autoencoder")
+    return {"in_channels": conv_in.shape[1], "out_channels": _need(state, "decoder.conv_out.weight",
+                                                                     "autoencoder").shape[0],
+            "base_channels": base, "channel_mult": mult, "num_res_blocks": nrb,
+            "z_channels": _need(state, "decoder.conv_in.weight", "autoencoder").shape[1],
+            "embed_dim": quant.shape[0] // 2, "attn_in_mid": "encoder.mid.attn_1.q.weight" in state,
+            "scale_factor": 0.18215}
+
+
+# ---- diffusers config.json <-> our configs -----------------------------------------------------------
+def unet_config_from_diffusers(config: dict[str, Any], where: str = "unet/config.json") -> dict[str, Any]:
+    """UNetConfig keyword arguments from a diffusers UNet2DConditionModel config (what we can hold)."""
+    def fail(msg: str) -> UserError:
+        return UserError(f"{where}: {msg}")
+
+    try:
+        channels = list(config["block_out_channels"])
+        down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    except KeyError as e:
+        raise fail(f"missing key {e.args[0]!r}") from None
+    supported = {"act_fn": "silu", "norm_num_groups": 32, "flip_sin_to_cos": True, "freq_shift": 0,
+                 "resnet_time_scale_shift": "default", "class_embed_type": None, "addition_embed_type": None,
+                 "only_cross_attention": False, "dual_cross_attention": False, "conv_in_kernel": 3,
+                 "conv_out_kernel": 3, "time_embedding_type": "positional", "encoder_hid_dim": None,
+                 "mid_block_type": "UNetMidBlock2DCrossAttn"}
+    for key, value in supported.items():
+        if config.get(key, value) not in (value, [value] * len(channels)):
+            raise fail(f"{key}={config[key]!r} is not supported (latentdiff's UNet has {value!r})")
+    mc = channels[0]
+    if any(c % mc for c in channels):
+        raise fail(f"block_out_channels {channels} must be multiples of the first")
+    attn = [2**i for i, t in enumerate(down) if t.startswith("CrossAttn")]
+    if [2**(len(up) - 1 - i) for i, t in enumerate(up) if t.startswith("CrossAttn")][::-1] != attn:
+        raise fail(f"down_block_types {down} and up_block_types {up} must mirror each other")
+    nrb = config.get("layers_per_block", 2)
+    depth = config.get("transformer_layers_per_block", 1)
+    if not isinstance(nrb, int) or not isinstance(depth, int):
+        raise fail("per-level layers_per_block / transformer_layers_per_block are not supported")
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)  # diffusers' naming quirk
+    if isinstance(heads, int):
+        head_kw: dict[str, int] = {"num_heads": heads}
+    else:
+        widths = {c // h for c, h in zip(channels, heads)}
+        if len(widths) != 1 or any(c % h for c, h in zip(channels, heads)):
+            raise fail(f"per-level head counts {heads} must give one head width over {channels}")
+        head_kw = {"num_head_channels": widths.pop()}
+    num_classes = config.get("num_class_embeds")
+    return {"in_channels": config.get("in_channels", 4), "out_channels": config.get("out_channels", 4),
+            "model_channels": mc, "channel_mult": tuple(c // mc for c in channels), "num_res_blocks": nrb,
+            "attention_resolutions": tuple(attn), "transformer_depth": depth,
+            "context_dim": config.get("cross_attention_dim", 1280),
+            "use_linear_projection": bool(config.get("use_linear_projection", False)),
+            "num_classes": None if num_classes is None else num_classes - 1, **head_kw}
+
+
+def unet_config_to_diffusers(cfg: Any) -> dict[str, Any]:
+    """A diffusers UNet2DConditionModel config.json for our UNetConfig."""
+    levels = len(cfg.channel_mult)
+    channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    attn = [2**i in cfg.attention_resolutions for i in range(levels)]
+    if cfg.num_head_channels > 0:
+        heads: Any = [c // cfg.num_head_channels for c in channels]
+    else:
+        heads = cfg.num_heads
+    if cfg.context_dim is None:
+        raise UserError("diffusers' UNet2DConditionModel needs cross-attention (unet.context_dim is None)")
+    return {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels, "block_out_channels": channels,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+            "layers_per_block": cfg.num_res_blocks, "transformer_layers_per_block": cfg.transformer_depth,
+            "attention_head_dim": heads, "cross_attention_dim": cfg.context_dim,
+            "use_linear_projection": cfg.use_linear_projection, "norm_num_groups": 32,
+            "num_class_embeds": None if cfg.num_classes is None else cfg.num_classes + 1}
+
+
+def vae_config_from_diffusers(config: dict[str, Any], where: str = "vae/config.json") -> dict[str, Any]:
+    """AutoencoderConfig keyword arguments from a diffusers AutoencoderKL config."""
+    channels = list(config.get("block_out_channels", [64]))
+    base = channels[0]
+    if any(c % base for c in channels) or config.get("norm_num_groups", 32) != 32:
+        raise UserError(f"{where}: block_out_channels {channels} / norm_num_groups are not supported")
+    for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+        if config.get(key, True) is not True:
+            raise UserError(f"{where}: {key}=false is not supported")
+    latent = config.get("latent_channels", 4)
+    shift = config.get("shift_factor")
+    return {"in_channels": config.get("in_channels", 3), "out_channels": config.get("out_channels", 3),
+            "base_channels": base, "channel_mult": tuple(c // base for c in channels),
+            "num_res_blocks": config.get("layers_per_block", 1), "z_channels": latent, "embed_dim": latent,
+            "scale_factor": config.get("scaling_factor", 0.18215), "shift_factor": shift or 0.0}
+
+
+def vae_config_to_diffusers(cfg: Any) -> dict[str, Any]:
+    """A diffusers AutoencoderKL config.json for our AutoencoderConfig."""
+    if cfg.z_channels != cfg.embed_dim or not cfg.double_z or not cfg.attn_in_mid:
+        raise UserError("diffusers' AutoencoderKL needs z_channels == embed_dim, double_z and mid attention")
+    levels = len(cfg.channel_mult)
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "layers_per_block": cfg.num_res_blocks, "latent_channels": cfg.embed_dim, "norm_num_groups": 32,
+            "scaling_factor": cfg.scale_factor, "shift_factor": cfg.shift_factor or None}

@@ -1,0 +1,286 @@
+"""Stable Diffusion checkpoints as latentdiff pipelines: single files, diffusers folders, and back.
+
+Reads (a) the original single-file layout (``model.diffusion_model.*``, ``first_stage_model.*``,
+``cond_stage_model.*``; ``.safetensors``, or ``.ckpt`` through ``torch.load(weights_only=True)`` only)
+and (b) the diffusers folder layout (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``). The variant
+(v1: CLIP ViT-L text encoder, 768-wide context; v2: OpenCLIP ViT-H, 1024 wide, linear projections;
+inpainting: 9 UNet input channels) is read from the weights. Writes latentdiff model folders
+(``save_model_folder``) and diffusers folders. No weights are ever downloaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentdiff.config import DiffusionConfig
+from latentdiff.errors import UserError
+from latentdiff.formats import sd_keys
+from latentdiff.formats.checkpoint import load_into, load_json, load_tensors, save_json, save_tensors
+from latentdiff.formats.clip_keys import (clip_text_config_from_hf, clip_text_config_to_hf, clip_text_from_hf,
+                                          clip_text_to_hf)
+from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
+from latentdiff.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPTextTransformer
+from latentdiff.models.conditioning import Conditioner
+from latentdiff.models.folder import MANIFEST, save_model_folder
+from latentdiff.models.tokenizer import CLIPTokenizer
+from latentdiff.models.unet import UNet, UNetConfig
+from latentdiff.pipelines.generate import Pipeline
+
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+DEFAULT_GUIDANCE = 7.5  # what SD's reference scripts and diffusers use
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers' names -> ours
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+Tensors = dict[str, torch.Tensor]
+
+
+# ---- reading files safely --------------------------------------------------------------------------
+def read_checkpoint(path: Path | str) -> tuple[Tensors, dict[str, Any]]:
+    """Tensors of a ``.safetensors`` or a pickled ``.ckpt``/``.pt``/``.bin`` file, and any plain metadata.
+
+    Pickles are opened with ``weights_only=True``: only tensors and plain containers are rebuilt, and a
+    file that would need anything else (code, custom classes) is refused, never executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        return load_tensors(path), {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused: it holds objects other than tensors and plain data, and loading it "
+                        f"would run code from the file ({str(e).splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                        f"{str(e).splitlines()[0][:160]}") from None
+    meta = {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = {k: v for k, v in obj.items() if isinstance(v, (int, float, str))}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a mapping of names to tensors (optionally under 'state_dict')")
+    return obj, meta
+
+
+def _sub(state: Tensors, prefix: str) -> Tensors:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _fp32(state: Tensors) -> Tensors:
+    """Half-precision files are widened: parity and the VAE need fp32 (cast later with ``dtype``)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _load(model: torch.nn.Module, state: Tensors, where: str) -> torch.nn.Module:
+    load_into(model, _fp32(state), where)
+    return model.eval().requires_grad_(False)
+
+
+# ---- the parts ---------------------------------------------------------------------------------------
+def _text_encoder_from_single_file(state: Tensors, where: str, tokenizer: CLIPTokenizer | None) -> CLIPTextEncoder:
+    """SD v1's transformers-layout CLIP or SD v2's OpenCLIP text tower, with the CLIP BPE tokenizer."""
+    hf = _sub(state, TEXT_PREFIX + "transformer.")
+    if hf:  # OpenAI CLIP ViT-L/14 in transformers' layout (heads are 64 wide, as in every CLIP text tower)
+        weights = clip_text_from_hf(hf)
+        width = weights["token_embedding.weight"].shape[1]
+        cfg = CLIPTextConfig(vocab_size=weights["token_embedding.weight"].shape[0],
+                             context_length=weights["position_embedding.weight"].shape[0], width=width,
+                             layers=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
+                             heads=max(1, width // 64), intermediate_size=weights["blocks.0.mlp.fc1.weight"].shape[0],
+                             act="quick_gelu", projection_dim=width)
+        pad: str | int = "<|endoftext|>"
+    else:
+        oc = _sub(state, TEXT_PREFIX + "model.")
+        if not oc:
+            raise UserError(f"{where}: no text encoder: expected keys {TEXT_PREFIX}transformer.* (SD v1) or "
+                            f"{TEXT_PREFIX}model.* (SD v2)")
+        layers = sd_keys.open_clip_text_layers(oc) - 1  # SD v2 reads the penultimate block (see clip_text_from_open_clip)
+        width = oc["token_embedding.weight"].shape[1]
+        cfg = CLIPTextConfig(vocab_size=oc["token_embedding.weight"].shape[0],
+                             context_length=oc["positional_embedding"].shape[0], width=width, layers=layers,
+                             heads=max(1, width // 64), intermediate_size=oc["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                             act="gelu", projection_dim=width)
+        weights = sd_keys.clip_text_from_open_clip(oc, layers)
+        pad = 0  # open_clip pads with id 0 ('!'), unlike SD v1's end-of-text padding
+    model = _load(CLIPTextTransformer(cfg), weights, f"{where}: text encoder")
+    tok = tokenizer or CLIPTokenizer.default(cfg.context_length, pad)
+    return CLIPTextEncoder(tok, model)
+
+
+def _manifest(unet_cfg: UNetConfig, vae: Autoencoder, diffusion: DiffusionConfig, image_size: int,
+              source: str) -> dict[str, Any]:
+    concat = {"concat": "inpaint"} if unet_cfg.in_channels == 2 * vae.latent_channels + 1 else {}
+    f = vae.downsample_factor
+    return {**concat, "diffusion": diffusion.__dict__.copy(), "image_size": image_size, "channels": 3,
+            "latent_shape": [vae.latent_channels, image_size // f, image_size // f], "class_names": [],
+            "conditioning": {"kind": "text", "guidance": DEFAULT_GUIDANCE}, "source": source}
+
+
+def _pipeline(unet: UNet, vae: Autoencoder, text: CLIPTextEncoder, diffusion: DiffusionConfig, image_size: int,
+              path: Path, source: str, device: str | torch.device) -> Pipeline:
+    if text.width != unet.config.context_dim:
+        raise UserError(f"{path}: the text encoder is {text.width} wide but the UNet's cross-attention reads "
+                        f"{unet.config.context_dim}: the components come from different models")
+    latent_in = unet.config.in_channels
+    if latent_in not in (vae.latent_channels, 2 * vae.latent_channels + 1):
+        raise UserError(f"{path}: the UNet takes {latent_in} input channels but the VAE makes "
+                        f"{vae.latent_channels}-channel latents (expected {vae.latent_channels}, or "
+                        f"{2 * vae.latent_channels + 1} for inpainting)")
+    manifest = _manifest(unet.config, vae, diffusion, image_size, source)
+    manifest["components"] = ["autoencoder", "text_encoder", "unet"]
+    unet, vae, text = unet.to(device), vae.to(device), text.to(device)
+    return Pipeline(unet, vae, diffusion, manifest, path, torch.device(device), Conditioner(unet.config, text, device))
+
+
+def load_single_file(path: Path | str, device: str | torch.device = "cpu", prediction: str | None = None,
+                     image_size: int | None = None, tokenizer: Path | str | None = None) -> Pipeline:
+    """A Stable Diffusion v1/v2 (or inpainting) single-file checkpoint as a Pipeline.
+
+    ``prediction`` (eps or v) overrides what is read from the file: SD v2 checkpoints are v-prediction
+    768 px models except the 512 px base model (``global_step`` 875000 in its ``.ckpt``), as diffusers
+    decides too. ``tokenizer``: a folder with vocab.json + merges.txt (default: open_clip's BPE file).
+    """
+    path = Path(path)
+    state, meta = read_checkpoint(path)
+    unet_sd, vae_sd = _sub(state, UNET_PREFIX), _sub(state, VAE_PREFIX)
+    if not unet_sd or not vae_sd:
+        some = ", ".join(sorted(state)[:3])
+        raise UserError(f"{path}: not a Stable Diffusion single-file checkpoint: expected keys "
+                        f"{UNET_PREFIX}*, {VAE_PREFIX}* and {TEXT_PREFIX}* (found e.g. {some})")
+    v2 = not _sub(state, TEXT_PREFIX + "transformer.")  # SD v2's OpenCLIP text tower sits at cond_stage_model.model
+    unet_cfg = UNetConfig(**sd_keys.unet_config_from_compvis(unet_sd, v2))
+    unet = _load(UNet(unet_cfg), unet_sd, f"{path}: UNet")
+    vae = _load(Autoencoder(AutoencoderConfig(**sd_keys.vae_config_from_compvis(vae_sd))), vae_sd,
+                f"{path}: autoencoder")
+    tok = CLIPTokenizer.from_folder(tokenizer) if tokenizer else None
+    text = _text_encoder_from_single_file(state, str(path), tok)
+    if prediction is None:
+        prediction = "v" if v2 and meta.get("global_step") != 875000 else "eps"
+    diffusion = DiffusionConfig(schedule="scaled_linear", num_timesteps=1000, prediction=prediction)
+    size = image_size or (768 if v2 and prediction == "v" else 512)
+    version = "v2" if v2 else "v1"
+    return _pipeline(unet, vae, text, diffusion, size, path, f"stable-diffusion {version} single file", device)
+
+
+def _weights_in(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"{folder}: no weights file (expected one of {', '.join(WEIGHT_FILES[:2])})")
+
+
+def _scheduler(folder: Path) -> DiffusionConfig:
+    path = folder / "scheduler" / "scheduler_config.json"
+    cfg = load_json(path) if path.is_file() else {}
+    if cfg.get("trained_betas") is not None:
+        raise UserError(f"{path}: trained_betas are not supported")
+    schedule = cfg.get("beta_schedule", "scaled_linear")
+    if schedule not in ("linear", "scaled_linear"):
+        raise UserError(f"{path}: beta_schedule {schedule!r} is not supported (linear, scaled_linear)")
+    kind = cfg.get("prediction_type", "epsilon")
+    if kind not in PREDICTIONS:
+        raise UserError(f"{path}: prediction_type {kind!r} unknown (expected {', '.join(PREDICTIONS)})")
+    return DiffusionConfig(schedule=schedule, num_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                           prediction=PREDICTIONS[kind], beta_start=float(cfg.get("beta_start", 0.00085)),
+                           beta_end=float(cfg.get("beta_end", 0.012)))
+
+
+def load_diffusers_folder(path: Path | str, device: str | torch.device = "cpu",
+                          prediction: str | None = None, image_size: int | None = None) -> Pipeline:
+    """A diffusers StableDiffusion(Inpaint)Pipeline folder as a Pipeline."""
+    path = Path(path)
+    missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
+               if not (path / p).exists()]
+    if missing:
+        raise UserError(f"{path}: not a complete diffusers Stable Diffusion folder: missing {', '.join(missing)}")
+    unet_json = load_json(path / "unet" / "config.json")
+    unet_cfg = UNetConfig(**sd_keys.unet_config_from_diffusers(unet_json, str(path / "unet" / "config.json")))
+    file = _weights_in(path / "unet")
+    unet = _load(UNet(unet_cfg), sd_keys.unet_from_diffusers(read_checkpoint(file)[0], unet_cfg), str(file))
+    vae_cfg = AutoencoderConfig(**sd_keys.vae_config_from_diffusers(load_json(path / "vae" / "config.json")))
+    file = _weights_in(path / "vae")
+    vae = _load(Autoencoder(vae_cfg), sd_keys.vae_from_diffusers(read_checkpoint(file)[0], vae_cfg), str(file))
+    text_cfg = CLIPTextConfig(**clip_text_config_from_hf(load_json(path / "text_encoder" / "config.json")))
+    file = _weights_in(path / "text_encoder")
+    text_model = _load(CLIPTextTransformer(text_cfg), clip_text_from_hf(read_checkpoint(file)[0]), str(file))
+    text = CLIPTextEncoder(CLIPTokenizer.from_folder(path / "tokenizer"), text_model)
+    diffusion = _scheduler(path)
+    if prediction is not None:
+        diffusion.prediction = prediction
+    size = image_size or int(unet_json.get("sample_size", 64)) * vae.downsample_factor
+    return _pipeline(unet, vae, text, diffusion, size, path, "stable-diffusion diffusers folder", device)
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    """A folder in diffusers' pipeline layout (not a latentdiff model folder)."""
+    if (path / "unet" / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        return True
+    index = path / MANIFEST
+    return index.is_file() and "_class_name" in load_json(index)
+
+
+def load_any(path: Path | str, device: str | torch.device = "cpu", **kwargs: Any) -> Pipeline:
+    """A latentdiff model folder, a diffusers folder or a single-file SD checkpoint, told apart by content."""
+    path = Path(path)
+    if path.is_dir():
+        if is_diffusers_folder(path):
+            return load_diffusers_folder(path, device, **kwargs)
+        if kwargs:
+            raise UserError(f"{path}: {', '.join(kwargs)} only apply to Stable Diffusion checkpoints")
+        return Pipeline.load(path, device)
+    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        raise UserError(f"{path}: not a model folder or a .safetensors/.ckpt checkpoint")
+    return load_single_file(path, device, **kwargs)
+
+
+# ---- writing -----------------------------------------------------------------------------------------
+def save_latentdiff(pipe: Pipeline, folder: Path | str) -> None:
+    """Write a loaded pipeline as a latentdiff model folder (safetensors + JSON)."""
+    manifest = {k: v for k, v in pipe.manifest.items() if k != "components"}
+    components = {"unet": (pipe.unet.config.to_dict(), pipe.unet.state_dict()),
+                  "autoencoder": (pipe.autoencoder.config.to_dict(), pipe.autoencoder.state_dict())}
+    save_model_folder(folder, components, manifest, {"text_encoder": pipe.cond.text_encoder.save})
+
+
+def save_diffusers(pipe: Pipeline, folder: Path | str) -> None:
+    """Write a text-to-image pipeline in diffusers' folder layout (loadable by StableDiffusionPipeline)."""
+    folder = Path(folder)
+    text = pipe.cond.text_encoder
+    if not isinstance(text, CLIPTextEncoder) or not isinstance(text.tokenizer, CLIPTokenizer):
+        raise UserError("diffusers folders need a CLIP text encoder with the CLIP BPE tokenizer; this model "
+                        f"uses {type(text).__name__}")
+    unet_cfg, vae_cfg, text_cfg = pipe.unet.config, pipe.autoencoder.config, text.text_model.config
+    unet_json = sd_keys.unet_config_to_diffusers(unet_cfg) | {
+        "sample_size": pipe.manifest["image_size"] // pipe.autoencoder.downsample_factor}
+    save_tensors(sd_keys.unet_to_diffusers(pipe.unet.state_dict(), unet_cfg),
+                 folder / "unet" / "diffusion_pytorch_model.safetensors")
+    save_json(unet_json, folder / "unet" / "config.json")
+    save_tensors(sd_keys.vae_to_diffusers(pipe.autoencoder.state_dict(), vae_cfg),
+                 folder / "vae" / "diffusion_pytorch_model.safetensors")
+    save_json(sd_keys.vae_config_to_diffusers(vae_cfg) | {"sample_size": pipe.manifest["image_size"]},
+              folder / "vae" / "config.json")
+    save_tensors(clip_text_to_hf(text.text_model.state_dict()), folder / "text_encoder" / "model.safetensors")
+    save_json(clip_text_config_to_hf(text_cfg, text.tokenizer), folder / "text_encoder" / "config.json")
+    text.tokenizer.save(folder / "tokenizer")
+    d = pipe.diffusion
+    if d.schedule not in ("linear", "scaled_linear"):
+        raise UserError(f"diffusers' schedulers take linear or scaled_linear betas here, not {d.schedule!r}")
+    start, end = (d.beta_start or 0.00085, d.beta_end or 0.012) if d.schedule == "scaled_linear" else (
+        d.beta_start or 1e-4, d.beta_end or 0.02)
+    save_json({"_class_name": "DDIMScheduler", "beta_schedule": d.schedule, "beta_start": start, "beta_end": end,
+               "num_train_timesteps": d.num_timesteps, "clip_sample": False, "set_alpha_to_one": False,
+               "steps_offset": 1, "prediction_type": {v: k for k, v in PREDICTIONS.items()}[d.prediction]},
+              folder / "scheduler" / "scheduler_config.json")
+    inpaint = pipe.manifest.get("concat") == "inpaint"
+    save_json({"_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+               "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+               "feature_extractor": [None, None], "requires_safety_checker": False},
+              folder / MANIFEST)
