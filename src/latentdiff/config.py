@@ -37,6 +37,8 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0  # γ of min_snr
 
     def __post_init__(self) -> None:
+    beta_start: float | None = None  # β_1 and β_T of linear / scaled_linear; None: the schedule's own defaults
+    beta_end: float | None = None
         _choice("diffusion.schedule", self.schedule, SCHEDULES)
         _choice("diffusion.prediction", self.prediction, PREDICTIONS)
         _choice("diffusion.weighting", self.weighting, WEIGHTINGS)
@@ -44,7 +46,8 @@ class DiffusionConfig:
 
     def build_schedule(self) -> Schedule:
         """The Schedule these settings describe."""
-        return Schedule.from_name(self.schedule, self.num_timesteps)
+        ends = {k: v for k, v in (("beta_start", self.beta_start), ("beta_end", self.beta_end)) if v is not None}
+        return Schedule.from_name(self.schedule, self.num_timesteps, **ends)
 
 
 @dataclass
