@@ -19,11 +19,13 @@ from latentdiff.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, WEIGHTINGS, S
 from latentdiff.errors import UserError
 from latentdiff.formats.dataclass_io import check_type, to_plain, build_dataclass
 from latentdiff.models.autoencoder import AutoencoderConfig
+from latentdiff.models.concat import CONCAT_KINDS
 from latentdiff.models.unet import UNetConfig
 from latentdiff.training.ae_loss import AutoencoderLossConfig
 from latentdiff.training.clip_config import CLIPTrainConfig
 
 MODELS = ("diffusion", "autoencoder", "clip")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -35,10 +37,10 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the UNet outputs: eps, x0 or v
     weighting: str = "uniform"  # λ(t): uniform (DDPM "simple") or min_snr (Min-SNR-γ)
     min_snr_gamma: float = 5.0  # γ of min_snr
-
-    def __post_init__(self) -> None:
     beta_start: float | None = None  # β_1 and β_T of linear / scaled_linear; None: the schedule's own defaults
     beta_end: float | None = None
+
+    def __post_init__(self) -> None:
         _choice("diffusion.schedule", self.schedule, SCHEDULES)
         _choice("diffusion.prediction", self.prediction, PREDICTIONS)
         _choice("diffusion.weighting", self.weighting, WEIGHTINGS)
@@ -66,10 +68,22 @@ class CondConfig:
     text_encoder: str = "minilm"  # "minilm" (packaged, frozen) or a model folder from `latentdiff train clip-*`
     context_length: int = 32  # tokens of context the minilm encoder gives (a CLIP encoder has its own)
     guidance: float = 4.0  # classifier-free guidance scale for preview grids and the default at sampling
+    # channels concatenated to z_t (models/concat.py): "inpaint" (mask + masked-image latent, SD inpainting's
+    # layout) or "low_res" (the upsampled low-resolution image, SR3 / SD's upscaler); null: none
+    concat: str | None = None
+    low_res_size: int = 0  # concat=low_res: side of the low-resolution input; training downsamples to it
+    mask_full_prob: float = 0.25  # concat=inpaint: share of training masks that cover the whole image (SD: 25 %)
 
     def __post_init__(self) -> None:
         if not 0 <= self.drop_prob < 1:
             raise UserError(f"cond.drop_prob must be in [0, 1), got {self.drop_prob}")
+        if self.concat is not None:
+            _choice("cond.concat", self.concat, CONCAT_KINDS)
+        if (self.concat == "low_res") != (self.low_res_size > 0):
+            raise UserError(f"cond.low_res_size ({self.low_res_size}) must be > 0 exactly when cond.concat is "
+                            f"low_res (got concat={self.concat!r})")
+        if not 0 <= self.mask_full_prob <= 1:
+            raise UserError(f"cond.mask_full_prob must be in [0, 1], got {self.mask_full_prob}")
         if not self.guidance >= 0:
             raise UserError(f"cond.guidance must be >= 0, got {self.guidance}")
         _positive("cond.context_length", self.context_length)
@@ -81,7 +95,8 @@ class TrainConfig:
 
     steps: int = 2000  # total optimiser steps
     time_limit: float = 0.0  # stop (and save) after this many minutes of training in this process; 0: no limit
-    batch_size: int = 128
+    batch_size: int = 128  # global batch per optimiser step: processes × grad_accum × per-process micro-batch
+    grad_accum: int = 1  # micro-batches whose gradients add up to one step (same step, less memory)
     lr: float = 2e-4  # AdamW peak learning rate
     warmup_steps: int = 100  # linear warm-up from 0 to lr (Adam's early moments are noisy)
     lr_schedule: str = "constant"  # after warm-up: constant or cosine (decays to 0 at `steps`)
@@ -89,7 +104,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     ema_decay: float = 0.999  # EMA of the weights, used for sampling; warmed up as min(decay, (1+n)/(10+n))
     seed: int = 0
-    bf16: bool = False  # bf16 autocast for the UNet forward (CPU and GPU); weights and optimiser stay fp32
+    precision: str = "fp32"  # autocast of the forward: fp32 (none), bf16 (CPU, GPU) or fp16 (CUDA, GradScaler)
+    bf16: bool = False  # older spelling of precision=bf16 (kept so existing configs load)
+    compile: bool = False  # torch.compile the trained network's forward (first steps slower; never required)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     log_every: int = 50  # steps between metrics.csv rows
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to <run>/tensorboard
@@ -102,8 +119,14 @@ class TrainConfig:
     grid_sampler: str = "ddim"
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size"):
+        for key in ("steps", "batch_size", "grad_accum"):
             _positive(f"train.{key}", getattr(self, key))
+        _choice("train.precision", self.precision, PRECISIONS)
+        if self.bf16:  # the old key: the same as precision=bf16
+            if self.precision == "fp16":
+                raise UserError("train.bf16=true contradicts train.precision=fp16; set only train.precision")
+            self.precision = "bf16"
+        self.bf16 = self.precision == "bf16"
         for key in ("warmup_steps", "log_every", "sample_every", "checkpoint_every", "threads", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")

@@ -27,8 +27,17 @@ def resize_and_crop(img: Image.Image, size: int, center_crop: bool = True) -> Im
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each sample of an (N, C, H, W) batch left-right with probability 1/2."""
-    # The coin flips come from `generator` on the CPU, so they do not depend on x's device.
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return apply_hflip(x, hflip_coins(x.shape[0], generator))
+
+
+def hflip_coins(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n fair coins (bool): which samples :func:`apply_hflip` mirrors."""
+    # The coin flips come from `generator` on the CPU, so they do not depend on the data's device.
+    return torch.rand(n, generator=generator) < 0.5
+
+
+def apply_hflip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the samples of an (N, C, H, W) batch where ``flip`` (bool (N,)) is set."""
     flip = flip.to(x.device).view(-1, *([1] * (x.dim() - 1)))
     return torch.where(flip, x.flip(-1), x)
 
@@ -42,3 +51,13 @@ def to_uint8_image(x: torch.Tensor) -> torch.Tensor:
     """Map floats in [-1, 1] to uint8 in [0, 255], clamping out-of-range values."""
     # Exact inverse of from_uint8_image for values that came from uint8.
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def resize_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of (N, C, H, W) images in [-1, 1] to size x size (antialiased when shrinking), clamped."""
+    if x.shape[-2:] == (size, size):
+        return x
+    shrink = size < max(x.shape[-2:])
+    y = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False,
+                                        antialias=shrink)
+    return y.clamp(-1, 1)  # bicubic overshoots at edges; images live in [-1, 1]

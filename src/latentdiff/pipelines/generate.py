@@ -18,6 +18,7 @@ from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.diffusion import Schedule, as_eps_fn, classifier_free_guidance, sample
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, IdentityAutoencoder
+from latentdiff.models.concat import CONCAT_KINDS, inpaint_concat, low_res_concat, with_concat
 from latentdiff.models.conditioning import Conditioner
 from latentdiff.models.folder import load_autoencoder, load_unet, read_manifest
 from latentdiff.models.text_encoder import load_text_encoder
@@ -95,8 +96,8 @@ class Pipeline:
                  eta: Optional[float] = None,
                  callback: Optional[Callable[[int, int], None]] = None, spacing: str = "trailing",
                  return_nfe: bool = False, images: Optional[torch.Tensor] = None, strength: float = 1.0,
-                 mask: Optional[torch.Tensor] = None, resample: int = 1,
-                 **sampler_options: float) -> torch.Tensor | tuple[torch.Tensor, float]:
+                 mask: Optional[torch.Tensor] = None, resample: int = 1, low_res: Optional[torch.Tensor] = None,
+                 paste: bool = True, **sampler_options: float) -> torch.Tensor | tuple[torch.Tensor, float]:
         """Draw ``n_samples`` images as a uint8 (N, C, H, W) tensor, ``batch_size`` at a time.
 
         Conditional models take ``class_label`` or ``prompt`` (one, or one per sample), with classifier-free
@@ -106,7 +107,8 @@ class Pipeline:
         options it does not take. With ``return_nfe`` also the network evaluations per sample (the mean
         over chunks: only the adaptive sampler's count varies). With ``images`` (uint8, one or
         ``n_samples``) it is img2img at ``strength``; with a ``mask`` too (1 = keep, (H, W)) inpainting:
-        see :meth:`img2img` and :meth:`inpaint`.
+        see :meth:`img2img` and :meth:`inpaint` (``paste``: put the kept pixels back exactly). ``low_res``
+        (uint8, one or ``n_samples``) is what a super-resolution model upscales: see :meth:`upscale`.
         """
         for name, v in (("n_samples", n_samples), ("batch_size", batch_size), ("steps", steps)):
             if not isinstance(v, int) or v < 1:
@@ -118,6 +120,14 @@ class Pipeline:
         pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
         options = dict(sampler_options) | ({"eta": eta} if eta is not None else {})
         init_all, keep = self._task_inputs(images, mask, n_samples)
+        concat = self._concat_input(images, mask, low_res, n_samples)
+        if concat is not None:  # the same extra channels for the conditional and the unconditional pass
+            cond_all["concat"] = uncond_all["concat"] = concat
+            if self.concat_kind == "inpaint":  # the UNet sees mask and masked image: no replacement (SD inpainting)
+                if resample != 1:
+                    raise UserError(f"{self.path} is an inpainting model; resample applies only to inpainting "
+                                    "by replacement with other models")
+                keep, init_all = None, (init_all if strength < 1 else None)
         out, nfes, total = [], [], -(-n_samples // batch_size) * steps
         for start in range(0, n_samples, batch_size):
             n = min(batch_size, n_samples - start)
@@ -137,7 +147,7 @@ class Pipeline:
                 x = self.autoencoder.decode_latents(z)  # x̂ = D(ẑ / s)
             out.append(to_uint8_image(x).cpu())
         result = torch.cat(out)
-        if mask is not None:  # pixel-exact known region: latent models only reproduce it up to the autoencoder
+        if mask is not None and paste:  # pixel-exact known region: latent models only reproduce it up to the autoencoder
             keep_px = mask.to(torch.bool).expand_as(result)
             result = torch.where(keep_px, images.expand_as(result), result)
         return (result, sum(nfes) / len(nfes)) if return_nfe else result
@@ -149,6 +159,47 @@ class Pipeline:
     def inpaint(self, images: torch.Tensor, mask: torch.Tensor, resample: int = 1, **kwargs: Any) -> torch.Tensor:
         """Redraw where ``mask`` (H, W) is 0, keep where it is 1; RePaint resampling with ``resample`` > 1."""
         return self.generate(**({"n_samples": len(images)} | kwargs), images=images, mask=mask, resample=resample)
+
+    def upscale(self, low_res: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Super-resolution (SR3): images drawn given uint8 ``low_res`` (N or 1, C, l, l), l = the model's low_res_size."""
+        return self.generate(**({"n_samples": len(low_res)} | kwargs), low_res=low_res)
+
+    @property
+    def concat_kind(self) -> Optional[str]:
+        """What the UNet reads beside z_t (models/concat.py): "inpaint", "low_res" or None."""
+        return self.manifest.get("concat")
+
+    @torch.no_grad()
+    def _concat_input(self, images: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                      low_res: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+        """The channels a concat model reads beside z_t for n samples (None for other models)."""
+        kind = self.concat_kind
+        if kind != "low_res" and low_res is not None:
+            raise UserError(f"{self.path} is not a super-resolution model: it takes no low-resolution image")
+        if kind is None:
+            return None
+        if kind == "inpaint":
+            if images is None or mask is None:
+                raise UserError(f"{self.path} is an inpainting model: give an image and a mask "
+                                "(Pipeline.inpaint, latentdiff inpaint)")
+            x = from_uint8_image(images.expand(n, -1, -1, -1)).to(self.device)
+            repaint = (1 - mask.float()).expand(n, 1, *mask.shape).to(self.device)  # SD's mask: 1 = repaint
+            return inpaint_concat(self.autoencoder, x, repaint)
+        if kind == "low_res":
+            if low_res is None:
+                raise UserError(f"{self.path} is a super-resolution model: give the low-resolution image "
+                                "(Pipeline.upscale, latentdiff upscale)")
+            size, ch = self.manifest["low_res_size"], self.manifest["channels"]
+            if low_res.dtype != torch.uint8 or low_res.ndim != 4 or tuple(low_res.shape[1:]) != (ch, size, size):
+                raise UserError(f"low-resolution images must be uint8 (N, {ch}, {size}, {size}) for this model "
+                                f"(it upscales {size}x{size} to {self.manifest['image_size']}), got "
+                                f"{low_res.dtype} {tuple(low_res.shape)}")
+            if len(low_res) not in (1, n):
+                raise UserError(f"give one low-resolution image or n_samples={n}, got {len(low_res)}")
+            y = from_uint8_image(low_res.expand(n, -1, -1, -1)).to(self.device)
+            return low_res_concat(y, self.latent_shape[-1])
+        raise UserError(f"{self.path}/model_index.json: unknown concat kind {kind!r}; "
+                        f"this version knows {', '.join(CONCAT_KINDS)}")
 
     @torch.no_grad()
     def _task_inputs(self, images: Optional[torch.Tensor], mask: Optional[torch.Tensor],
@@ -170,6 +221,9 @@ class Pipeline:
             return z, None
         if tuple(mask.shape) != (size, size):
             raise UserError(f"mask must be ({size}, {size}) like the image, got {tuple(mask.shape)}")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise UserError(f"mask must hold only 0 (redraw) and 1 (keep), got values in "
+                            f"[{float(mask.min()):g}, {float(mask.max()):g}]: threshold it (the CLI does at 50 %)")
         f = self.autoencoder.downsample_factor
         # a latent cell is kept only if every pixel it covers is kept (min-pool), so the seam is redrawn
         keep = -torch.nn.functional.max_pool2d(-mask.float()[None, None], f) if f > 1 else mask.float()[None, None]
@@ -177,7 +231,7 @@ class Pipeline:
     def eps_fn(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], guidance: float,
                schedule: Schedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The UNet as the ε-predictor the samplers take, with classifier-free guidance."""
-        model_fn = classifier_free_guidance(self.unet, cond, uncond, guidance)
+        model_fn = classifier_free_guidance(with_concat(self.unet), cond, uncond, guidance)
         return as_eps_fn(model_fn, schedule, self.diffusion.prediction)
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ from latentdiff.data import ImageData
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import load_tensors, save_tensors
 from latentdiff.models.autoencoder import Autoencoder
+from latentdiff.models.concat import concat_channels
 
 
 def file_fingerprint(path: Path) -> str:
@@ -67,24 +68,34 @@ class LatentData:
     def __len__(self) -> int:
         return self.mean.shape[0]
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator, flip: bool, sample: bool) -> torch.Tensor:
-        """Scaled latents of images ``idx``: z = s · (μ + σ ε − shift), mirrored at random when ``flip``."""
+    def batch(self, idx: torch.Tensor, generator: torch.Generator, flip: bool, sample: bool,
+              return_flips: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents of images ``idx``: z = s · (μ + σ ε − shift), mirrored at random when ``flip``.
+
+        With ``return_flips`` also which images were mirrored (bool (B,)), for inputs made from the pixels.
+        """
         mean, std = self.mean[idx], self.std[idx]
+        mirrored = torch.zeros(len(idx), dtype=torch.bool)
         if flip:
             mirrored = torch.rand(len(idx), generator=generator) < 0.5
             mean = torch.where(mirrored[:, None, None, None], self.mean_flip[idx], mean)
             std = torch.where(mirrored[:, None, None, None], self.std_flip[idx], std)
         z = mean + std * torch.randn(mean.shape, generator=generator) if sample else mean
-        return self.scale * (z - self.shift)
+        z = self.scale * (z - self.shift)
+        return (z, mirrored) if return_flips else z
 
 
 def check_latent_shapes(image_size: int, autoencoder: Autoencoder | None, unet_in: int, unet_out: int,
-                        image_channels: int) -> None:
-    """The UNet must read and write the autoencoder's latent channels; the image must divide by f."""
+                        image_channels: int, concat: str | None = None) -> None:
+    """The UNet must read and write the autoencoder's latent channels (reading more with cond.concat); f | size."""
     channels = autoencoder.latent_channels if autoencoder is not None else image_channels
     what = "the autoencoder's latent channels" if autoencoder is not None else "data.channels (pixel space)"
-    if unet_in != channels or unet_out != channels:
-        raise UserError(f"unet.in_channels/out_channels ({unet_in}/{unet_out}) must equal {what} ({channels})")
+    extra = concat_channels(concat, channels, image_channels)
+    if unet_out != channels:
+        raise UserError(f"unet.out_channels ({unet_out}) must equal {what} ({channels})")
+    if unet_in != channels + extra:
+        plus = f" + {extra} for cond.concat={concat}" if extra else ""
+        raise UserError(f"unet.in_channels ({unet_in}) must be {channels + extra}: {what} ({channels}){plus}")
     if autoencoder is not None:
         if autoencoder.config.in_channels != image_channels:
             raise UserError(f"the autoencoder takes {autoencoder.config.in_channels}-channel images but "
