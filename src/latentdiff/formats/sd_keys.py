@@ -190,7 +190,7 @@ def clip_text_from_open_clip(state: Tensors, layers: int) -> Tensors:
             out["position_embedding.weight"] = v
         elif key.startswith("ln_final."):
             out["final_norm." + key.split(".")[-1]] = v
-        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key):
+        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)[._](weight|bias)", key):  # in_proj_weight
             n, name, p = int(m.group(1)), m.group(2), m.group(3)
             if n >= layers:
                 continue

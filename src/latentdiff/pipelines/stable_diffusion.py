@@ -55,10 +55,10 @@ def read_checkpoint(path: Path | str) -> tuple[Tensors, dict[str, Any]]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused: it holds objects other than tensors and plain data, and loading it "
-                        f"would run code from the file ({str(e).splitlines()[0][:120]})") from None
+                        f"would run code from the file ({_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                        f"{str(e).splitlines()[0][:160]}") from None
+                        f"{_first_line(e) or type(e).__name__}") from None
     meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if isinstance(v, (int, float, str))}
@@ -66,6 +66,10 @@ def read_checkpoint(path: Path | str) -> tuple[Tensors, dict[str, Any]]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a mapping of names to tensors (optionally under 'state_dict')")
     return obj, meta
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
 
 
 def _sub(state: Tensors, prefix: str) -> Tensors:
