@@ -32,11 +32,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files are named ".NAME.XXXXXXXX.tmp" beside their target
+
+
 def atomic_write(path: Path | str, write: Any) -> None:
     """Call ``write(tmp_path)`` then move the finished, fsynced file onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -48,6 +51,11 @@ def atomic_write(path: Path | str, write: Any) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def is_temp_file(path: Path) -> bool:
+    """True for a temporary file of :func:`atomic_write` (left behind only when a process was killed)."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.is_file()
 
 
 def save_json(obj: Any, path: Path | str) -> None:
