@@ -55,13 +55,31 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
 
 
 def _resumed_config(out: Path, preset: str, overrides: list[str]):
-    """On --resume the run's own config.yaml is authoritative; only train.* may be overridden."""
+    """On --resume the run's own config.yaml is authoritative; only train.* may be overridden.
+
+    Other overrides must repeat the run's values, so the command that started a run also resumes it.
+    """
     from latentdiff.config import load_config
 
-    bad = [o for o in overrides if not o.startswith("train.")]  # anything else would change the model
-    if bad:
-        raise UserError(f"--resume keeps the run's data, unet and diffusion settings; cannot apply {', '.join(bad)}")
-    return load_config(str(out / "config.yaml"), overrides)
+    train = [o for o in overrides if o.startswith("train.")]
+    saved = load_config(str(out / "config.yaml"), train)
+    asked = load_config(str(out / "config.yaml"), overrides)
+    bad = [o for o in overrides if o not in train and _setting(asked, o) != _setting(saved, o)]
+    if bad:  # anything else would change the model or its data
+        has = ", ".join(f"{_key(o)}={_setting(saved, o)!r}" for o in bad)
+        raise UserError(f"--resume keeps the run's data, unet and diffusion settings; cannot apply "
+                        f"{', '.join(bad)} (the run has {has})")
+    return saved
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0]
+
+
+def _setting(cfg, override: str):
+    """The value a ``section.key=value`` override addresses in ``cfg``."""
+    section, _, key = _key(override).partition(".")
+    return getattr(getattr(cfg, section), key)
 
 
 def _condition_options(f):
