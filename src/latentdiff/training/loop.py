@@ -24,7 +24,7 @@ from latentdiff.config import RunConfig, TrainConfig
 from latentdiff.data import ImageData, load_dataset, random_hflip
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import atomic_write, flatten_optimizer, load_into, unflatten_optimizer
-from latentdiff.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from latentdiff.training.checkpoints import latest_checkpoint, load_checkpoint, remove_interrupted_writes, save_checkpoint
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -215,6 +215,7 @@ class TrainingRun:
         """Train up to ``train.steps``; returns the path of the last preview grid written."""
         tc = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_interrupted_writes(self.out)  # temporary files of a killed earlier process
         cfg_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(cfg_text))
         print(f"training on {self.device} ({torch.get_num_threads()} threads): {len(self.data)} images from "
@@ -225,7 +226,8 @@ class TrainingRun:
         grid = None
         for m in self.modules().values():
             m.train()
-        logger = CsvLog(self.out / "metrics.csv", self.out / "tensorboard" if tc.tensorboard else None)
+        logger = CsvLog(self.out / "metrics.csv", self.out / "tensorboard" if tc.tensorboard else None,
+                        self.step)
         t0, seen0, sums, count = time.perf_counter(), self.images_seen, {}, 0
         deadline = time.perf_counter() + tc.time_limit * 60 if tc.time_limit else float("inf")
         while self.step < tc.steps:
@@ -264,15 +266,28 @@ class TrainingRun:
         return (self.preview() if tc.grid_samples else None) or grid
 
 
+def _write_csv(path: Path | str, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
 class CsvLog:
     """metrics.csv: one row per log interval (header fixed by the first row); optionally TensorBoard too."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, step: int = 0) -> None:
         self.path = path
         self.columns: list[str] | None = None
-        if path.exists():
+        # Rows past `step` (the checkpoint this run starts from) were logged by a killed process and will
+        # be logged again: drop them, and a row the kill cut short.
+        if path.exists() and not step:
+            path.unlink()
+        elif path.exists():
             with open(path, newline="") as f:
-                self.columns = next(csv.reader(f), None)
+                rows = list(csv.reader(f))
+            self.columns = rows[0] if rows else None
+            keep = [r for r in rows[1:] if len(r) == len(self.columns) and int(r[0]) <= step]
+            if rows and len(keep) + 1 != len(rows):
+                atomic_write(path, lambda tmp: _write_csv(tmp, [self.columns, *keep]))
         self.tb = None
         if tensorboard_dir is not None:
             try:
