@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ def fsync_dir(path: Path) -> None:
 
 
 TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files are named ".NAME.XXXXXXXX.tmp" beside their target
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))  # XXXXXXXX: mkstemp's random part
 
 
 def atomic_write(path: Path | str, write: Any) -> None:
@@ -55,7 +57,7 @@ def atomic_write(path: Path | str, write: Any) -> None:
 
 def is_temp_file(path: Path) -> bool:
     """True for a temporary file of :func:`atomic_write` (left behind only when a process was killed)."""
-    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.is_file()
+    return TEMP_NAME.fullmatch(path.name) is not None and path.is_file()
 
 
 def save_json(obj: Any, path: Path | str) -> None:
