@@ -306,3 +306,68 @@ def test_components_that_disagree_are_refused(tmp_path) -> None:
                            cfg, "cond_stage_model.transformer."), tmp_path / "channels.safetensors")
     with pytest.raises(UserError, match="takes 6 input channels but the VAE makes 4-channel latents"):
         load_any(tmp_path / "channels.safetensors", prediction="eps")
+
+
+# ---- the command line and the memory savers ---------------------------------------------------------------
+def _cli(*args: object):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "latentdiff", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_convert_and_sample_a_checkpoint(sd_v1, tmp_path) -> None:
+    from PIL import Image
+
+    root, ref = sd_v1
+    expected = _reference_image(ref, 4)
+    r = _cli("convert", root / "diffusers", tmp_path / "own")
+    assert r.returncode == 0, r.stderr
+    r = _cli("convert", tmp_path / "own", tmp_path / "back", "--to", "diffusers")
+    assert r.returncode == 0, r.stderr
+    r = _cli("sample", "--model", tmp_path / "back", "--prompt", PROMPT, "--guidance", 7.5, "--steps", 10,
+             "--n-samples", 1, "--seed", 4, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    got = torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / "out" / "000004.png"))).permute(2, 0, 1)
+    assert (got.int() - expected[0].int()).abs().max() <= 1
+    r = _cli("convert", root / "diffusers", tmp_path / "own")  # refuses to overwrite
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("sample", "--model", tmp_path / "own", "--size", 10, "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "multiple of 4" in r.stderr
+
+
+def test_attention_slicing_and_bf16_keep_the_result(sd_v1) -> None:
+    root, _ = sd_v1
+    pipe = load_diffusers_folder(root / "diffusers")
+    full = _ours(pipe, 9)
+    pipe.configure(attention_slice=1)
+    assert torch.equal(_ours(pipe, 9), full) or (_ours(pipe, 9).int() - full.int()).abs().max() <= 1
+    pipe.configure(precision="bf16", attention_slice=0)
+    assert next(pipe.unet.parameters()).dtype == torch.bfloat16
+    narrow = _ours(pipe, 9)
+    assert (narrow.float() - full.float()).abs().mean() < 4  # measured 1.1 grey levels on this random model
+    pipe.configure(size=32)
+    assert pipe.latent_shape == (4, 16, 16)
+
+
+def test_tiled_autoencoder_blends_exactly_where_tiles_agree(sd_v1) -> None:
+    from latentdiff.models.autoencoder import tiled
+
+    x = torch.randn(2, 3, 20, 28)
+    up = tiled(lambda t: torch.nn.functional.interpolate(t, scale_factor=4), x, tile=8, scale=4)
+    torch.testing.assert_close(up, torch.nn.functional.interpolate(x, scale_factor=4))  # every pixel covered once
+    down = tiled(lambda t: torch.nn.functional.avg_pool2d(t, 2), x, tile=8, scale=0.5)
+    torch.testing.assert_close(down, torch.nn.functional.avg_pool2d(x, 2))
+    root, _ = sd_v1
+    ae = load_diffusers_folder(root / "diffusers").autoencoder
+    z = torch.randn(1, 4, 24, 24)
+    with torch.no_grad():
+        full = ae.decode_latents(z)
+        ae.tile = 24  # a tile as large as the latent: the untiled path
+        assert torch.equal(ae.decode_latents(z), full)
+        ae.tile = 8
+        part = ae.decode_latents(z)
+        assert part.shape == full.shape and bool(torch.isfinite(part).all())
+        img = full.clamp(-1, 1)
+        assert ae.encode_latents(img).shape == (1, 4, 24, 24)

@@ -95,8 +95,60 @@ def _condition_options(f):
     return f
 
 
+def _model_options(f):
+    """How to load a model: Stable Diffusion overrides and the memory savers."""
+    for opt in reversed([
+        click.option("--size", default=None, type=click.IntRange(min=8),
+                     help="Image side in pixels (default: the model's; SD v1 512, v2 768)."),
+        click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
+                     help="Stable Diffusion single files only: override what the UNet predicts (read from the file)."),
+        click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
+                     help="UNet and text encoder weights in bf16 (half the memory; the VAE stays fp32)."),
+        click.option("--attention-slice", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Compute attention for this many heads at a time (0: all); less memory on large images."),
+        click.option("--vae-tile", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Decode and encode in overlapping latent tiles of this side (0: whole image)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _load_model(path: Path, device: str, size: int | None = None, prediction: str | None = None,
+                precision: str = "fp32", attention_slice: int = 0, vae_tile: int = 0):
+    """Any model: a latentdiff model folder, a diffusers SD folder or an SD .safetensors/.ckpt file."""
+    from latentdiff.pipelines.stable_diffusion import load_any
+
+    pipe = load_any(path, device, **({"prediction": prediction} if prediction else {}))
+    pipe.configure(size=size, precision=precision, attention_slice=attention_slice, vae_tile=vae_tile)
+    return pipe
+
+
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "layout", default="latentdiff", show_default=True, type=click.Choice(["latentdiff", "diffusers"]),
+              help="Layout of DST: a latentdiff model folder or a diffusers pipeline folder.")
+@click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
+              help="Single files: override what the UNet predicts (default: read from the file).")
+@click.option("--size", default=None, type=click.IntRange(min=8), help="Default image side stored in DST.")
+def convert(src: Path, dst: Path, layout: str, prediction: str | None, size: int | None) -> None:
+    """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to SRC's twin."""
+    from latentdiff.pipelines.stable_diffusion import load_any, save_diffusers, save_latentdiff
+
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"{dst} exists and is not empty; choose a new folder")
+    pipe = load_any(src, "cpu", **({"prediction": prediction} if prediction else {}))
+    pipe.configure(size=size)
+    (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst)
+    click.echo(f"{src} -> {dst} ({layout} layout; {pipe.manifest.get('source', 'latentdiff model')}, "
+               f"{pipe.manifest['image_size']} px, predicts {pipe.diffusion.prediction})")
+
+
+@cli.command()
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--model", "model", default=None, type=click.Path(path_type=Path),
+              help="Instead of RUN_DIR: a model folder, a diffusers SD folder or an SD .safetensors/.ckpt file.")
+@_model_options
 @click.option("--n-samples", default=16, show_default=True, type=click.IntRange(min=1), help="Images to draw.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per network call; memory depends on this, not on --n-samples.")
@@ -115,13 +167,13 @@ def _condition_options(f):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
               show_default=True, help="Folder for the PNGs and grid.png.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
-def sample(run_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, spacing: str,
-           eta: float | None, seed: int, class_label: int | None, prompt: str | None, negative_prompt: str | None,
-           guidance: float | None, out: Path, device: str) -> None:
-    """Draw images from a trained model folder; each PNG keeps its settings in its metadata."""
-    from latentdiff.pipelines.generate import Pipeline
-
-    pipe = Pipeline.load(run_dir, device)
+def sample(run_dir: Path | None, model: Path | None, n_samples: int, batch_size: int, steps: int, sampler: str,
+           spacing: str, eta: float | None, seed: int, class_label: int | None, prompt: str | None,
+           negative_prompt: str | None, guidance: float | None, out: Path, device: str, **load: Any) -> None:
+    """Draw images from a trained model folder or a Stable Diffusion checkpoint; PNGs keep their settings."""
+    if (run_dir is None) == (model is None):
+        raise UserError("give the model as RUN_DIR or as --model PATH (exactly one)")
+    pipe = _load_model(run_dir or model, device, **load)
     t0 = time.perf_counter()
     images, nfe = pipe.generate(n_samples, batch_size, steps, sampler, seed, class_label=class_label, eta=eta,
                                 prompt=prompt, negative_prompt=negative_prompt, guidance=guidance,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +89,13 @@ class DiagonalGaussian:
             self.logvar = logvar.clamp(-30.0, 20.0)  # as CompVis: exp() stays finite in fp32
             self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """z = mean + std · ε (reparameterised); ε drawn on the generator's device (CPU by default), then moved."""
+    def sample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """z = mean + std · ε (reparameterised); ε given, or drawn on the generator's device (CPU by default)."""
         # Same seed, same latent on any device (DESIGN.md): the noise does not come from the GPU's generator.
-        device = generator.device if generator is not None else torch.device("cpu")
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        if noise is None:
+            device = generator.device if generator is not None else torch.device("cpu")
+            noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> Tensor:
         """The most likely z: the mean."""
@@ -307,22 +308,65 @@ class Autoencoder(nn.Module):
             raise UserError(f"autoencoder latent must be (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruct x through a sample (or the mode) of the posterior -> (x̂, posterior)."""
+    def forward(self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        """Reconstruct x through a sample (ε = ``noise`` if given) or the mode of the posterior -> (x̂, posterior)."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = posterior.sample(generator, noise) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+    tile: int = 0  # > 0: encode_latents / decode_latents work in overlapping tiles of this latent side
 
     def encode_latents(self, x: Tensor, generator: torch.Generator | None = None, sample: bool = False) -> Tensor:
         """Diffusion latents z = s · (E(x) − shift) (DESIGN.md), from the posterior mode unless `sample`."""
-        posterior = self.encode(x)
+        f = self.downsample_factor
+        if self.tile and max(x.shape[2:]) > self.tile * f:
+            self._check_image(x)  # tiles of the moments [mean | logvar], blended, then one posterior
+            params = tiled(lambda t: self.quant_conv(self.encoder(t)), x, self.tile * f, 1 / f)
+            posterior = DiagonalGaussian(params, deterministic=not self.config.double_z)
+        else:
+            posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.config.scale_factor * (z - self.config.shift_factor)
 
     def decode_latents(self, z: Tensor) -> Tensor:
         """Images x̂ = D(ẑ / s + shift): the inverse of `encode_latents`."""
-        return self.decode(z / self.config.scale_factor + self.config.shift_factor)
+        z = z / self.config.scale_factor + self.config.shift_factor
+        if self.tile and max(z.shape[2:]) > self.tile:
+            return tiled(self.decode, z, self.tile, self.downsample_factor)
+        return self.decode(z)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    starts = list(range(0, max(size - tile, 0) + 1, stride))
+    return starts if starts[-1] + tile >= size else starts + [size - tile]
+
+
+def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, scale: float, overlap: float = 0.25) -> Tensor:
+    """``fn`` applied to overlapping ``tile`` x ``tile`` crops of x, blended into one output ``scale`` times larger.
+
+    Each output pixel is the weighted mean of the tiles covering it, with weights ramping linearly
+    across the overlap, so no seam is a hard edge. GroupNorm sees one tile's statistics at a time:
+    the result differs a little from the untiled one (measured in tests/test_stable_diffusion.py).
+    """
+    h, w = x.shape[2:]
+    th, tw = min(tile, h), min(tile, w)
+    ov = max(1, round(tile * overlap))
+    out = weight = None
+    for top in _starts(h, th, max(th - ov, 1)):
+        for left in _starts(w, tw, max(tw - ov, 1)):
+            y = fn(x[:, :, top:top + th, left:left + tw])
+            if out is None:
+                out = y.new_zeros(*y.shape[:2], round(h * scale), round(w * scale))
+                weight = y.new_zeros(1, 1, *out.shape[2:])
+            oy, ox, (ny, nx) = round(top * scale), round(left * scale), y.shape[2:]
+            ramp = max(1.0, ov * scale)
+            ry = torch.minimum(torch.arange(ny, device=y.device) + 0.5, ny - torch.arange(ny, device=y.device) - 0.5)
+            rx = torch.minimum(torch.arange(nx, device=y.device) + 0.5, nx - torch.arange(nx, device=y.device) - 0.5)
+            wgt = ((ry / ramp).clamp(max=1)[:, None] * (rx / ramp).clamp(max=1)[None, :]).to(y.dtype)
+            out[:, :, oy:oy + ny, ox:ox + nx] += y * wgt
+            weight[:, :, oy:oy + ny, ox:ox + nx] += wgt
+    return out / weight
 
 
 class IdentityAutoencoder(nn.Module):

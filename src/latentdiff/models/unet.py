@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from latentdiff.formats.dataclass_io import ConfigMixin
-from ..nn.attention import SpatialTransformer
+from ..nn.attention import Attention, SpatialTransformer
 from ..nn.embeddings import timestep_embedding
 from ..nn.resblock import Downsample, ResBlock, Upsample, group_norm, zero_module
 
@@ -130,6 +130,14 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         # Zero-initialised output: the untrained model predicts 0 (the mean of ε), a well-conditioned start.
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+
+    def set_attention_slice(self, heads: int | None) -> None:
+        """Compute every attention ``heads`` (batch x head) score matrices at a time; None: all at once."""
+        if heads is not None and heads < 1:
+            raise UserError(f"attention slice must be a positive number of heads, got {heads}")
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.slice_size = heads
 
     def _check(self, x: Tensor, t: Tensor, context: Tensor | None, class_labels: Tensor | None) -> None:
         cfg, factor = self.config, 2 ** (len(self.config.channel_mult) - 1)

@@ -36,6 +36,14 @@ def _per_sample(prompts: str | list[str], n: int, name: str) -> list[str]:
     return list(prompts) * (n // len(prompts))
 
 
+def _cast_inputs(net: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """``net`` fed floating inputs in ``dtype``, answering in fp32."""
+    def cast(v: Any) -> Any:
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    return lambda x, t, **kw: net(cast(x), t, **{k: cast(v) for k, v in kw.items()}).float()
+
+
 class PerSampleNoise:
     """A noise source that draws each sample's noise from its own CPU generator (seed + i)."""
 
@@ -78,6 +86,27 @@ class Pipeline:
             text_encoder = load_text_encoder(path / "text_encoder", device)
         cond = Conditioner(unet.config, text_encoder, device)
         return cls(unet, autoencoder, diffusion, manifest, path, torch.device(device), cond)
+
+    def configure(self, size: Optional[int] = None, precision: str = "fp32", attention_slice: int = 0,
+                  vae_tile: int = 0) -> "Pipeline":
+        """Image side, bf16 weights (UNet and text encoder; the VAE stays fp32), attention slicing, VAE tiles."""
+        if size is not None:
+            f = self.autoencoder.downsample_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+            if size % f:
+                raise UserError(f"size {size} must be a multiple of {f} for this model (autoencoder and UNet levels)")
+            if self.concat_kind == "low_res":
+                raise UserError("a super-resolution model's size is fixed by its low-resolution input")
+            self.manifest["image_size"] = size
+        if precision not in ("fp32", "bf16"):
+            raise UserError(f"precision must be fp32 or bf16, got {precision!r}")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.unet.to(dtype)
+        if self.cond.text_encoder is not None:
+            self.cond.text_encoder.to(dtype)
+        self.unet.set_attention_slice(attention_slice or None)
+        if isinstance(self.autoencoder, Autoencoder):
+            self.autoencoder.tile = vae_tile
+        return self
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -231,7 +260,11 @@ class Pipeline:
     def eps_fn(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], guidance: float,
                schedule: Schedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The UNet as the ε-predictor the samplers take, with classifier-free guidance."""
-        model_fn = classifier_free_guidance(with_concat(self.unet), cond, uncond, guidance)
+        net = with_concat(self.unet)
+        dtype = next(self.unet.parameters()).dtype
+        if dtype != torch.float32:  # bf16 weights: the sampler's state stays fp32, only the network runs narrow
+            net = _cast_inputs(net, dtype)
+        model_fn = classifier_free_guidance(net, cond, uncond, guidance)
         return as_eps_fn(model_fn, schedule, self.diffusion.prediction)
 
     @torch.no_grad()
