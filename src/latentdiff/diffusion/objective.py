@@ -33,16 +33,25 @@ def loss_weight(schedule: Schedule, t: Tensor, prediction: str, weighting: str =
     return per_target[prediction].float()
 
 
+def draw_t_eps(schedule: Schedule, shape: tuple[int, ...], generator: Optional[torch.Generator] = None
+               ) -> tuple[Tensor, Tensor]:
+    """t ~ U{0..T-1} per sample and ε ~ N(0, I) of ``shape``, on the CPU ``generator`` (any device, same draw)."""
+    t = torch.randint(0, schedule.num_timesteps, (shape[0],), generator=generator)
+    return t, torch.randn(shape, generator=generator)
+
+
 def diffusion_loss(model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: Schedule,
                    prediction: str = "eps", weighting: str = "uniform", gamma: float = 5.0,
-                   generator: Optional[torch.Generator] = None) -> Tensor:
+                   generator: Optional[torch.Generator] = None, t: Optional[Tensor] = None,
+                   eps: Optional[Tensor] = None) -> Tensor:
     """E_{t,x,ε}[λ(t) ‖target - model(z_t, t)‖²] for one batch; t ~ U{0..T-1}, ε ~ N(0, I).
 
-    t and ε are drawn on the CPU ``generator`` so that a seeded run is reproducible on any device.
+    t and ε are drawn on the CPU ``generator`` (:func:`draw_t_eps`) unless given (a data-parallel
+    trainer draws them for the global batch and passes each process its rows).
     """
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (B,), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    if t is None or eps is None:
+        t, eps = draw_t_eps(schedule, tuple(x0.shape), generator)
+    eps = eps.to(x0.device, x0.dtype)
     z_t = schedule.q_sample(x0, t, eps)  # (20.8)
     pred = model_fn(z_t, t.to(x0.device))
     target = schedule.target(x0, t, eps, prediction)

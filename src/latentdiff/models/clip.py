@@ -233,10 +233,32 @@ class CLIPModel(nn.Module):
         """Unit-length image embeddings norm(I_f W_i) of images in [-1, 1], (B, projection_dim)."""
         return F.normalize(self.visual_projection(self.vision(x)), dim=-1)
 
+    def features(self, images: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(image embeddings, text embeddings, e^τ): what the logits are made of."""
+        scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP caps e^τ at 100 so training stays stable
+        return self.encode_image(images), self.encode_text(ids), scale
+
     def forward(self, images: Tensor, ids: Tensor) -> Tensor:
         """logits_per_image (B_img, B_txt) = (norm(I_f W_i) · norm(T_f W_t)ᵀ) · e^τ  (CLIP, DESIGN.md)."""
-        scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP caps e^τ at 100 so training stays stable
-        return scale * self.encode_image(images) @ self.encode_text(ids).T
+        image, text, scale = self.features(images, ids)
+        return clip_logits(image, text, scale)
+
+
+class CLIPFeatures(nn.Module):
+    """A CLIPModel whose forward is :meth:`CLIPModel.features` (what data-parallel training wraps and gathers)."""
+
+    def __init__(self, clip: CLIPModel) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(image embeddings, text embeddings, e^τ)."""
+        return self.clip.features(images, ids)
+
+
+def clip_logits(image: Tensor, text: Tensor, scale: Tensor) -> Tensor:
+    """(norm(I_f W_i) · norm(T_f W_t)ᵀ) · e^τ from the unit embeddings (B_img, D), (B_txt, D)."""
+    return scale * image @ text.T
 
 
 def clip_loss(logits: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +107,8 @@ class AutoencoderLoss(nn.Module):
         self.perceptual = (build_perceptual(cfg.perceptual, cfg.perceptual_weights, cfg.perceptual_lin_weights)
                            if cfg.perceptual_weight > 0 else None)
         self.discriminator = NLayerDiscriminator(in_channels, cfg.disc_ndf, cfg.disc_layers, cfg.disc_norm)
+        # data-parallel training averages the two last-layer gradients over processes (training/distributed.py)
+        self.reduce_grads: Callable[[list[Tensor]], None] | None = None
 
     def autoencoder_parameters(self) -> list[nn.Parameter]:
         """Parameters trained with the autoencoder's optimizer (the log-variance)."""
@@ -128,6 +130,8 @@ class AutoencoderLoss(nn.Module):
         """λ = disc_weight · clamp(‖∇_last L_nll‖ / (‖∇_last L_G‖ + 1e-4), 0, 1e4): balances the two gradients."""
         nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        if self.reduce_grads is not None:  # λ of the global batch, not of this process's share
+            self.reduce_grads([nll_grad, g_grad])
         weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
         return weight * self.config.disc_weight
 

@@ -7,7 +7,6 @@ autoencoder's config, where latent diffusion reads it (DESIGN.md: z = s · E(x))
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, measure_scale_factor
 from latentdiff.models.folder import save_model_folder
 from latentdiff.training.ae_loss import AutoencoderLoss
-from latentdiff.training.loop import TrainingRun
+from latentdiff.training import distributed
+from latentdiff.training.loop import Batch, TrainingRun
 
 SCALE_IMAGES = 2048  # images encoded to measure the latent scale
 
@@ -46,6 +46,9 @@ class AutoencoderTrainer(TrainingRun):
                                        lr=tc.lr, betas=(0.5, 0.9), weight_decay=tc.weight_decay)
         self.opt_d = torch.optim.AdamW(self.loss.discriminator_parameters(), lr=tc.lr, betas=(0.5, 0.9),
                                        weight_decay=tc.weight_decay)
+        self.train_model = self.parallel(self.model)  # the discriminator and logvar: averaged by optimizer_step
+        if self.dist.active:
+            self.loss.reduce_grads = distributed.all_reduce_mean_
 
     def modules(self) -> dict[str, nn.Module]:
         """The autoencoder and the loss (discriminator and learned log-variance)."""
@@ -55,21 +58,39 @@ class AutoencoderTrainer(TrainingRun):
         """Generator (autoencoder) and discriminator optimisers."""
         return {"generator": self.opt_g, "discriminator": self.opt_d}
 
+    def draw(self) -> Batch:
+        """Indices and flips of the global batch, and the ε of each image's posterior sample z = μ + σ ε."""
+        batch = super().draw()
+        f, size = self.model.downsample_factor, self.cfg.data.image_size
+        shape = (len(batch["idx"]), self.model.latent_channels, size // f, size // f)
+        return batch | {"eps": torch.randn(shape, generator=self.noise_gen)}
+
     def train_step(self) -> dict[str, float] | None:
-        """One autoencoder step and, once the GAN is on, one discriminator step."""
-        x, _ = self.next_batch()
-        with torch.autocast(self.device.type, torch.bfloat16) if self.cfg.train.bf16 else nullcontext():
-            recon, posterior = self.model(x, sample_posterior=True, generator=self.noise_gen)
-        recon = recon.float()
-        loss, logs = self.loss.generator_loss(x, recon, posterior, self.step, self.model.last_layer)
-        if self.skip_nonfinite(loss):
+        """One autoencoder step and, once the GAN is on, one discriminator step (each over train.grad_accum parts).
+
+        The adaptive GAN weight λ is computed per micro-step (averaged over processes), so with the GAN on
+        grad_accum > 1 is close to, not identical with, one step on the whole batch.
+        """
+        batch, pairs = self.draw(), []
+
+        def generator_loss(part: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+            x = self.images(part)
+            with self.autocast():
+                recon, posterior = self.train_model(x, sample_posterior=True, noise=part["eps"])
+            recon = recon.float()
+            pairs.append((x, recon.detach()))
+            return self.loss.generator_loss(x, recon, posterior, self.step, self.model.last_layer)
+
+        logs = self.accumulate(batch, generator_loss, self.opt_g)
+        if self.skip_nonfinite(logs["loss"]):
             return None
-        self.clip_and_step(self.opt_g, self.opt_g.param_groups[0]["params"], loss)
+        self.optimizer_step(self.opt_g, self.opt_g.param_groups[0]["params"])
         logs |= {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}  # same columns before disc_start
         if self.loss.discriminator_active(self.step):
-            d_loss, d_logs = self.loss.discriminator_loss(x, recon.detach(), self.step)
-            self.clip_and_step(self.opt_d, self.loss.discriminator_parameters(), d_loss)
-            logs |= d_logs
+            remaining = iter(pairs)
+            logs |= self.accumulate(batch, lambda _: self.loss.discriminator_loss(*next(remaining), self.step),
+                                    self.opt_d)
+            self.optimizer_step(self.opt_d, self.loss.discriminator_parameters())
         return logs
 
     @torch.no_grad()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,12 @@ from latentdiff.data import ImageData, load_dataset
 from latentdiff.data.images import make_grid, save_png
 from latentdiff.errors import UserError
 from latentdiff.eval.zero_shot import confusion_matrix, zero_shot_predict
-from latentdiff.models.clip import CLIPModel, CLIPTextEncoder, clip_loss
+from latentdiff.models.clip import CLIPFeatures, CLIPModel, CLIPTextEncoder, clip_logits, clip_loss
 from latentdiff.models.folder import save_model_folder
 from latentdiff.models.tokenizer import TrainedTokenizer, load_tokenizer
 from latentdiff.training.checkpoints import latest_checkpoint
-from latentdiff.training.loop import TrainingRun
+from latentdiff.training import distributed
+from latentdiff.training.loop import Batch, TrainingRun
 
 EVAL_IMAGES = 1000  # held-out images for the zero-shot confusion matrix of each preview
 
@@ -61,8 +61,13 @@ class CLIPTrainer(TrainingRun):
         if latest_checkpoint(self.out / "checkpoints") is not None:  # resuming: the weights belong to this tokenizer
             self.tokenizer = load_tokenizer(self.out / "tokenizer")
         else:  # saved now, so a resume reads these ids even if a newer tokenizers library would train others
-            self.tokenizer = TrainedTokenizer.train(captions, vocab_size=c.vocab_size, context_length=c.context_length)
-            self.tokenizer.save(self.out / "tokenizer")
+            with distributed.main_first(self.dist):  # rank 0 trains and saves it; the other ranks read it
+                if self.dist.is_main:
+                    self.tokenizer = TrainedTokenizer.train(captions, vocab_size=c.vocab_size,
+                                                            context_length=c.context_length)
+                    self.tokenizer.save(self.out / "tokenizer")
+                else:
+                    self.tokenizer = load_tokenizer(self.out / "tokenizer")
         unique = {t: i for i, t in enumerate(dict.fromkeys(captions))}  # class-name captions repeat a lot
         rows = torch.tensor([unique[t] for t in captions], dtype=torch.long)
         self.ids = self.tokenizer(list(unique))[rows]  # (N, L): tokenized once; a batch is a row lookup
@@ -73,6 +78,7 @@ class CLIPTrainer(TrainingRun):
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
         self.opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.train_model = self.parallel(CLIPFeatures(self.model))
         self._eval_data: ImageData | None = None
 
     def modules(self) -> dict[str, nn.Module]:
@@ -90,19 +96,31 @@ class CLIPTrainer(TrainingRun):
         return h.hexdigest()
 
     def train_step(self) -> dict[str, float] | None:
-        """One AdamW step on a batch of (image, caption) pairs."""
-        x, idx = self.next_batch()
-        ids = self.ids[idx].to(self.device)
-        with torch.autocast(self.device.type, torch.bfloat16) if self.cfg.train.bf16 else nullcontext():
-            logits = self.model(x, ids)
-        loss = clip_loss(logits.float())
-        if self.skip_nonfinite(loss):
+        """One AdamW step on a batch of (image, caption) pairs.
+
+        Under torchrun the embeddings of all processes are gathered, so the contrastive loss sees the
+        whole global batch, as one process would; with train.grad_accum > 1 each micro-step is its own
+        contrastive batch (fewer negatives per image than one step on the whole batch).
+        """
+        batch = self.draw()
+        logs = self.accumulate(batch, self.micro_loss, self.opt)
+        if self.skip_nonfinite(logs["loss"]):
             return None
-        self.clip_and_step(self.opt, self.model.parameters(), loss)
+        self.optimizer_step(self.opt, self.model.parameters())
+        return logs
+
+    def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """clip_loss of this micro-step's pairs over all processes, the in-batch accuracy and e^τ."""
+        ids = self.ids[part["idx"]].to(self.device)
+        with self.autocast():
+            image, text, scale = self.train_model(self.images(part), ids)
+        image, text = distributed.gather_with_grad(image.float()), distributed.gather_with_grad(text.float())
+        logits = clip_logits(image, text, scale.float())
+        loss = clip_loss(logits)
         with torch.no_grad():  # a caption equal to the image's own counts as correct (class-name captions repeat)
-            acc = (ids[logits.argmax(dim=1)] == ids).all(dim=1).float().mean()
-        scale = float(self.model.logit_scale.detach().exp())
-        return {"loss": float(loss.detach()), "acc": float(acc), "logit_scale": scale}
+            all_ids = distributed.gather_with_grad(ids)
+            acc = (all_ids[logits.argmax(dim=1)] == all_ids).all(dim=1).float().mean()
+        return loss, {"loss": float(loss.detach()), "acc": float(acc), "logit_scale": float(scale.detach())}
 
     def text_encoder(self) -> CLIPTextEncoder:
         """The text tower with its tokenizer: the conditioning of a text-to-image diffusion model."""

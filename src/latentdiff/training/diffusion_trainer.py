@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +10,20 @@ import torch
 from torch import nn
 
 from latentdiff.data.images import make_grid, save_png, upscale_nearest
-from latentdiff.data.transforms import to_uint8_image
-from latentdiff.diffusion import as_eps_fn, classifier_free_guidance, diffusion_loss, sample
+from latentdiff.data.masks import random_masks
+from latentdiff.data.transforms import resize_bicubic, to_uint8_image
+from latentdiff.diffusion import as_eps_fn, classifier_free_guidance, diffusion_loss, draw_t_eps, sample
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import IdentityAutoencoder
+from latentdiff.models.concat import inpaint_concat, low_res_concat, with_concat
 from latentdiff.models.conditioning import Conditioner, conditioning_kind
 from latentdiff.models.folder import load_autoencoder, save_model_folder
 from latentdiff.models.text_encoder import build_text_encoder
 from latentdiff.models.unet import UNet
 from latentdiff.training.ema import EMA
 from latentdiff.training.latents import LatentData, check_latent_shapes, file_fingerprint
-from latentdiff.training.loop import TrainingRun
+from latentdiff.training import distributed
+from latentdiff.training.loop import Batch, TrainingRun
 
 
 CACHE_BYTES = 2 * 2**30  # memory the per-caption text contexts may take; more captions are encoded per batch
@@ -40,17 +42,22 @@ class DiffusionTrainer(TrainingRun):
             ae_dir = Path(lc.autoencoder)
             self.autoencoder = load_autoencoder(ae_dir, self.device)
             check_latent_shapes(d.image_size, self.autoencoder, self.cfg.unet.in_channels,
-                                self.cfg.unet.out_channels, d.channels)
+                                self.cfg.unet.out_channels, d.channels, self.cfg.cond.concat)
             ae_fp = file_fingerprint(ae_dir / "autoencoder" / "model.safetensors")
-            self.latents = LatentData(self.data, self.autoencoder, ae_fp, ae_dir / "latent_cache", d.hflip, self.device)
+            with distributed.main_first(self.dist):  # rank 0 encodes and writes the cache, the others read it
+                self.latents = LatentData(self.data, self.autoencoder, ae_fp, ae_dir / "latent_cache", d.hflip,
+                                          self.device)
         else:
             self.autoencoder = IdentityAutoencoder(d.channels)
-            check_latent_shapes(d.image_size, None, self.cfg.unet.in_channels, self.cfg.unet.out_channels, d.channels)
+            check_latent_shapes(d.image_size, None, self.cfg.unet.in_channels, self.cfg.unet.out_channels, d.channels,
+                                self.cfg.cond.concat)
+        self._check_low_res()
         self._check_conditioning()
         self.schedule = self.cfg.diffusion.build_schedule()
         self.model = UNet(self.cfg.unet).to(self.device)
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.train_model = self.parallel(self.model)
 
     def modules(self) -> dict[str, nn.Module]:
         """The trained UNet and its EMA copy."""
@@ -70,14 +77,41 @@ class DiffusionTrainer(TrainingRun):
         f, size = self.autoencoder.downsample_factor, self.cfg.data.image_size
         return (self.autoencoder.latent_channels, size // f, size // f)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels through the base class, or cached latents drawn from q(z|x)."""
+    def draw(self) -> Batch:
+        """The global batch: indices with flips (pixels) or cached latents drawn from q(z|x), the condition's
+        dropout coins, inpainting masks, and t and ε of the objective."""
         if self.latents is None:
-            return super().next_batch()
-        idx = self.batches.next()
-        z = self.latents.batch(idx, self.batches.generator, self.cfg.data.hflip, self.cfg.latent.sample_posterior)
-        self.images_seen += len(idx)
-        return z.to(self.device), idx
+            batch = super().draw()
+        else:
+            idx = self.next_indices()
+            z, mirrored = self.latents.batch(idx, self.batches.generator, self.cfg.data.hflip,
+                                             self.cfg.latent.sample_posterior, return_flips=True)
+            batch = {"idx": idx, "x0": z, "flip": mirrored}  # the flips, for concat inputs made from the pixels
+        n, c = len(batch["idx"]), self.cfg.cond
+        if self.cond.kind != "none":
+            batch["drop"] = self.drop_coins(n)
+        if c.concat == "inpaint":
+            batch["repaint"] = random_masks(n, self.cfg.data.image_size, self.noise_gen, c.mask_full_prob)
+        batch["t"], batch["eps"] = draw_t_eps(self.schedule, (n, *self.latent_shape), self.noise_gen)
+        return batch
+
+    def _check_low_res(self) -> None:
+        """A super-resolution model's low-resolution side must be smaller than the image."""
+        c, size = self.cfg.cond, self.cfg.data.image_size
+        if c.concat == "low_res" and not c.low_res_size < size:
+            raise UserError(f"cond.low_res_size ({c.low_res_size}) must be smaller than data.image_size ({size})")
+
+    def concat_inputs(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                      repaint: torch.Tensor | None = None) -> torch.Tensor:
+        """The channels concatenated to z_t for these images (in [-1, 1]): a mask (``repaint``, else drawn on
+        ``generator``) and the masked image's latent (inpainting), or the image downsampled to low_res_size
+        and resized to the UNet's grid."""
+        c = self.cfg.cond
+        if c.concat == "inpaint":
+            if repaint is None:
+                repaint = random_masks(len(images), images.shape[-1], generator, c.mask_full_prob)
+            return inpaint_concat(self.autoencoder, images, repaint.to(images.device))
+        return low_res_concat(resize_bicubic(images, c.low_res_size), self.latent_shape[-1])
 
     def _check_conditioning(self) -> None:
         """Labels for a class-conditional UNet, captions and a text encoder for a text-conditional one."""
@@ -101,37 +135,54 @@ class DiffusionTrainer(TrainingRun):
                                     * text_encoder.width * 4 <= CACHE_BYTES)
         self.cond = Conditioner(u, text_encoder, self.device, cache=cache)
 
-    def condition(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The batch's labels or captions, each replaced by the null condition with probability drop_prob."""
+    def drop_coins(self, n: int) -> torch.Tensor:
+        """Which of n conditions classifier-free-guidance training replaces by the null one (bool (n,))."""
+        return torch.rand(n, generator=self.noise_gen) < self.cfg.cond.drop_prob
+
+    def condition(self, idx: torch.Tensor, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The labels or captions of images ``idx``, those where ``drop`` (default: fresh coins) replaced by null."""
         if self.cond.kind == "none":
             return {}
-        drop = torch.rand(len(idx), generator=self.noise_gen) < self.cfg.cond.drop_prob
+        drop = self.drop_coins(len(idx)) if drop is None else drop
         labels = self.data.labels[idx] if self.cond.kind == "class" else None
         captions = [self.data.captions[i] for i in idx.tolist()] if self.cond.kind == "text" else None
         return self.cond.dropped(labels, captions, drop)
 
     def train_step(self) -> dict[str, float] | None:
-        """One AdamW step on a batch; skipped (None) when the loss is not finite."""
-        tc = self.cfg.train
-        x0, idx = self.next_batch()
-        cond = self.condition(idx)
+        """One AdamW step on the global batch; skipped (None) when the loss is not finite."""
+        logs = self.accumulate(self.draw(), self.micro_loss, self.opt)
+        if self.skip_nonfinite(logs["loss"]):
+            return None
+        self.optimizer_step(self.opt, self.model.parameters())
+        self.ema.update(self.model, self.step + 1)
+        return logs
+
+    def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The diffusion loss of some rows of the batch, with the t and ε drawn for them in :meth:`draw`."""
+        concat = self.cfg.cond.concat
+        images = self.images(part) if self.latents is None or concat else None
+        x0 = part["x0"].to(self.device) if "x0" in part else images
+        cond = self.condition(part["idx"], part.get("drop"))
+        if concat:
+            cond["concat"] = self.concat_inputs(images, repaint=part.get("repaint"))
+        unet = with_concat(self.train_model)
 
         def model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, torch.bfloat16) if tc.bf16 else nullcontext():
-                return self.model(z_t, t, **cond)
+            with self.autocast():
+                return unet(z_t, t, **cond)
 
         d = self.cfg.diffusion
-        loss = diffusion_loss(model_fn, x0, self.schedule, d.prediction, d.weighting, d.min_snr_gamma, self.noise_gen)
-        if self.skip_nonfinite(loss):
-            return None
-        self.clip_and_step(self.opt, self.model.parameters(), loss)
-        self.ema.update(self.model, self.step + 1)
-        return {"loss": float(loss.detach())}
+        loss = diffusion_loss(model_fn, x0, self.schedule, d.prediction, d.weighting, d.min_snr_gamma,
+                              t=part["t"], eps=part["eps"])
+        return loss, {"loss": float(loss.detach())}
 
     def manifest(self) -> dict[str, Any]:
         """What a pipeline needs beside the weights."""
-        d = self.cfg.data
-        return {"step": self.step, "diffusion": dataclasses.asdict(self.cfg.diffusion),
+        d, c = self.cfg.data, self.cfg.cond
+        concat = {"concat": c.concat} if c.concat else {}  # models/concat.py; absent: no concat conditioning
+        if c.concat == "low_res":
+            concat["low_res_size"] = c.low_res_size
+        return {**concat, "step": self.step, "diffusion": dataclasses.asdict(self.cfg.diffusion),
                 "image_size": d.image_size, "channels": d.channels, "latent_shape": list(self.latent_shape),
                 "class_names": self.data.class_names,
                 "conditioning": {"kind": self.cond.kind, "guidance": self.cfg.cond.guidance},
@@ -162,7 +213,13 @@ class DiffusionTrainer(TrainingRun):
             cond = {}
         if cond:
             settings["guidance"] = self.cfg.cond.guidance
-        model_fn = classifier_free_guidance(self.ema.model, cond, self.cond.null(n), self.cfg.cond.guidance)
+        uncond = self.cond.null(n)
+        if self.cfg.cond.concat:  # the first n images of the data, masks / low-res from the grid's seed
+            images = self.data.batch(torch.arange(n) % len(self.data)).to(self.device)
+            cond["concat"] = uncond["concat"] = self.concat_inputs(images, g)
+            settings["concat"] = self.cfg.cond.concat
+        scale = self.cfg.cond.guidance if self.cond.kind != "none" else 1.0  # concat alone: nothing to guide
+        model_fn = classifier_free_guidance(with_concat(self.ema.model), cond, uncond, scale)
         eps_fn = as_eps_fn(model_fn, self.schedule, self.cfg.diffusion.prediction)
         clip = 1.0 if self.latents is None else None  # pixels live in [-1, 1]; latents have no fixed range
         z = sample(eps_fn, noise, self.schedule, tc.grid_sampler, tc.grid_steps, generator=g, clip_x0=clip)

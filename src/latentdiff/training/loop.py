@@ -4,6 +4,10 @@ A trainer subclasses :class:`TrainingRun` and supplies ``build`` (networks and o
 ``train_step``, ``export`` (the model folder) and ``preview`` (an image grid). Everything random is
 drawn from generators whose state is checkpointed (data order, flips, t and ε, dropout), so
 ``--resume`` continues exactly: N + N steps with a resume between equal 2N steps straight.
+
+Under ``torchrun`` (training/distributed.py) every process draws the same global batch of ``train.batch_size``
+images and the same random numbers, and trains on its own rows in ``train.grad_accum`` micro-steps: the
+step equals one process's step on the whole batch. Only rank 0 writes logs, grids, checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import csv
 import math
 import sys
 import time
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 import yaml
@@ -21,10 +26,14 @@ from torch import nn
 from tqdm import tqdm
 
 from latentdiff.config import RunConfig, TrainConfig
-from latentdiff.data import ImageData, load_dataset, random_hflip
+from latentdiff.data import ImageData, load_dataset
+from latentdiff.data.transforms import apply_hflip, hflip_coins
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import atomic_write, flatten_optimizer, load_into, unflatten_optimizer
+from latentdiff.training import distributed
 from latentdiff.training.checkpoints import latest_checkpoint, load_checkpoint, remove_interrupted_writes, save_checkpoint
+
+Batch = dict[str, torch.Tensor]  # a global batch: tensors whose first dimension runs over its images
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -81,14 +90,22 @@ class TrainingRun:
     def __init__(self, cfg: RunConfig, out_dir: Path | str, resume: bool = False,
                  device: str = "auto", progress: bool | None = None) -> None:
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
-        self.device = pick_device(device)
+        self.dist, self.device = distributed.setup(pick_device(device))
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        if tc.precision == "fp16" and self.device.type != "cuda":
+            raise UserError(f"train.precision=fp16 needs a CUDA device (got {self.device}); use bf16 on the CPU")
         self._check_out_dir(resume)
-        torch.manual_seed(tc.seed)  # weight init and dropout
+        torch.manual_seed(tc.seed)  # weight init (identical on every rank) and dropout
         self.data: ImageData = load_dataset(cfg.data)
+        self._check_batch_split()
+        self._ddp: list[nn.Module] = []  # DistributedDataParallel wrappers (see parallel())
+        self._synced: set[int] = set()  # ids of the parameters whose gradients DDP averages
         self.build()
+        if self.dist.rank:  # dropout differs between ranks, as it does between the images of one batch
+            torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)
+        self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         self.batches = Batches(len(self.data), tc.batch_size, tc.seed + 1)
         self.noise_gen = torch.Generator().manual_seed(tc.seed + 2)  # t and ε of the objective, posterior samples
         self.step, self.bad_steps, self.images_seen = 0, 0, 0
@@ -132,18 +149,80 @@ class TrainingRun:
         """Restore what :meth:`extra_state` saved."""
 
     # ---- helpers for train_step ---------------------------------------------------------------
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch in [-1, 1] on the device, its dataset indices), with random flips if configured."""
+    def next_indices(self) -> torch.Tensor:
+        """Dataset indices of the next global batch (the same on every rank)."""
         idx = self.batches.next()
-        x = self.data.batch(idx)
-        if self.cfg.data.hflip:
-            x = random_hflip(x, self.batches.generator)
-        self.images_seen += x.shape[0]
-        return x.to(self.device), idx
+        self.images_seen += len(idx)
+        return idx
 
-    def skip_nonfinite(self, loss: torch.Tensor) -> bool:
-        """True (and count it) when the loss is NaN/inf; stop with a clear error past the limit."""
-        if bool(torch.isfinite(loss)):
+    def draw(self) -> Batch:
+        """The next global batch: its indices and, with data.hflip, which images are mirrored.
+
+        Trainers add the random numbers of their objective (drawn for the whole global batch, so that
+        every rank and every accumulation split draws the same); :meth:`accumulate` hands out the rows.
+        """
+        idx = self.next_indices()
+        return {"idx": idx} | ({"flip": hflip_coins(len(idx), self.batches.generator)} if self.cfg.data.hflip else {})
+
+    def images(self, part: Batch) -> torch.Tensor:
+        """The images of (a part of) a batch, in [-1, 1], mirrored where drawn, on the device."""
+        x = self.data.batch(part["idx"])
+        if "flip" in part:
+            x = apply_hflip(x, part["flip"])
+        return x.to(self.device)
+
+    def parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` as the training forward calls it: in DDP under torchrun, compiled with train.compile.
+
+        Checkpoints, EMA and exports keep using ``module`` itself (its weights are the same tensors).
+        """
+        wrapped = distributed.wrap_ddp(module, self.device)
+        if wrapped is not module:
+            self._ddp.append(wrapped)
+            self._synced |= {id(p) for p in module.parameters()}
+        return torch.compile(wrapped) if self.cfg.train.compile else wrapped
+
+    def autocast(self) -> ContextManager:
+        """Autocast of the forward for train.precision (bf16 or fp16); nothing for fp32."""
+        p = self.cfg.train.precision
+        if p == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def accumulate(self, batch: Batch, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]],
+                   opt: torch.optim.Optimizer) -> dict[str, float]:
+        """Zero ``opt``'s gradients, then forward and backward this rank's rows in train.grad_accum micro-steps.
+
+        Each micro-step's loss (a mean over its rows) is divided by grad_accum and DDP averages over the
+        ranks, so the gradients are those of the mean loss over the global batch. Returns the logs of
+        ``loss_fn`` averaged over micro-steps and ranks.
+        """
+        opt.zero_grad(set_to_none=True)
+        parts = [{k: v[s] for k, v in batch.items()} for s in
+                 distributed.shard(len(batch["idx"]), self.cfg.train.grad_accum, self.dist)]
+        sums: dict[str, float] = {}
+        for i, part in enumerate(parts):
+            with self._no_sync(i < len(parts) - 1):  # DDP averages once, after the last micro-step
+                loss, logs = loss_fn(part)
+                loss = loss / len(parts)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v / len(parts)
+        return distributed.mean_logs(sums, self.device)
+
+    def _no_sync(self, skip: bool) -> ContextManager:
+        stack = ExitStack()
+        if skip:
+            for ddp in self._ddp:
+                stack.enter_context(ddp.no_sync())
+        return stack
+
+    def skip_nonfinite(self, loss: float | torch.Tensor) -> bool:
+        """True (and count it) when the loss is NaN/inf; stop with a clear error past the limit.
+
+        Under torchrun pass the loss averaged over ranks (:meth:`accumulate`'s), so that all skip together.
+        """
+        if math.isfinite(float(loss)):
             return False
         self.bad_steps += 1
         for opt in self.optimizers().values():
@@ -151,16 +230,38 @@ class TrainingRun:
         limit = self.cfg.train.max_bad_steps
         if self.bad_steps > limit:
             raise UserError(f"stopped at step {self.step}: {self.bad_steps} steps had a non-finite loss "
-                            f"(limit train.max_bad_steps={limit}); lower train.lr or disable train.bf16")
+                            f"(limit train.max_bad_steps={limit}); lower train.lr or use train.precision=fp32")
         return True
 
-    def clip_and_step(self, opt: torch.optim.Optimizer, params: Any, loss: torch.Tensor) -> None:
-        """zero_grad, backward, clip the global gradient norm (train.grad_clip), step."""
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    def optimizer_step(self, opt: torch.optim.Optimizer, params: Any) -> None:
+        """After :meth:`accumulate`: average the gradients DDP does not cover, clip (train.grad_clip), step."""
+        params = list(params)
+        distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None and id(p) not in self._synced])
+        if self.scaler:
+            self.scaler.unscale_(opt)
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-        opt.step()
+        if self.scaler:
+            self.scaler.step(opt)  # skipped when fp16 gradients overflowed; update() then lowers the scale
+        else:
+            opt.step()
+
+    def _check_batch_split(self) -> None:
+        tc, world = self.cfg.train, self.dist.world_size
+        n = min(tc.batch_size, len(self.data))  # a data set smaller than the batch is one batch
+        if n % (tc.grad_accum * world):
+            raise UserError(f"the global batch of {n} images (train.batch_size={tc.batch_size}, {len(self.data)} images) "
+                            f"does not split into {world} process(es) × train.grad_accum={tc.grad_accum}; "
+                            f"choose a batch size divisible by {tc.grad_accum * world}")
+
+    def batch_line(self) -> str:
+        """'batch 64 = 2 processes × 2 micro-steps × 16': what one optimiser step sees."""
+        tc, world = self.cfg.train, self.dist.world_size
+        n = min(tc.batch_size, len(self.data))
+        if world == 1 and tc.grad_accum == 1:
+            return f"batch {n}"
+        return (f"global batch {n} = {world} process(es) × {tc.grad_accum} micro-step(s) × "
+                f"{n // (world * tc.grad_accum)} images")
 
     # ---- checkpoints --------------------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> None:
@@ -186,21 +287,32 @@ class TrainingRun:
         rng = groups["rng"]
         self.batches.load({k[len("batches."):]: v for k, v in rng.items() if k.startswith("batches.")})
         self.noise_gen.set_state(rng["noise"])
-        torch.set_rng_state(rng["torch"])
         self.step, self.bad_steps, self.images_seen = state["step"], state["bad_steps"], state["images_seen"]
+        own = "torch" if self.dist.is_main else f"torch.rank{self.dist.rank}"
+        if own in rng:
+            torch.set_rng_state(rng[own])
+        else:  # resumed with more processes than were saved: a fresh, still deterministic, dropout stream
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.dist.rank + self.step)
+        if self.scaler and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.load_extra_state(state.get("extra", {}))
 
-    def save(self) -> Path:
-        """Checkpoint the full training state, then export the model folder."""
+    def save(self) -> Path | None:
+        """Checkpoint the full training state, then export the model folder (rank 0; every rank must call it)."""
+        torch_states = distributed.gather_objects(torch.get_rng_state())  # each rank's dropout stream
+        if not self.dist.is_main:
+            return None
         groups: dict[str, dict[str, torch.Tensor]] = {k: m.state_dict() for k, m in self.modules().items()}
         opt_meta = {}
         for name, opt in self.optimizers().items():
             groups[f"opt_{name}"], opt_meta[name] = flatten_optimizer(opt.state_dict())
         rng = {f"batches.{k}": v for k, v in self.batches.state().items()}
-        groups["rng"] = rng | {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
+        rng |= {"noise": self.noise_gen.get_state(), "torch": torch_states[0]}
+        groups["rng"] = rng | {f"torch.rank{r}": s for r, s in enumerate(torch_states) if r}
         state = {"optimizers": opt_meta, "bad_steps": self.bad_steps, "images_seen": self.images_seen,
                  "data_fingerprint": self.fingerprint(), "config": self.cfg.to_dict(),
-                 "extra": self.extra_state()}
+                 "extra": self.extra_state(), "world_size": self.dist.world_size,
+                 "grad_scaler": self.scaler.state_dict() if self.scaler else None}
         folder = save_checkpoint(self.out / "checkpoints", self.step, groups, state, self.cfg.train.keep_checkpoints)
         self.export()
         return folder
@@ -213,26 +325,30 @@ class TrainingRun:
 
     def run(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> Path | None:
         """Train up to ``train.steps``; returns the path of the last preview grid written."""
-        tc = self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_interrupted_writes(self.out)  # temporary files of a killed earlier process
-        cfg_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-        atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(cfg_text))
-        print(f"training on {self.device} ({torch.get_num_threads()} threads): {len(self.data)} images from "
-              f"{self.cfg.data.source}, {self.describe()}, steps {self.step}→{tc.steps}, batch {tc.batch_size}",
-              file=sys.stderr)
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        tc, main = self.cfg.train, self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_interrupted_writes(self.out)  # temporary files of a killed earlier process
+            cfg_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(cfg_text))
+            where = f"{self.device} ({torch.get_num_threads()} threads)"
+            if self.dist.active:
+                where = f"{self.dist.world_size} processes ({distributed.backend()}), rank 0 on {where}"
+            print(f"training on {where}: {len(self.data)} images from {self.cfg.data.source}, {self.describe()}, "
+                  f"steps {self.step}→{tc.steps}, {self.batch_line()}, {tc.precision}", file=sys.stderr)
+        show = main and (self.progress if self.progress is not None else sys.stderr.isatty())
         bar = tqdm(total=tc.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True)
         grid = None
         for m in self.modules().values():
             m.train()
         logger = CsvLog(self.out / "metrics.csv", self.out / "tensorboard" if tc.tensorboard else None,
-                        self.step)
+                        self.step) if main else None
         t0, seen0, sums, count = time.perf_counter(), self.images_seen, {}, 0
         deadline = time.perf_counter() + tc.time_limit * 60 if tc.time_limit else float("inf")
         while self.step < tc.steps:
-            if time.perf_counter() > deadline:
-                print(f"train.time_limit of {tc.time_limit} min reached at step {self.step}", file=sys.stderr)
+            if tc.time_limit and distributed.broadcast_flag(time.perf_counter() > deadline, self.device):
+                if main:
+                    print(f"train.time_limit of {tc.time_limit} min reached at step {self.step}", file=sys.stderr)
                 break
             for opt in self.optimizers().values():
                 for group in opt.param_groups:
@@ -240,12 +356,14 @@ class TrainingRun:
             logs = self.train_step()
             if logs is None:
                 continue
+            if self.scaler:
+                self.scaler.update()
             self.step += 1
             bar.update(1)
             count += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if tc.log_every and (self.step % tc.log_every == 0 or self.step == tc.steps):
+            if logger and tc.log_every and (self.step % tc.log_every == 0 or self.step == tc.steps):
                 rate = (self.images_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
                 row = {"step": self.step, **{k: v / count for k, v in sums.items()}, "lr": lr_at(self.step - 1, tc),
                        "images_per_s": rate, "bad_steps": self.bad_steps}
@@ -259,10 +377,12 @@ class TrainingRun:
                 t0, seen0, sums, count = time.perf_counter(), self.images_seen, {}, 0
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                 self.save()
-            if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
+            if main and tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                 grid = self.preview()
         bar.close()
         self.save()
+        if not main:
+            return None
         return (self.preview() if tc.grid_samples else None) or grid
 
 
