@@ -36,7 +36,9 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
           resume: bool, device: str) -> None:
     """Train a diffusion model, an autoencoder or a CLIP model from a preset (`latentdiff presets`) or a YAML file.
 
-    Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`.
+    Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`. Started as
+    `torchrun --nproc-per-node N -m latentdiff train ...` it trains data-parallel on N processes;
+    train.batch_size is then the global batch of a step (README: Training on several GPUs).
     """
     from latentdiff.config import load_config
     from latentdiff.training import make_trainer
@@ -48,10 +50,17 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
         cfg = load_config(preset_or_yaml, list(overrides))
     if steps is not None:
         cfg.train.steps = steps
-    grid = make_trainer(cfg, out, resume=resume, device=device).run()
-    click.echo(f"model: {out}")
-    if grid:
-        click.echo(f"samples: {grid}")
+    from latentdiff.training import distributed
+
+    try:  # under torchrun every process runs this; rank 0 writes and reports
+        trainer = make_trainer(cfg, out, resume=resume, device=device)
+        grid = trainer.run()
+    finally:
+        distributed.teardown()
+    if trainer.dist.is_main:
+        click.echo(f"model: {out}")
+        if grid:
+            click.echo(f"samples: {grid}")
 
 
 def _resumed_config(out: Path, preset: str, overrides: list[str]):
