@@ -5,6 +5,7 @@ Bad input ends in one line ``error: …`` on stderr and exit code 2, never a tra
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,37 @@ import click
 from latentdiff.errors import UserError
 
 SEED_MAX = 2**63 - 1
+
+
+class Finite(click.FloatRange):
+    """A float (optionally within bounds) that is not NaN or infinite; click's FloatRange lets NaN through."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        """The float, or a usage error naming the option."""
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--device must name a device this machine has ('auto' picks one)."""
+    import torch
+
+    if value == "auto":
+        return value
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(f"unknown device {value!r} (try cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        has = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise click.BadParameter(f"{value!r} is not available: this machine has {has} (torch {torch.__version__})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise click.BadParameter(f"{value!r} is not available on this machine")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,7 +63,8 @@ def cli() -> None:
               help="Run folder (default: runs/PRESET).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint "
               "(model, EMA, optimiser, data order and RNG), up to --steps.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--device", default="auto", show_default=True, callback=_check_device,
+              help="auto, cpu, cuda, cuda:1, ...")
 def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, out: Path | None,
           resume: bool, device: str) -> None:
     """Train a diffusion model, an autoencoder or a CLIP model from a preset (`latentdiff presets`) or a YAML file.
@@ -98,7 +131,7 @@ def _condition_options(f):
         click.option("--prompt", default=None, help="Text for text-conditional models (cut to the encoder's context)."),
         click.option("--negative-prompt", default=None,
                      help="Text to steer away from (replaces the empty prompt in classifier-free guidance)."),
-        click.option("--guidance", type=float, default=None,
+        click.option("--guidance", type=Finite(), default=None,
                      help="Classifier-free guidance scale (1: none; default: the model's own, from training).")]):
         f = opt(f)
     return f
@@ -168,14 +201,14 @@ def convert(src: Path, dst: Path, layout: str, prediction: str | None, size: int
 @click.option("--spacing", default="trailing", show_default=True,
               help="Timesteps: trailing, leading, linspace; or σ grids karras, exponential "
                    "('DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras).")
-@click.option("--eta", default=None, type=click.FloatRange(min=0),
+@click.option("--eta", default=None, type=Finite(min=0),
               help="Noise of ddim / euler_ancestral / dpmpp_*_sde: 0 deterministic, 1 ancestral.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
               help="Image i uses seed+i, whatever the batch size.")
 @_condition_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
               show_default=True, help="Folder for the PNGs and grid.png.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, ...")
 def sample(run_dir: Path | None, model: Path | None, n_samples: int, batch_size: int, steps: int, sampler: str,
            spacing: str, eta: float | None, seed: int, class_label: int | None, prompt: str | None,
            negative_prompt: str | None, guidance: float | None, out: Path, device: str, **load: Any) -> None:
@@ -199,13 +232,13 @@ def sample(run_dir: Path | None, model: Path | None, n_samples: int, batch_size:
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Folder for both models, the prompt grid and the adherence report.")
-@click.option("--ae-minutes", default=2.6, show_default=True, type=click.FloatRange(min=0.1),
+@click.option("--ae-minutes", default=2.6, show_default=True, type=Finite(min=0.1),
               help="Training time of the autoencoder.")
-@click.option("--ldm-minutes", default=6.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option("--ldm-minutes", default=6.0, show_default=True, type=Finite(min=0.1),
               help="Training time of the text-conditional latent diffusion model.")
 @click.option("--n-eval", default=100, show_default=True, type=click.IntRange(min=1),
               help="Prompts per adherence set (one object seen / unseen, two objects).")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+@click.option("--guidance", type=Finite(min=0), default=None,
               help="Guidance scale for the grid and the scores (default: the model's own).")
 def demo(out: Path, ae_minutes: float, ldm_minutes: float, n_eval: int, guidance: float | None) -> None:
     """Text-to-image from scratch: train an autoencoder and a text-conditional LDM on the embedded shapes,
@@ -226,7 +259,7 @@ def _sampling_options(f):
         click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps."),
         click.option("--sampler", default="ddim", show_default=True, help="Any sampler of `latentdiff sample`."),
         click.option("--spacing", default="trailing", show_default=True, help="As for `latentdiff sample`."),
-        click.option("--eta", default=None, type=click.FloatRange(min=0), help="As for `latentdiff sample`."),
+        click.option("--eta", default=None, type=Finite(min=0), help="As for `latentdiff sample`."),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
                      help="Output i uses seed+i."),
         click.option("--n-samples", default=4, show_default=True, type=click.IntRange(min=1), help="Outputs."),
@@ -234,7 +267,8 @@ def _sampling_options(f):
                      help="Images per network call; memory depends on this."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
                      show_default=True, help="Folder for the PNGs and grid.png."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")]):
+        click.option("--device", default="cpu", show_default=True, callback=_check_device,
+                     help="cpu, cuda, ...")]):
         f = opt(f)
     return f
 
@@ -257,7 +291,7 @@ def _run_task(pipe, images, settings: dict, out: Path, **kwargs) -> None:
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("image", type=click.Path(path_type=Path))
-@click.option("--strength", default=0.6, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--strength", default=0.6, show_default=True, type=Finite(0, 1),
               help="How far to noise the input: 0 returns it, 1 ignores it (SDEdit).")
 @_sampling_options
 @_condition_options
@@ -362,7 +396,7 @@ def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: 
 @click.option("--spacing", default="trailing", show_default=True, help="As for `latentdiff sample`.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX), help="Seed of the sample.")
 @_condition_options
-@click.option("--eta", default=None, type=click.FloatRange(min=0), help="As for `latentdiff sample`.")
+@click.option("--eta", default=None, type=Finite(min=0), help="As for `latentdiff sample`.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("reverse.png"), show_default=True,
               help="PNG strip to write.")
 @click.option("--gif", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also an animated GIF.")
@@ -414,7 +448,7 @@ def viz_schedules(names: str, num_timesteps: int, steps: int, out: Path) -> None
 @click.option("--features", default=None, help="domain:fashion-mnist | domain:mnist5k | domain:PATH | "
               "inception:PATH (FID Inception weights). Default: the data set's shipped classifier.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ...")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, ...")
 def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, spacing: str, seed: int,
              features: str | None, out: Path | None, device: str) -> None:
     """Measure a model folder: FID, CMMD, precision/recall of samples, or PSNR/SSIM/rFID of an autoencoder."""
@@ -451,6 +485,10 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a bad option value, unknown option or command: one line too
+        see = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        click.echo(f"error: {e.format_message()}{see}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
