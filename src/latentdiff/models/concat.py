@@ -61,3 +61,16 @@ def inpaint_concat(autoencoder: Any, images: Tensor, repaint: Tensor) -> Tensor:
 def low_res_concat(low_res: Tensor, size: int) -> Tensor:
     """The low-resolution images (in [-1, 1]) resized bicubically to the UNet's grid (size x size)."""
     return resize_bicubic(low_res, size)
+
+
+def widen_input(state: dict[str, Tensor], in_channels: int, source: str) -> dict[str, Tensor]:
+    """A UNet state dict whose first convolution reads ``in_channels``: added input channels get zero weights,
+    so the widened UNet computes what the original did until training uses the concatenated inputs."""
+    key = "input_blocks.0.0.weight"
+    if key not in state:
+        raise UserError(f"{source}: not a latentdiff UNet ({key} not found)")
+    w = state[key]
+    if w.shape[1] > in_channels:
+        raise UserError(f"{source}: its UNet reads {w.shape[1]} input channels, more than unet.in_channels={in_channels}")
+    extra = w.new_zeros(w.shape[0], in_channels - w.shape[1], *w.shape[2:])
+    return state | {key: torch.cat([w, extra], dim=1)}

@@ -15,7 +15,8 @@ from latentdiff.data.transforms import resize_bicubic, to_uint8_image
 from latentdiff.diffusion import as_eps_fn, classifier_free_guidance, diffusion_loss, draw_t_eps, sample
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import IdentityAutoencoder
-from latentdiff.models.concat import inpaint_concat, low_res_concat, with_concat
+from latentdiff.formats.checkpoint import load_into, load_tensors
+from latentdiff.models.concat import inpaint_concat, low_res_concat, widen_input, with_concat
 from latentdiff.models.conditioning import Conditioner, conditioning_kind
 from latentdiff.models.folder import load_autoencoder, save_model_folder
 from latentdiff.models.text_encoder import build_text_encoder
@@ -55,6 +56,9 @@ class DiffusionTrainer(TrainingRun):
         self._check_conditioning()
         self.schedule = self.cfg.diffusion.build_schedule()
         self.model = UNet(self.cfg.unet).to(self.device)
+        if tc.init_unet:  # fine-tuning; a resume then loads its own checkpoint over these weights
+            path = Path(tc.init_unet) / "unet" / "model.safetensors"
+            load_into(self.model, widen_input(load_tensors(path), self.cfg.unet.in_channels, str(path)), str(path))
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.train_model = self.parallel(self.model)
