@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,30 @@ def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_weights_only(path: Path | str) -> Any:
+    """A PyTorch pickle (.ckpt/.pt/.pth/.bin) read with ``torch.load(weights_only=True)``: tensors and plain
+    containers only, so the file can never run code; refused or unreadable files are a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing; one line is enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused: it holds objects other than tensors and plain data, and loading it "
+                        f"would run code from the file (read with weights_only=True: {_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, ImportError,
+            zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable PyTorch weights file (truncated or corrupt?): "
+                        f"{_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -10,8 +10,6 @@ code, and a user supplies the file (we cannot download it here).
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import load_into, load_tensors
+from latentdiff.formats.checkpoint import load_into, load_tensors, load_weights_only
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release asset
 FEATURE_DIM = 2048
@@ -193,12 +191,7 @@ class FIDInceptionV3(nn.Module):
 
 def _read_pth(path: Path) -> object:
     """torch.load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
-            AttributeError, ImportError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused or unreadable as a weights-only PyTorch file ({first})") from None
+    return load_weights_only(path)
 
 
 def read_inception_weights(path: Path | str) -> dict[str, Tensor]:

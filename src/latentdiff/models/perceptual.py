@@ -24,7 +24,6 @@ See docs/perceptual.md.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..formats.checkpoint import load_tensors
+from ..formats.checkpoint import load_tensors, load_weights_only
 
 KINDS = ("random", "vgg16")
 # torchvision VGG16 `features`: conv widths, "M" = 2x2 max-pool. Index i of the Sequential = torchvision's.
@@ -157,17 +156,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         return load_tensors(path)
     if path.suffix not in (".pth", ".pt", ".bin", ".ckpt"):
         raise UserError(f"{path}: expected a .safetensors file (or a .pth/.pt/.bin/.ckpt state dict)")
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        # weights_only: the unpickler accepts tensors and plain containers only, so the file cannot run code.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused, it holds more than tensors (loaded with weights_only=True: {first}); "
-                        f"save a plain state dict or convert it to safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable PyTorch weights file ({type(e).__name__})") from None
+    obj = load_weights_only(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning-style wrapper
     if not isinstance(obj, dict):

@@ -10,8 +10,6 @@ inpainting: 9 UNet input channels) is read from the weights. Writes latentdiff m
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,8 @@ import torch
 from latentdiff.config import DiffusionConfig
 from latentdiff.errors import UserError
 from latentdiff.formats import sd_keys
-from latentdiff.formats.checkpoint import load_into, load_json, load_tensors, save_json, save_tensors
+from latentdiff.formats.checkpoint import (load_into, load_json, load_tensors, load_weights_only, save_json,
+                                           save_tensors)
 from latentdiff.formats.clip_keys import (clip_text_config_from_hf, clip_text_config_to_hf, clip_text_from_hf,
                                           clip_text_to_hf)
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -51,14 +50,7 @@ def read_checkpoint(path: Path | str) -> tuple[Tensors, dict[str, Any]]:
         raise UserError(f"{path}: file not found")
     if path.suffix == ".safetensors":
         return load_tensors(path), {}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused: it holds objects other than tensors and plain data, and loading it "
-                        f"would run code from the file ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                        f"{_first_line(e) or type(e).__name__}") from None
+    obj = load_weights_only(path)
     meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if isinstance(v, (int, float, str))}
@@ -66,10 +58,6 @@ def read_checkpoint(path: Path | str) -> tuple[Tensors, dict[str, Any]]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a mapping of names to tensors (optionally under 'state_dict')")
     return obj, meta
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0][:160]
 
 
 def _sub(state: Tensors, prefix: str) -> Tensors:
