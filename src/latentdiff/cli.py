@@ -299,9 +299,7 @@ def img2img(model_dir: Path, image: Path, strength: float, steps: int, sampler: 
             eta: float | None, seed: int, n_samples: int, batch_size: int, out: Path, device: str,
             **conditions: Any) -> None:
     """Redraw IMAGE: noise it to --strength and denoise with the model (SDEdit)."""
-    from latentdiff.pipelines.generate import Pipeline
-
-    pipe = Pipeline.load(model_dir, device)
+    pipe = _load_model(model_dir, device)
     settings = {"task": "img2img", "input": str(image), "strength": strength, "sampler": sampler,
                 "spacing": spacing, "steps": steps, "eta": eta, "seed": seed} | conditions
     _run_task(pipe, _read_input(image, pipe), settings, out, n_samples=n_samples, batch_size=batch_size,
@@ -320,15 +318,56 @@ def inpaint(model_dir: Path, image: Path, mask: Path, resample: int, steps: int,
             eta: float | None, seed: int, n_samples: int, batch_size: int, out: Path, device: str,
             **conditions: Any) -> None:
     """Redraw the white part of MASK (a PNG) in IMAGE; the rest is kept exactly."""
-    from latentdiff.pipelines.generate import Pipeline
-
-    pipe = Pipeline.load(model_dir, device)
+    pipe = _load_model(model_dir, device)
     m = _read_mask(mask, pipe.manifest["image_size"])
     settings = {"task": "inpaint", "input": str(image), "mask": str(mask), "resample": resample,
                 "sampler": sampler, "spacing": spacing, "steps": steps, "eta": eta, "seed": seed} | conditions
     _run_task(pipe, _read_input(image, pipe), settings, out, n_samples=n_samples, batch_size=batch_size,
               steps=steps, sampler=sampler, seed=seed, eta=eta, spacing=spacing, mask=m, resample=resample,
               **conditions)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--input", "low_res", required=True, type=click.Path(path_type=Path),
+              help="The low-resolution image, at the model's low_res_size (model_index.json).")
+@_sampling_options
+@_condition_options
+def upscale(model_dir: Path, low_res: Path, steps: int, sampler: str, spacing: str, eta: float | None, seed: int,
+            n_samples: int, batch_size: int, out: Path, device: str, **conditions: Any) -> None:
+    """Super-resolution with an SR3 model (cond.concat=low_res): --n-samples different high-resolution images."""
+    pipe = _load_model(model_dir, device)
+    if pipe.concat_kind != "low_res":
+        raise UserError(f"{model_dir} is not a super-resolution model (train one with cond.concat=low_res, "
+                        "e.g. latentdiff train sr-fashion)")
+    y = _read_low_res(low_res, pipe.manifest["low_res_size"], pipe.manifest["channels"])
+    settings = {"task": "upscale", "input": str(low_res), "sampler": sampler, "spacing": spacing, "steps": steps,
+                "eta": eta, "seed": seed} | conditions
+    t0 = time.perf_counter()
+    result, nfe = pipe.generate(n_samples=n_samples, batch_size=batch_size, steps=steps, sampler=sampler, seed=seed,
+                                eta=eta, spacing=spacing, low_res=y, return_nfe=True, **conditions)
+    settings |= {"nfe": nfe, "seconds_per_image": (time.perf_counter() - t0) / len(result)}
+    paths, grid = pipe.save(result, out, settings)
+    click.echo(f"{len(paths)} images in {out} ({nfe:g} network evaluations each); grid: {grid}")
+
+
+def _read_low_res(path: Path, size: int, channels: int):
+    """A low-resolution input as uint8 (1, C, size, size); any other size is refused, not resized."""
+    from PIL import Image, UnidentifiedImageError
+
+    from latentdiff.data.datasets import read_image
+
+    try:
+        with Image.open(path) as im:
+            got = im.size
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+    if got != (size, size):
+        raise UserError(f"{path} is {got[0]}x{got[1]}; this model upscales {size}x{size} images "
+                        f"(resize the input to {size}x{size} first)")
+    return read_image(path, size, channels)[None]
 
 
 def _read_mask(path: Path, size: int):
