@@ -6,6 +6,7 @@ A run's config is saved into every checkpoint, so everything needed to rebuild a
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -134,6 +135,9 @@ class TrainConfig:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.time_limit < 0:
             raise UserError(f"train.time_limit must be >= 0 minutes, got {self.time_limit}")
+        for key in ("lr", "weight_decay", "grad_clip", "time_limit"):  # YAML reads .inf and .nan as floats
+            if not math.isfinite(getattr(self, key)):
+                raise UserError(f"train.{key} must be a finite number, got {getattr(self, key)}")
         if not self.lr > 0:
             raise UserError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
@@ -197,6 +201,15 @@ def _positive(key: str, value: int) -> None:
         raise UserError(f"{key} must be > 0, got {value}")
 
 
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); "
+                        "save the YAML file as UTF-8") from None
+
+
 def list_presets() -> list[str]:
     """Names of the YAML presets that ship in latentdiff/configs."""
     return sorted(p.name[:-5] for p in resources.files("latentdiff.configs").iterdir() if p.name.endswith(".yaml"))
@@ -209,7 +222,7 @@ def load_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig:
         text = resources.files("latentdiff.configs").joinpath(f"{preset_or_path}.yaml").read_text()
         where = f"preset {preset_or_path}"
     elif path.is_file():
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        text, where = _read_utf8(path), str(path)
     else:
         raise UserError(f"{preset_or_path!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
     try:
