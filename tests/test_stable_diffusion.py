@@ -232,6 +232,12 @@ def test_inpainting_variant_is_detected(sd_v1, tmp_path) -> None:
     x, t, c = torch.randn(2, 9, 8, 8), torch.tensor([5, 900]), torch.randn(2, 77, 64)
     with torch.no_grad():
         assert (ours.unet(x, t, c) - ref(x, t, c).sample).abs().max() < TOL
+    ours.configure(size=16)  # the dedicated inpainting path runs end to end; the kept region stays exact
+    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    keep = torch.ones(16, 16)
+    keep[4:12, 4:12] = 0
+    out = ours.inpaint(image, keep, steps=3, prompt=PROMPT, guidance=7.5)
+    assert out.shape == (1, 3, 16, 16) and torch.equal(out[..., keep.bool()], image[..., keep.bool()])
     save_diffusers(ours, tmp_path / "inpaint-diffusers")  # and the diffusers export says what it is
     assert "Inpaint" in (tmp_path / "inpaint-diffusers" / "model_index.json").read_text()
     assert load_any(tmp_path / "inpaint-diffusers").manifest["concat"] == "inpaint"
