@@ -45,6 +45,17 @@ class UNetConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         self.channel_mult, self.attention_resolutions = tuple(self.channel_mult), tuple(self.attention_resolutions)
+        positive = ["in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth"]
+        positive += ["num_heads"] if self.num_head_channels <= 0 else []
+        positive += [k for k in ("context_dim", "num_classes") if getattr(self, k) is not None]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise UserError(f"unet.{key}: expected a positive integer, got {getattr(self, key)!r}")
+        if not self.channel_mult or min(self.channel_mult) <= 0:
+            raise UserError(f"unet.channel_mult: expected a non-empty list of positive integers, "
+                            f"got {list(self.channel_mult)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"unet.dropout: expected a value in [0, 1), got {self.dropout!r}")
 
     @classmethod
     def sd_v1(cls) -> UNetConfig:
