@@ -73,7 +73,7 @@ def load_dataset(cfg: DataConfig) -> ImageData:
             keep = [i for i in range(len(grey)) if _in_test(str(i)) == (cfg.split == "test")]
             grey, labels = grey[keep], labels[keep]
         grey, labels = grey[: cfg.limit], labels[: cfg.limit]
-        arr = _resize_grey(grey, cfg.image_size, cfg.center_crop)[:, None]
+        arr = _resize_grey(grey, cfg.image_size, cfg.center_crop, cfg.channels)[:, None]
         if cfg.channels == 3:
             arr = np.repeat(arr, 3, axis=1)
         # Raw arrays are read-only (file views, in-process cache): copy unless already copied.
@@ -131,8 +131,22 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
-def _resize_grey(grey: np.ndarray, size: int, center_crop: bool) -> np.ndarray:
+def _check_memory(n: int, channels: int, size: int) -> None:
+    """Refuse a data set that cannot fit in memory before allocating it (numpy would fail with a traceback)."""
+    need = n * channels * size * size
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): let numpy decide
+        return
+    if need > have:
+        raise UserError(f"data.image_size={size}: {n} images of {channels}x{size}x{size} need {need / 2**30:.1f} GiB "
+                        f"of memory, more than this machine's {have / 2**30:.0f} GiB; lower data.image_size or "
+                        "data.limit")
+
+
+def _resize_grey(grey: np.ndarray, size: int, center_crop: bool, channels: int = 1) -> np.ndarray:
     """Resize an (N, H, W) uint8 stack to (N, size, size) with PIL."""
+    _check_memory(len(grey), channels, size)
     if grey.shape[1:] == (size, size):
         return grey
     # Serial on purpose: for tiny images a thread pool is ~5x slower (GIL hand-offs dominate).
@@ -298,13 +312,18 @@ def read_image(path: Path | str, size: int | None = None, channels: int | None =
                center_crop: bool = True) -> torch.Tensor:
     """One image file as uint8 (C, H, W); size None keeps the shorter side, channels None keeps grey grey."""
     try:
-        with Image.open(path) as img:
-            channels = channels or (1 if _flatten_mode(img).mode == "L" else 3)
-            size = size or min(img.size)
-        return torch.from_numpy(decode_image(Path(path), size, channels, center_crop).copy())
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                channels = channels or (1 if _flatten_mode(img).mode == "L" else 3)
+                size = size or min(img.size)
+            return torch.from_numpy(decode_image(Path(path), size, channels, center_crop).copy())
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; expected an image file") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise UserError(f"{path}: cannot read image ({e})") from None
 
 
@@ -428,6 +447,7 @@ def _load_folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor | None, li
     if not cands:
         raise UserError(f"{root}: the {cfg.split!r} split is empty ({len(files)} images; 'test' holds ~10%)")
     n_max = min(len(cands), cfg.limit or len(cands))
+    _check_memory(n_max, cfg.channels, cfg.image_size)
     out = np.empty((n_max, cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
     kept: list[str] = []
     n_bad, first_bad = 0, ""
