@@ -377,3 +377,28 @@ def test_tiled_autoencoder_blends_exactly_where_tiles_agree(sd_v1) -> None:
         assert part.shape == full.shape and bool(torch.isfinite(part).all())
         img = full.clamp(-1, 1)
         assert ae.encode_latents(img).shape == (1, 4, 24, 24)
+
+
+def test_diffusers_folder_v2_like(sd_v1, tmp_path) -> None:
+    """Per-level head counts (64-wide heads), linear projections, GELU text encoder, v-prediction scheduler."""
+    root, v1 = sd_v1
+    unet = _perturb(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(1, 2), use_linear_projection=True), 7)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=v1.vae, text_encoder=_text_model(act="gelu"), tokenizer=v1.tokenizer, unet=unet,
+        scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          prediction_type="v_prediction", clip_sample=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "v2")
+    ours = load_any(tmp_path / "v2")
+    assert ours.diffusion.prediction == "v" and ours.unet.config.num_head_channels == 64
+    assert ours.cond.text_encoder.text_model.config.act == "gelu"
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.randn(2, 77, 64)
+    ids = ours.cond.text_encoder.tokenizer([PROMPT, ""])
+    with torch.no_grad():
+        assert (ours.unet(x, t, c) - unet(x, t, c).sample).abs().max() < TOL
+        assert (ours.cond.text_encoder.text_model(ids)[0] - pipe.text_encoder(ids).last_hidden_state).abs().max() < TOL
+    _ddim(pipe)  # v-prediction through the whole run as well
+    assert (_ours(ours, 2).int() - _reference_image(pipe, 2).int()).abs().max() <= 1
