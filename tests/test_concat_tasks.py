@@ -223,3 +223,61 @@ def test_a_short_real_sr_run_follows_its_low_res_input(tmp_path):
     own, others = psnr(down, low.float(), 255.0), psnr(down, low.roll(1, 0).float(), 255.0)
     print(f"consistency PSNR {own:.1f} dB with its own input, {others:.1f} dB with another image's")
     assert own > 18 and own > others + 6  # measured 22.3 vs 11.2
+
+
+def test_inpainting_run_matches_stable_diffusion_inpaint_pipeline(tmp_path):
+    """A random tiny SD inpainting pipeline (9-channel UNet) loaded from its diffusers folder: same noise, DDIM 10,
+    guidance 7.5 -> the same image as diffusers' StableDiffusionInpaintPipeline (mask layout, order, guidance)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from latentdiff.models.tokenizer import CLIPTokenizer
+    from latentdiff.pipelines.generate import PerSampleNoise
+    from latentdiff.pipelines.stable_diffusion import load_diffusers_folder
+
+    def perturb(model, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return model.eval()
+
+    torch.manual_seed(0)
+    CLIPTokenizer.default().save(tmp_path / "tok")
+    text = perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=96,
+        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2)), 3)
+    vae = perturb(diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, sample_size=16), 1)
+    with torch.no_grad():  # a near-deterministic posterior: diffusers samples the masked-image latent, we take its mode
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -30
+    unet = perturb(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=9, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8), 2)
+    ref = diffusers.StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(tmp_path / "tok"), unet=unet,
+        scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.save_pretrained(tmp_path / "sd-inpaint")
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing",
+                                                        set_alpha_to_one=True)  # the grid latentdiff's ddim runs
+    ref.set_progress_bar_config(disable=True)
+    ours = load_diffusers_folder(tmp_path / "sd-inpaint")
+    assert ours.concat_kind == "inpaint"
+
+    g = torch.Generator().manual_seed(5)
+    image = torch.randint(0, 256, (1, 3, 16, 16), generator=g, dtype=torch.uint8)
+    keep = torch.ones(16, 16)
+    keep[3:11, 6:14] = 0
+    prompt = "a red circle above a blue square"
+    got = ours.inpaint(image, keep, steps=10, sampler="ddim", seed=9, prompt=prompt, guidance=7.5, paste=False)
+    with torch.no_grad():
+        out = ref(prompt, image=image.float() / 255, mask_image=(1 - keep)[None, None], height=16, width=16,
+                  num_inference_steps=10, guidance_scale=7.5, latents=PerSampleNoise([9]).randn((1, 4, 8, 8)),
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images
+    expected = (out * 255).round().to(torch.uint8)
+    assert expected.float().std() > 5  # not a flat image
+    assert (got.int() - expected.int()).abs().max() <= 1
