@@ -3,28 +3,18 @@ values, each run through the CLI, must end in one 'error: ...' line with exit co
 within a time bound, without traceback, temporary files or files from a failed command, and without ever
 unpickling code."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_module import load_benchmark
 
 from latentdiff.data.datasets import read_image
 
 
-def _suite():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bad_inputs.py"
-    spec = importlib.util.spec_from_file_location("bad_inputs", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bad_inputs"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    suite = _suite()
+    suite = load_benchmark("bad_inputs")
     model, run = suite.train_tiny_model(tmp_path_factory.mktemp("model"))
     root = tmp_path_factory.mktemp("corpus")
     return suite, root, suite.make_corpus(root, model, run, in_subprocess=("sample evil.ckpt", "config latin1.yaml"))

@@ -1,24 +1,15 @@
 """Kill-anywhere resume: real `latentdiff train` processes SIGKILLed (also inside checkpoint writes) and resumed
 end bit for bit where an uninterrupted run ends (the harness is benchmarks/kill_resume.py)."""
 
-import importlib.util
 import os
 import random
 import sys
 from pathlib import Path
 
 import torch
+from benchmark_module import load_benchmark
 
 from latentdiff.cli import main
-
-
-def _harness():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py"
-    spec = importlib.util.spec_from_file_location("kill_resume", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kill_resume"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
@@ -43,7 +34,7 @@ def test_the_command_that_started_a_run_resumes_it(tmp_path, monkeypatch, capsys
 
 def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     """One run killed three times (two kills aimed inside a save), resumed each time; bitwise equal at the end."""
-    kr = _harness()
+    kr = load_benchmark("kill_resume")
     steps, every = 12, 2
     reference, seconds = kr.reference_run(tmp_path, steps, every)
     counts = kr.Counts()
