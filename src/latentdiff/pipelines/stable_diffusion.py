@@ -140,7 +140,8 @@ def load_single_file(path: Path | str, device: str | torch.device = "cpu", predi
     """
     path = Path(path)
     state, meta = read_checkpoint(path)
-    unet_sd, vae_sd = _sub(state, UNET_PREFIX), _sub(state, VAE_PREFIX)
+    unet_sd = _sub(state, UNET_PREFIX)  # model_ema.* (EMA copies some files carry) is not read
+    vae_sd = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}  # training-only LPIPS/GAN
     if not unet_sd or not vae_sd:
         some = ", ".join(sorted(state)[:3])
         raise UserError(f"{path}: not a Stable Diffusion single-file checkpoint: expected keys "
