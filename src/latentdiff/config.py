@@ -104,10 +104,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     ema_decay: float = 0.999  # EMA of the weights, used for sampling; warmed up as min(decay, (1+n)/(10+n))
-    init_unet: str | None = None  # start the UNet from this model folder's (same config; more concat channels
-    #                               start at zero, as SD inpainting started from SD); None: random init
+    init_unet: str | None = None  # start from this model folder's UNet weights (same config; added concat input
+    #                               channels start at zero, as SD inpainting started from SD); None: random init
     seed: int = 0
-    precision: str = "fp32"  # autocast of the forward: fp32 (none), bf16 (CPU, GPU) or fp16 (CUDA, GradScaler)
+    precision: str = "fp32"  # autocast of the forward: fp32 (none), bf16 (CPU, GPU) or fp16 (GPU; with a GradScaler)
     bf16: bool = False  # older spelling of precision=bf16 (kept so existing configs load)
     compile: bool = False  # torch.compile the trained network's forward (first steps slower; never required)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default

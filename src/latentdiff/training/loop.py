@@ -94,8 +94,6 @@ class TrainingRun:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        if tc.precision == "fp16" and self.device.type != "cuda":
-            raise UserError(f"train.precision=fp16 needs a CUDA device (got {self.device}); use bf16 on the CPU")
         self._check_out_dir(resume)
         torch.manual_seed(tc.seed)  # weight init (identical on every rank) and dropout
         self.data: ImageData = load_dataset(cfg.data)
@@ -105,7 +103,8 @@ class TrainingRun:
         self.build()
         if self.dist.rank:  # dropout differs between ranks, as it does between the images of one batch
             torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)
-        self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+        # fp16's narrow range needs loss scaling (meant for GPUs; works on the CPU too, where bf16 is the better choice)
+        self.scaler = torch.amp.GradScaler(self.device.type) if tc.precision == "fp16" else None
         self.batches = Batches(len(self.data), tc.batch_size, tc.seed + 1)
         self.noise_gen = torch.Generator().manual_seed(tc.seed + 2)  # t and ε of the objective, posterior samples
         self.step, self.bad_steps, self.images_seen = 0, 0, 0
@@ -300,8 +299,10 @@ class TrainingRun:
     def save(self) -> Path | None:
         """Checkpoint the full training state, then export the model folder (rank 0; every rank must call it)."""
         torch_states = distributed.gather_objects(torch.get_rng_state())  # each rank's dropout stream
-        if not self.dist.is_main:
-            return None
+        with distributed.main_first(self.dist):  # the others wait until the checkpoint is on disk
+            return self._write_checkpoint(torch_states) if self.dist.is_main else None
+
+    def _write_checkpoint(self, torch_states: list[torch.Tensor]) -> Path:
         groups: dict[str, dict[str, torch.Tensor]] = {k: m.state_dict() for k, m in self.modules().items()}
         opt_meta = {}
         for name, opt in self.optimizers().items():
