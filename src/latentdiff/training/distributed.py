@@ -67,11 +67,13 @@ def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
     if not env.active:
         return env, device
     if device.type == "cuda":
-        if device.index is None:  # `--device auto|cuda`: this process's GPU is its local rank
-            if env.local_rank >= torch.cuda.device_count():
-                raise UserError(f"LOCAL_RANK {env.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
-                                "start at most one process per GPU (torchrun --nproc-per-node)")
-            device = torch.device("cuda", env.local_rank)
+        if device.index is not None:
+            raise UserError(f"--device {device} under torchrun would put all {env.world_size} processes on one GPU; "
+                            "use --device cuda (each process takes the GPU of its LOCAL_RANK)")
+        if env.local_rank >= torch.cuda.device_count():  # `--device auto|cuda`: the GPU of this local rank
+            raise UserError(f"LOCAL_RANK {env.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                            "start at most one process per GPU (torchrun --nproc-per-node)")
+        device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():

@@ -337,6 +337,10 @@ class TrainingRun:
                 where = f"{self.dist.world_size} processes ({distributed.backend()}), rank 0 on {where}"
             print(f"training on {where}: {len(self.data)} images from {self.cfg.data.source}, {self.describe()}, "
                   f"steps {self.step}→{tc.steps}, {self.batch_line()}, {tc.precision}", file=sys.stderr)
+            gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
+            if gpus > 1 and not self.dist.active:
+                print(f"note: {gpus} GPUs visible, training on one; to use all: torchrun --nproc-per-node {gpus} "
+                      "-m latentdiff train ...", file=sys.stderr)
         show = main and (self.progress if self.progress is not None else sys.stderr.isatty())
         bar = tqdm(total=tc.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True)
         grid = None
