@@ -65,7 +65,7 @@ def test_cli_sample_writes_pngs_with_settings(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["sample", "no/such/dir"], "not a latentdiff model folder"),
+    (["sample", "no/such/dir"], "no/such/dir does not exist: give a latentdiff model folder"),
     (["train", "no-such-preset"], "neither a preset"),
     (["train", "digits-tiny", "train.lr=abc"], "train.lr: expected float"),
     (["train", "digits-tiny", "data.source=/no/such/folder"], "/no/such/folder"),

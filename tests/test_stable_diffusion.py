@@ -275,8 +275,11 @@ def test_unknown_layout_truncated_and_empty_files(tmp_path) -> None:
     for name in ("cut.safetensors", "cut.ckpt", "empty.ckpt"):
         with pytest.raises(UserError, match=name):
             load_any(tmp_path / name)
+    (tmp_path / "model.txt").write_text("weights?")
     with pytest.raises(UserError, match="model folder or a .safetensors"):
         load_any(tmp_path / "model.txt")
+    with pytest.raises(UserError, match="missing.ckpt does not exist"):
+        load_any(tmp_path / "missing.ckpt")
 
 
 def test_broken_diffusers_folders_are_named(sd_v1, tmp_path) -> None:

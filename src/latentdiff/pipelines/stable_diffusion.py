@@ -221,6 +221,9 @@ def is_diffusers_folder(path: Path) -> bool:
 def load_any(path: Path | str, device: str | torch.device = "cpu", **kwargs: Any) -> Pipeline:
     """A latentdiff model folder, a diffusers folder or a single-file SD checkpoint, told apart by content."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: give a latentdiff model folder, a diffusers folder or a "
+                        ".safetensors/.ckpt checkpoint")
     if path.is_dir():
         if is_diffusers_folder(path):
             return load_diffusers_folder(path, device, **kwargs)
