@@ -46,9 +46,9 @@ def masks(size: int) -> dict[str, torch.Tensor]:
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
-    """Mean squared error in [0, 1] units over the pixels where ``where`` is 1."""
+    """Mean squared error in [0, 1] units over the pixels where ``where`` (the shape of a) is 1."""
     d = (a.double() - b.double()) / 255
-    return float((d.pow(2) * where).sum() / (where.sum() * len(a)))
+    return float((d.pow(2) * where).sum() / where.sum())
 
 
 def psnr_of(mse: float) -> float:
@@ -56,19 +56,19 @@ def psnr_of(mse: float) -> float:
 
 
 def inpainting(args: argparse.Namespace, feats) -> tuple[list[dict], torch.Tensor]:
-    dedicated, plain = Pipeline.load(args.inpaint), Pipeline.load(args.ldm)
-    real, _ = reference_images(dedicated.manifest, args.n)
+    dedicated, plain = [Pipeline.load(p) for p in args.inpaint], Pipeline.load(args.ldm)
+    real, _ = reference_images(plain.manifest, args.n)
     with torch.no_grad():
-        recon = to_uint8_image(dedicated.autoencoder.decode_latents(
-            dedicated.autoencoder.encode_latents(from_uint8_image(real))))
-    methods = [("dedicated model (9-ch), ddim 50", dedicated, {"sampler": "ddim", "steps": 50}),
+        recon = to_uint8_image(plain.autoencoder.decode_latents(plain.autoencoder.encode_latents(from_uint8_image(real))))
+    methods = [(f"dedicated model (9-ch, step {d.manifest['step']}), ddim 50", d, {"sampler": "ddim", "steps": 50})
+               for d in dedicated] + [
                ("replacement, ddim 50", plain, {"sampler": "ddim", "steps": 50}),
                ("replacement + RePaint x4, ddpm 50", plain, {"sampler": "ddpm", "steps": 50, "resample": 4})]
     real_feats = feats(real)
     rows, figure = [], [real[:8]]
     for mask_name, keep in masks(real.shape[-1]).items():
         known, hole = keep.expand_as(real), 1 - keep.expand_as(real)
-        figure.append(torch.where(keep.bool(), real[:8], torch.full_like(real[:8], 128)))
+        figure.append(torch.where(keep.bool(), real[:8], torch.full_like(real[:8], 128)))  # the masked input
         base = {"mask": mask_name, "hole_fraction": float(hole[0].mean())}
         rows.append(base | {"method": "autoencoder reconstruction (reference)",
                             "known_psnr": psnr_of(masked_mse(recon, real, known)),
@@ -128,7 +128,8 @@ def super_resolution(path: Path, n: int, n_div: int, steps: int) -> tuple[dict, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--inpaint", type=Path, required=True, help="dedicated inpainting model (ldm-fashion-inpaint)")
+    ap.add_argument("--inpaint", type=Path, nargs="+", required=True,
+                    help="dedicated inpainting model(s) (ldm-fashion-inpaint)")
     ap.add_argument("--ldm", type=Path, required=True, help="plain LDM on the same autoencoder (ldm-fashion)")
     ap.add_argument("--sr", type=Path, required=True, help="pixel-space SR3 model (sr-fashion)")
     ap.add_argument("--sr-latent", type=Path, required=True, help="latent SR model (sr-fashion-latent)")
@@ -136,36 +137,42 @@ def main() -> None:
     ap.add_argument("--n-sr-pixel", type=int, default=200, help="test images for pixel SR (slow on a CPU)")
     ap.add_argument("--n-div", type=int, default=32, help="test images for the diversity over 8 seeds")
     ap.add_argument("--sr-steps", type=int, default=20)
+    ap.add_argument("--only", choices=("inpaint", "sr"), default=None,
+                    help="run one part; the other part's rows are kept from the existing results JSON")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 runs faster on an oversubscribed machine)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="where the report goes")
     ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "tasks", help="where the example images go")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    feats = build_extractor("domain:fashion-mnist")
-    inp_rows, inp_fig = inpainting(args, feats)
-    sr_rows, sr_figs = [], []
-    for path, n in ((args.sr, args.n_sr_pixel), (args.sr_latent, args.n)):
-        row, fig = super_resolution(path, n, args.n_div, args.sr_steps)
-        sr_rows.append(row)
-        sr_figs.append(fig)
-    tasks = args.figures
-    save_png(make_grid(upscale_nearest(inp_fig, 64), 8), tasks / "inpaint_model.png",
-             {"rows": "original; per mask: masked input, dedicated, replacement, RePaint x4"})
-    for fig, name in zip(sr_figs, ("upscale.png", "upscale_latent.png")):
-        save_png(make_grid(upscale_nearest(fig, 64), 7), tasks / name,
-                 {"columns": "low-res (nearest), bicubic, 4 seeds, original"})
-    write_report(args, inp_rows, sr_rows, time.perf_counter() - t_start)
+    old = args.results / "image_tasks.json"
+    kept = json.loads(old.read_text()) if args.only and old.is_file() else {}
+    inp_rows, sr_rows = kept.get("inpainting", []), kept.get("super_resolution", [])
+    runs = [r for r in kept.get("runs", []) if r["part"] not in (args.only or "all", "all")]
+    if args.only != "sr":
+        inp_rows, inp_fig = inpainting(args, build_extractor("domain:fashion-mnist"))
+        save_png(make_grid(upscale_nearest(inp_fig, 64), 8), args.figures / "inpaint_model.png",
+                 {"rows": "original; per mask: masked input, dedicated model(s), replacement, RePaint x4"})
+    if args.only != "inpaint":
+        sr_rows = []
+        for path, n, name in ((args.sr, args.n_sr_pixel, "upscale.png"), (args.sr_latent, args.n, "upscale_latent.png")):
+            row, fig = super_resolution(path, n, args.n_div, args.sr_steps)
+            sr_rows.append(row)
+            save_png(make_grid(upscale_nearest(fig, 64), 7), args.figures / name,
+                     {"columns": "low-res (nearest), bicubic, 4 seeds, original"})
+    runs.append({"part": args.only or "all", "command": f"python {' '.join(sys.argv)}",
+                 "minutes": round((time.perf_counter() - t_start) / 60, 1)})
+    write_report(args, inp_rows, sr_rows, runs)
 
 
-def write_report(args: argparse.Namespace, inp_rows: list[dict], sr_rows: list[dict], wall: float) -> None:
+def write_report(args: argparse.Namespace, inp_rows: list[dict], sr_rows: list[dict], runs: list[dict]) -> None:
     fmt = lambda v, p: "" if v is None else f"{v:.{p}f}"  # noqa: E731
     lines = ["# Image tasks: dedicated inpainting and SR3 super-resolution (Fashion-MNIST)", "",
              f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, device cpu  ",
-             f"command: `python {' '.join(sys.argv)}`  ", f"wall time: {wall / 60:.1f} min", "",
+             *[f"command ({r['part']}, {r['minutes']} min): `{r['command']}`  " for r in runs], "",
              f"## Inpainting ({args.n} test images per mask, 32x32)", "",
-             f"dedicated: `{args.inpaint}` (step {json.loads((args.inpaint / 'model_index.json').read_text())['step']}); "
-             f"replacement: `{args.ldm}` (step {json.loads((args.ldm / 'model_index.json').read_text())['step']}), "
-             "the same autoencoder.", "",
+             f"dedicated: {', '.join(f'`{p}`' for p in args.inpaint)}; replacement: `{args.ldm}` "
+             f"(step {json.loads((args.ldm / 'model_index.json').read_text())['step']}), the same autoencoder.", "",
              "| mask (hole) | method | known-region PSNR dB (raw output) | hole MSE | FID (pasted) | s/image |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in inp_rows:
@@ -196,7 +203,7 @@ def write_report(args: argparse.Namespace, inp_rows: list[dict], sr_rows: list[d
     print(text)
     out = args.results / "image_tasks.md"
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"inpainting": inp_rows, "super_resolution": sr_rows}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"inpainting": inp_rows, "super_resolution": sr_rows, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":
