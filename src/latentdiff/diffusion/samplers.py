@@ -323,6 +323,9 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
     unknown = set(options) - (set(inspect.signature(fn).parameters) - {"model", "x", "sigmas", "generator", "callback"})
     if unknown:
         raise UserError(f"sampler {sampler!r} takes no option(s) {', '.join(sorted(unknown))}")
+    bad = {k: v for k, v in options.items() if not (isinstance(v, (int, float)) and 0 <= v < float("inf"))}
+    if bad:
+        raise UserError(f"sampler options must be finite numbers >= 0, got {bad}")
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"strength must be in [0, 1], got {strength}")
     if mask is not None and init is None:

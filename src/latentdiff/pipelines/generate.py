@@ -277,8 +277,8 @@ class Pipeline:
             raise UserError(f"{self.path} is not class-conditional; drop --class-label")
         if (prompt is not None or negative_prompt is not None) and kind != "text":
             raise UserError(f"{self.path} was not trained on captions: it takes no prompt")
-        if guidance is not None and not guidance >= 0:
-            raise UserError(f"guidance must be >= 0, got {guidance}")
+        if guidance is not None and not 0 <= guidance < float("inf"):
+            raise UserError(f"guidance must be a finite number >= 0, got {guidance}")
         if kind == "none" or (kind == "class" and class_label is None):
             return self.cond.null(n), self.cond.null(n), 1.0  # no condition: plain (unconditional) samples
         if guidance is None:
