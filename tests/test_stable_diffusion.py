@@ -152,8 +152,8 @@ def test_single_file_v1_matches_diffusers_from_single_file(sd_v1, tmp_path) -> N
                      attention_resolutions=(1,), num_heads=8, context_dim=64)
     text = {"text_model." + k.removeprefix("text_model."): v for k, v in hf.state_dict().items()}
     save_file(_single_file(text, cfg, "cond_stage_model.transformer."), tmp_path / "v1.safetensors")
-    ref = diffusers.StableDiffusionPipeline.from_single_file(tmp_path / "v1.safetensors", config=str(root / "diffusers"),
-                                                             safety_checker=None, local_files_only=True)
+    ref = diffusers.StableDiffusionPipeline.from_single_file(
+        tmp_path / "v1.safetensors", config=str(root / "diffusers"), safety_checker=None, local_files_only=True)
     _ddim(ref)
     ours = load_any(tmp_path / "v1.safetensors")
     assert ours.unet.config == cfg and ours.manifest["image_size"] == 512 and ours.diffusion.prediction == "eps"

@@ -92,11 +92,12 @@ def _text_encoder_from_single_file(state: Tensors, where: str, tokenizer: CLIPTo
         if not oc:
             raise UserError(f"{where}: no text encoder: expected keys {TEXT_PREFIX}transformer.* (SD v1) or "
                             f"{TEXT_PREFIX}model.* (SD v2)")
-        layers = sd_keys.open_clip_text_layers(oc) - 1  # SD v2 reads the penultimate block (see clip_text_from_open_clip)
+        layers = sd_keys.open_clip_text_layers(oc) - 1  # SD v2 reads the penultimate block
         width = oc["token_embedding.weight"].shape[1]
         cfg = CLIPTextConfig(vocab_size=oc["token_embedding.weight"].shape[0],
                              context_length=oc["positional_embedding"].shape[0], width=width, layers=layers,
-                             heads=max(1, width // 64), intermediate_size=oc["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                             heads=max(1, width // 64),
+                             intermediate_size=oc["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                              act="gelu", projection_dim=width)
         weights = sd_keys.clip_text_from_open_clip(oc, layers)
         pad = 0  # open_clip pads with id 0 ('!'), unlike SD v1's end-of-text padding
