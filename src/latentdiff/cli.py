@@ -509,6 +509,41 @@ def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampl
 
 
 @cli.command()
+@click.option("--model", "models", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="A model folder, diffusers SD folder or SD .safetensors/.ckpt file; repeat for more.")
+@click.option("--runs", "runs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A folder of training runs to list (default: ./runs if it exists); repeat for more.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; loopback keeps it private.")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-steps", default=150, show_default=True, type=click.IntRange(min=1), help="Most sampler steps per job.")
+@click.option("--max-size", default=1024, show_default=True, type=click.IntRange(min=8), help="Largest image side.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Most images per job.")
+@click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Jobs that may wait behind the running one; more are refused with 429 (busy).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True,
+              help="Folder for result PNGs (one subfolder per job).")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Allow scripts on this origin to call the API (CORS is closed by default).")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, ...")
+def serve(models: tuple[Path, ...], runs: tuple[Path, ...], host: str, port: int, max_steps: int, max_size: int,
+          max_batch: int, queue: int, out: Path, cors_origins: tuple[str, ...], device: str) -> None:
+    """Start the web app and its JSON API (docs/server.md); binds to loopback unless --host says otherwise."""
+    try:
+        import uvicorn
+
+        from latentdiff.server import Limits, create_app, load_models
+    except ImportError as e:
+        raise UserError(f"the web app needs the 'serve' extra: pip install 'latentdiff[serve]' ({e})") from None
+    run_roots = list(runs) or ([Path("runs")] if Path("runs").is_dir() else [])
+    app = create_app(load_models(list(models), device), Limits(max_steps, max_size, max_batch, queue), out,
+                     run_roots, list(cors_origins))
+    where = "loopback only: other machines cannot connect" if host in ("127.0.0.1", "localhost", "::1") else \
+        "ALL machines that can reach this address may use it (no authentication)"
+    click.echo(f"serving {len(models)} model(s) on http://{host}:{port}/ ({where}); API docs at /docs")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@cli.command()
 def presets() -> None:
     """List the training presets that ship with latentdiff."""
     from latentdiff.config import list_presets

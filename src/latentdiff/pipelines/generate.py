@@ -91,7 +91,7 @@ class Pipeline:
                   vae_tile: int = 0) -> "Pipeline":
         """Image side, bf16 weights (UNet and text encoder; the VAE stays fp32), attention slicing, VAE tiles."""
         if size is not None:
-            f = self.autoencoder.downsample_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+            f = self.size_multiple
             if size % f:
                 raise UserError(f"size {size} must be a multiple of {f} for this model (autoencoder and UNet levels)")
             if self.concat_kind == "low_res":
@@ -107,6 +107,11 @@ class Pipeline:
         if isinstance(self.autoencoder, Autoencoder):
             self.autoencoder.tile = vae_tile
         return self
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the autoencoder's factor times the UNet's downsamplings."""
+        return self.autoencoder.downsample_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -1,0 +1,5 @@
+"""The local web app (``latentdiff serve``): a FastAPI JSON API over one generation queue, and a page."""
+
+from latentdiff.server.app import SAMPLER_PRESETS, GenerateRequest, Limits, create_app, load_models
+
+__all__ = ["SAMPLER_PRESETS", "GenerateRequest", "Limits", "create_app", "load_models"]

@@ -1,0 +1,299 @@
+"""The web app: a JSON API (OpenAPI at /docs and /openapi.json) over the generation queue, and the page at /.
+
+Clients name models, jobs and runs only by ids this server made; no client string becomes a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from latentdiff.diffusion.samplers import SAMPLERS
+from latentdiff.diffusion.sigmas import SPACINGS, TIMESTEP_SPACINGS
+from latentdiff.pipelines.generate import MAX_SEED, Pipeline
+from latentdiff.server import runs as run_folders
+from latentdiff.server.jobs import FINISHED, Job, JobQueue, QueueFull
+
+STATIC = Path(__file__).parent / "static"
+# the names other web UIs show -> (our sampler, spacing); docs/samplers.md explains the correspondence
+SAMPLER_PRESETS: dict[str, tuple[str, str]] = {
+    "DDIM": ("ddim", "trailing"), "DDPM": ("ddpm", "trailing"), "Euler": ("euler", "trailing"),
+    "Euler a": ("euler_ancestral", "trailing"), "Heun": ("heun", "trailing"), "LMS": ("lms", "trailing"),
+    "LMS Karras": ("lms", "karras"), "DPM++ 2M": ("dpmpp_2m", "trailing"), "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
+    "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"), "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", "karras"),
+    "DPM adaptive": ("dpm_adaptive", "trailing")}
+SSE_POLL_S = 0.05
+
+
+@dataclass
+class Limits:
+    """What one request may ask for, and how many jobs may wait."""
+
+    max_steps: int = 150
+    max_size: int = 1024
+    max_batch: int = 8
+    queue: int = 8
+
+
+class GenerateRequest(BaseModel):
+    """A text-to-image (or class-to-image) job; unset fields take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str = Field(description="a model id from GET /api/models")
+    prompt: Optional[str] = Field(None, max_length=2000)
+    negative_prompt: Optional[str] = Field(None, max_length=2000)
+    class_label: Optional[int] = Field(None, ge=0)
+    sampler: str = Field("DPM++ 2M Karras", description="a name from GET /api/samplers (UI name or ours)")
+    spacing: Optional[str] = Field(None, description="timestep/σ spacing; default: the sampler preset's")
+    steps: int = Field(20, ge=1)
+    guidance: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="null: a random seed (returned in settings)")
+    n_samples: int = Field(1, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1, description="images per network call; default n_samples")
+    size: Optional[int] = Field(None, ge=8, description="image side; default the model's")
+
+
+def slug(name: str) -> str:
+    """A URL-safe id from a file or folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def load_models(paths: list[Path], device: str = "cpu") -> dict[str, Pipeline]:
+    """Load model folders and SD checkpoints, keyed by unique ids made from their names."""
+    from latentdiff.pipelines.stable_diffusion import load_any
+
+    models: dict[str, Pipeline] = {}
+    for path in paths:
+        base = slug(Path(path).stem if Path(path).is_file() else Path(path).name)
+        key, n = base, 2
+        while key in models:
+            key, n = f"{base}-{n}", n + 1
+        models[key] = load_any(path, device)
+    return models
+
+
+def describe_model(key: str, pipe: Pipeline) -> dict[str, Any]:
+    """What the model picker needs: conditioning kind, classes, sizes, default guidance."""
+    kind = pipe.cond.kind
+    guidance = pipe.manifest.get("conditioning", {}).get("guidance", 1.0) if kind != "none" else 1.0
+    return {"id": key, "name": Path(pipe.path).name, "kind": kind, "class_names": pipe.class_names,
+            "num_classes": pipe.unet.config.num_classes if kind == "class" else 0,
+            "image_size": pipe.manifest["image_size"], "size_multiple": pipe.size_multiple,
+            "resizable": pipe.concat_kind != "low_res", "task": pipe.concat_kind or "generate",
+            "channels": pipe.manifest.get("channels"), "default_guidance": guidance,
+            "source": pipe.manifest.get("source", "latentdiff model folder")}
+
+
+def _bad(message: str, status: int = 422) -> HTTPException:
+    return HTTPException(status_code=status, detail=message)
+
+
+def resolve_sampler(name: str, spacing: Optional[str]) -> tuple[str, str]:
+    """(sampler, spacing) from a UI name like "DPM++ 2M Karras" or our own names."""
+    if name in SAMPLER_PRESETS:
+        sampler, default_spacing = SAMPLER_PRESETS[name]
+    elif name in SAMPLERS:
+        sampler, default_spacing = name, "trailing"
+    else:
+        raise _bad(f"sampler: unknown sampler {name!r}; choose one of {', '.join([*SAMPLER_PRESETS, *SAMPLERS])}")
+    spacing = spacing or default_spacing
+    if spacing not in SPACINGS:
+        raise _bad(f"spacing: unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return sampler, spacing
+
+
+def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) -> dict[str, Any]:
+    """The job's settings, or a 422 naming the field and the allowed values."""
+    if req.model not in models:
+        raise _bad(f"model: unknown model {req.model!r}; this server has {', '.join(models) or 'none'}")
+    pipe = models[req.model]
+    if req.steps > limits.max_steps:
+        raise _bad(f"steps: {req.steps} is over this server's limit of {limits.max_steps}")
+    batch_size = req.batch_size or req.n_samples
+    for name, v in (("n_samples", req.n_samples), ("batch_size", batch_size)):
+        if v > limits.max_batch:
+            raise _bad(f"{name}: {v} is over this server's limit of {limits.max_batch}")
+    if req.size is not None:
+        if req.size > limits.max_size:
+            raise _bad(f"size: {req.size} is over this server's limit of {limits.max_size}")
+        if req.size % pipe.size_multiple or pipe.concat_kind == "low_res":
+            raise _bad(f"size: {req.size} does not fit model {req.model!r}: sides must be multiples of "
+                       f"{pipe.size_multiple}" + (" (its size is fixed)" if pipe.concat_kind == "low_res" else ""))
+    elif pipe.manifest["image_size"] > limits.max_size:
+        raise _bad(f"size: the model's {pipe.manifest['image_size']} px is over this server's limit of {limits.max_size}")
+    if pipe.concat_kind is not None:
+        raise _bad(f"model: {req.model!r} is an {pipe.concat_kind} model; this server only generates from scratch so far")
+    kind = pipe.cond.kind
+    if req.class_label is not None:
+        if kind != "class":
+            raise _bad(f"class_label: model {req.model!r} is not class-conditional")
+        if req.class_label >= pipe.unet.config.num_classes:
+            raise _bad(f"class_label: {req.class_label} is out of range 0..{pipe.unet.config.num_classes - 1}")
+    if (req.prompt is not None or req.negative_prompt is not None) and kind != "text":
+        raise _bad(f"prompt: model {req.model!r} was not trained on captions; it takes no prompt")
+    sampler, spacing = resolve_sampler(req.sampler, req.spacing)
+    if spacing in TIMESTEP_SPACINGS and req.steps > pipe.diffusion.num_timesteps:
+        raise _bad(f"steps: {req.steps} is more than model {req.model!r}'s {pipe.diffusion.num_timesteps} "
+                   f"timesteps (spacing {spacing}); use fewer steps or a sigma spacing (karras)")
+    seed = secrets.randbelow(2**32) if req.seed is None else req.seed
+    if seed > MAX_SEED - req.n_samples:
+        raise _bad(f"seed: must be at most {MAX_SEED - req.n_samples} with n_samples={req.n_samples}")
+    return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "class_label": req.class_label,
+            "sampler": sampler, "spacing": spacing, "sampler_name": req.sampler, "steps": req.steps,
+            "guidance": req.guidance, "seed": seed, "n_samples": req.n_samples, "batch_size": batch_size,
+            "size": req.size or pipe.manifest["image_size"]}
+
+
+def make_runner(models: dict[str, Pipeline], outputs: Path) -> Callable[[Job, Callable[[int, int], None]], list[Path]]:
+    """The queue's worker function: generate with the job's settings, write PNGs under outputs/<job id>/."""
+    def run(job: Job, progress: Callable[[int, int], None]) -> list[Path]:
+        pipe, s = models[job.model], job.settings
+        default_size = pipe.manifest["image_size"]
+        try:
+            if s["size"] != default_size:
+                pipe.configure(size=s["size"])
+            images = pipe.generate(s["n_samples"], s["batch_size"], s["steps"], s["sampler"], s["seed"],
+                                   class_label=s["class_label"], prompt=s["prompt"],
+                                   negative_prompt=s["negative_prompt"], guidance=s["guidance"],
+                                   spacing=s["spacing"], callback=progress)
+        finally:
+            pipe.manifest["image_size"] = default_size  # the size is per job; the model is shared
+        paths, _ = pipe.save(images, outputs / job.id, {k: v for k, v in s.items() if k != "n_samples"})
+        return paths
+    return run
+
+
+def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, outputs: Path | str = "outputs",
+               runs: Optional[list[Path]] = None, cors_origins: Optional[list[str]] = None) -> FastAPI:
+    """The FastAPI app serving ``models`` (id -> Pipeline) under ``limits``; PNGs go to ``outputs``."""
+    limits = limits or Limits()
+    outputs, run_roots = Path(outputs), [Path(r) for r in runs or []]
+    jobs = JobQueue(make_runner(models, outputs), limits.queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        jobs.start()
+        yield
+        await asyncio.to_thread(jobs.stop)
+
+    app = FastAPI(title="latentdiff", version="0.1.0", lifespan=lifespan,
+                  description="Generate images with latentdiff models and browse training runs.")
+    app.state.jobs, app.state.limits = jobs, limits
+    if cors_origins:  # closed by default: the page is served from this origin and needs no CORS
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Content-Type", "Last-Event-ID"])
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        msgs = ["/".join(str(p) for p in e["loc"] if p != "body") + f": {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(msgs)}, status_code=422)
+
+    def job_or_404(job_id: str) -> Job:
+        job = jobs.jobs.get(job_id)
+        if job is None:
+            raise _bad(f"no job {job_id!r}", 404)
+        return job
+
+    def run_or_404(run_id: str) -> Path:
+        folder = run_folders.find_runs(run_roots).get(run_id)
+        if folder is None:
+            raise _bad(f"no run {run_id!r}", 404)
+        return folder
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/models", summary="Models this server can sample")
+    def list_models() -> list[dict[str, Any]]:
+        return [describe_model(k, p) for k, p in models.items()]
+
+    @app.get("/api/samplers", summary="Sampler names (UI presets and ours) and spacings")
+    def list_samplers() -> dict[str, Any]:
+        return {"presets": {k: {"sampler": s, "spacing": sp} for k, (s, sp) in SAMPLER_PRESETS.items()},
+                "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "limits": vars(limits)}
+
+    @app.post("/api/jobs", status_code=202, summary="Queue a generation job",
+              responses={422: {"description": "invalid settings"}, 429: {"description": "queue full"}})
+    def submit(req: GenerateRequest) -> dict[str, Any]:
+        settings = validate(req, models, limits)
+        try:
+            job = jobs.submit(req.model, settings)
+        except QueueFull as e:
+            raise HTTPException(429, detail=str(e), headers={"Retry-After": "5"}) from None
+        return job.summary()
+
+    @app.get("/api/jobs", summary="All jobs, newest first")
+    def list_jobs() -> list[dict[str, Any]]:
+        return [j.summary() for j in sorted(jobs.jobs.values(), key=lambda j: -j.created)]
+
+    @app.get("/api/jobs/{job_id}", summary="A job's status and images")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return job_or_404(job_id).summary()
+
+    @app.delete("/api/jobs/{job_id}", summary="Cancel a job (waiting: never starts; running: stops at its next step)")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        return jobs.cancel(job_or_404(job_id).id).summary()
+
+    @app.get("/api/jobs/{job_id}/events", summary="Server-sent events: queued, started, progress per step, "
+             "then done, failed or cancelled", response_class=StreamingResponse)
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        job = job_or_404(job_id)
+        last = request.headers.get("last-event-id", "")
+        start = int(last) + 1 if last.isdigit() else 0
+
+        async def stream() -> AsyncIterator[str]:
+            i = start
+            while True:
+                while i < len(job.events):
+                    ev = job.events[i]
+                    yield f"id: {i}\nevent: {ev['event']}\ndata: {json.dumps(ev)}\n\n"
+                    i += 1
+                    if ev["event"] in FINISHED:
+                        return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(SSE_POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/jobs/{job_id}/images/{index}", summary="One result PNG (settings in its metadata)",
+             response_class=FileResponse)
+    def job_image(job_id: str, index: int) -> FileResponse:
+        job = job_or_404(job_id)
+        if not 0 <= index < len(job.images):
+            raise _bad(f"job {job_id} has {len(job.images)} images; no index {index}", 404)
+        return FileResponse(job.images[index], media_type="image/png")
+
+    @app.get("/api/runs", summary="Training runs (folders with metrics.csv) under the served run folders")
+    def list_runs() -> list[dict[str, Any]]:
+        return [run_folders.describe(k, p) for k, p in run_folders.find_runs(run_roots).items()]
+
+    @app.get("/api/runs/{run_id}/metrics", summary="A run's metrics.csv as columns (the loss curve)")
+    def run_metrics(run_id: str) -> dict[str, Any]:
+        return run_folders.read_metrics(run_or_404(run_id))
+
+    @app.get("/api/runs/{run_id}/grid", summary="A run's latest sample grid", response_class=FileResponse)
+    def run_grid(run_id: str) -> FileResponse:
+        grid = run_folders.latest_grid(run_or_404(run_id))
+        if grid is None:
+            raise _bad(f"run {run_id!r} has no sample grid yet", 404)
+        return FileResponse(grid, media_type="image/png")
+
+    return app
+
+
+__all__ = ["Limits", "GenerateRequest", "SAMPLER_PRESETS", "create_app", "load_models"]

@@ -1,0 +1,243 @@
+"""The web app's JSON API through FastAPI's TestClient, with a tiny trained model."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from latentdiff.data.images import read_png_settings  # noqa: E402
+from latentdiff.pipelines.generate import MAX_SEED, Pipeline  # noqa: E402
+from latentdiff.server import Limits, create_app, load_models  # noqa: E402
+
+LONG = 1000  # steps of a job that is still running when we cancel it (= the schedule's T)
+MAX_STEPS = 2 * LONG
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from latentdiff.config import load_config
+    from latentdiff.training.diffusion_trainer import DiffusionTrainer
+
+    cfg = load_config("digits-tiny", ["train.steps=4", "train.grid_samples=4", "train.grid_steps=2", "data.limit=32"])
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    DiffusionTrainer(cfg, out, progress=False).run()
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(run_dir):
+    return load_models([run_dir])
+
+
+def client(models, tmp_path, **kwargs):
+    limits = Limits(max_steps=MAX_STEPS, max_size=64, max_batch=4, queue=kwargs.pop("queue", 4))
+    return TestClient(create_app(models, limits, tmp_path / "outputs", **kwargs))
+
+
+def events(c, job_id):
+    """The job's server-sent events, parsed, until its last one."""
+    out = []
+    with c.stream("GET", f"/api/jobs/{job_id}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+    return out
+
+
+def wait_for(c, job_id, status, timeout=60):
+    t0 = time.time()
+    while (job := c.get(f"/api/jobs/{job_id}").json())["status"] != status:
+        assert time.time() - t0 < timeout, job
+        time.sleep(0.02)
+    return job
+
+
+def test_generate_streams_progress_and_serves_pngs_with_settings(models, tmp_path):
+    with client(models, tmp_path) as c:
+        assert [m["id"] for m in c.get("/api/models").json()] == ["tiny"]
+        r = c.post("/api/jobs", json={"model": "tiny", "sampler": "DDIM", "steps": 4, "seed": 7, "n_samples": 3,
+                                      "batch_size": 2})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        evs = events(c, job["id"])
+        assert [e["event"] for e in evs] == ["queued", "started"] + ["progress"] * 8 + ["done"]
+        assert [(e["done"], e["total"]) for e in evs[2:-1]] == [(i, 8) for i in range(1, 9)]  # 2 chunks x 4 steps
+        status = c.get(f"/api/jobs/{job['id']}").json()
+        assert status["status"] == "done" and status["images"] == evs[-1]["images"] and len(status["images"]) == 3
+        direct = Pipeline.load(models["tiny"].path).generate(3, 2, 4, "ddim", 7, spacing="trailing")
+        for i, url in enumerate(status["images"]):
+            png = c.get(url)
+            assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+            path = tmp_path / f"{i}.png"
+            path.write_bytes(png.content)
+            s = read_png_settings(path)
+            assert (s["seed"], s["sampler"], s["spacing"], s["steps"], s["sampler_name"]) == (7 + i, "ddim", "trailing", 4, "DDIM")
+            served = torch.from_numpy(np.array(Image.open(path))).int()
+            assert (served - direct[i, 0].int()).abs().max() <= 1  # the same image the Python API draws
+        # outputs: one folder per job, named by the server's id, and no temporary files left behind
+        assert [p.name for p in (tmp_path / "outputs").iterdir()] == [job["id"]]
+        assert sorted(p.name for p in (tmp_path / "outputs" / job["id"]).iterdir()) == \
+            ["000007.png", "000008.png", "000009.png", "grid.png"]
+
+
+def test_random_seed_is_reported(models, tmp_path):
+    with client(models, tmp_path) as c:
+        job = c.post("/api/jobs", json={"model": "tiny", "steps": 1}).json()
+        assert 0 <= job["settings"]["seed"] < 2**32
+        assert wait_for(c, job["id"], "done")["settings"]["seed"] == job["settings"]["seed"]
+
+
+def test_cancel_a_running_job(models, tmp_path):
+    with client(models, tmp_path) as c:
+        job = c.post("/api/jobs", json={"model": "tiny", "sampler": "ddim", "steps": LONG, "seed": 1}).json()
+        seen = []
+        with c.stream("GET", f"/api/jobs/{job['id']}/events") as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if seen[-1]["event"] == "progress" and len(seen) == 3:
+                        assert c.delete(f"/api/jobs/{job['id']}").status_code == 200
+        assert seen[-1]["event"] == "cancelled"
+        final = c.get(f"/api/jobs/{job['id']}").json()
+        assert final["status"] == "cancelled" and final["images"] == [] and 1 <= final["done"] < LONG
+        # the worker is free again: the next job runs to the end
+        nxt = c.post("/api/jobs", json={"model": "tiny", "steps": 2, "seed": 0}).json()
+        assert wait_for(c, nxt["id"], "done")["done"] == 2
+
+
+def test_queue_full_is_a_clear_busy_answer(models, tmp_path):
+    with client(models, tmp_path, queue=1) as c:
+        long = c.post("/api/jobs", json={"model": "tiny", "steps": LONG, "seed": 0}).json()
+        wait_for(c, long["id"], "running")
+        waiting = c.post("/api/jobs", json={"model": "tiny", "steps": 2, "seed": 0})
+        assert waiting.status_code == 202 and waiting.json()["status"] == "queued"
+        busy = c.post("/api/jobs", json={"model": "tiny", "steps": 2, "seed": 0})
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "5" and "busy" in busy.json()["detail"]
+        assert len(c.get("/api/jobs").json()) == 2  # the refused job was never recorded
+        # cancelling the waiting job frees its place at once; it never starts
+        assert c.delete(f"/api/jobs/{waiting.json()['id']}").json()["status"] == "cancelled"
+        again = c.post("/api/jobs", json={"model": "tiny", "steps": 2, "seed": 0})
+        assert again.status_code == 202
+        c.delete(f"/api/jobs/{long['id']}")
+        assert wait_for(c, again.json()["id"], "done")["done"] == 2
+        assert c.get(f"/api/jobs/{waiting.json()['id']}").json()["done"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": MAX_STEPS + 1}, f"steps: {MAX_STEPS + 1} is over this server's limit of {MAX_STEPS}"),
+    ({"steps": 0}, "steps: Input should be greater than or equal to 1"),
+    ({"sampler": "plms"}, "sampler: unknown sampler 'plms'; choose one of DDIM, DDPM"),
+    ({"sampler": "ddim", "spacing": "random"}, "spacing: unknown spacing 'random'"),
+    ({"sampler": "ddim", "steps": LONG + 1}, f"steps: {LONG + 1} is more than model 'tiny''s {LONG} timesteps"),
+    ({"seed": "abc"}, "seed: Input should be a valid integer"),
+    ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ({"seed": MAX_SEED, "n_samples": 2}, f"seed: must be at most {MAX_SEED - 2} with n_samples=2"),
+    ({"model": "../tiny"}, "model: unknown model '../tiny'; this server has tiny"),
+    ({"n_samples": 5}, "n_samples: 5 is over this server's limit of 4"),
+    ({"size": 128}, "size: 128 is over this server's limit of 64"),
+    ({"size": 17}, "size: 17 does not fit model 'tiny': sides must be multiples of 2"),
+    ({"prompt": "a cat"}, "prompt: model 'tiny' was not trained on captions"),
+    ({"class_label": 3}, "class_label: model 'tiny' is not class-conditional"),
+    ({"guidance": float("inf")}, "guidance: Input should be a finite number"),
+    ({"path": "/etc/passwd"}, "path: Extra inputs are not permitted"),
+])
+def test_invalid_requests_name_the_field(models, tmp_path, change, message):
+    with client(models, tmp_path) as c:
+        body = json.dumps({"model": "tiny", "steps": 2} | change).replace("Infinity", "1e999")
+        r = c.post("/api/jobs", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+        assert c.get("/api/jobs").json() == []
+
+
+def test_other_sizes_and_presets_run(models, tmp_path):
+    with client(models, tmp_path) as c:
+        job = c.post("/api/jobs", json={"model": "tiny", "sampler": "DPM++ 2M Karras", "steps": 3, "seed": 2,
+                                        "size": 24}).json()
+        assert (job["settings"]["sampler"], job["settings"]["spacing"]) == ("dpmpp_2m", "karras")
+        done = wait_for(c, job["id"], "done")
+        path = tmp_path / "big.png"
+        path.write_bytes(c.get(done["images"][0]).content)
+        assert Image.open(path).size == (24, 24)
+        assert c.get("/api/models").json()[0]["image_size"] == 16  # the size was this job's only
+
+
+@pytest.mark.parametrize("url", [
+    "/api/jobs/../../etc/passwd/images/0", "/api/jobs/%2e%2e%2f%2e%2e%2fetc%2fpasswd/images/0",
+    "/api/jobs/..%2F..%2Foutputs/images/0", "/api/jobs/{id}/images/-1", "/api/jobs/{id}/images/99",
+    "/api/jobs/{id}/images/..%2F..%2F..%2Fetc%2Fpasswd", "/api/runs/..%2F..%2Fetc/grid",
+    "/api/runs/runs~..~..~etc/metrics", "/api/jobs/%2Fetc%2Fpasswd", "/api/jobs/{id}/../../../../etc/passwd",
+])
+def test_client_strings_never_reach_the_filesystem(models, tmp_path, run_dir, url):
+    with client(models, tmp_path, runs=[run_dir.parent]) as c:
+        job = c.post("/api/jobs", json={"model": "tiny", "steps": 1, "seed": 0}).json()
+        wait_for(c, job["id"], "done")
+        r = c.get(url.replace("{id}", job["id"]))
+        assert r.status_code in (404, 422) and r.headers["content-type"] == "application/json", (url, r.status_code)
+        assert "root:" not in r.text
+
+
+def test_runs_list_their_metrics_and_latest_grid(models, tmp_path, run_dir):
+    with client(models, tmp_path, runs=[run_dir.parent]) as c:
+        (run,) = c.get("/api/runs").json()
+        assert (run["name"], run["steps"], run["has_model"]) == ("tiny", 4, True)
+        metrics = c.get(f"/api/runs/{run['id']}/metrics").json()
+        rows = (run_dir / "metrics.csv").read_text().splitlines()
+        assert metrics["step"][-1] == 4 and len(metrics["loss"]) == len(rows) - 1
+        assert metrics["loss"][-1] == pytest.approx(float(rows[-1].split(",")[1])) == run["loss"]
+        grid = c.get(run["grid"])
+        assert grid.status_code == 200 and grid.content == sorted((run_dir / "samples").glob("*.png"))[-1].read_bytes()
+
+
+def test_openapi_documents_every_endpoint(models, tmp_path):
+    app = create_app(models, Limits(), tmp_path)
+    schema = TestClient(app).get("/openapi.json").json()
+    routed = {(m.lower(), r.path) for r in app.routes if getattr(r, "include_in_schema", False)
+              for m in r.methods - {"HEAD"}}
+    documented = {(m, p) for p, ops in schema["paths"].items() for m in ops}
+    assert routed == documented == {
+        ("get", "/api/models"), ("get", "/api/samplers"), ("post", "/api/jobs"), ("get", "/api/jobs"),
+        ("get", "/api/jobs/{job_id}"), ("delete", "/api/jobs/{job_id}"), ("get", "/api/jobs/{job_id}/events"),
+        ("get", "/api/jobs/{job_id}/images/{index}"), ("get", "/api/runs"), ("get", "/api/runs/{run_id}/metrics"),
+        ("get", "/api/runs/{run_id}/grid")}
+    for method, path in documented:
+        assert schema["paths"][path][method]["summary"], (method, path)
+    assert "GenerateRequest" in schema["components"]["schemas"]
+
+
+def test_cors_closed_by_default(models, tmp_path):
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    with client(models, tmp_path) as c:
+        r = c.get("/api/models", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        assert "access-control-allow-origin" not in c.options("/api/jobs", headers=preflight).headers
+    with client(models, tmp_path, cors_origins=["http://tool.example"]) as c:
+        ok = c.options("/api/jobs", headers=preflight | {"Origin": "http://tool.example"})
+        assert ok.headers["access-control-allow-origin"] == "http://tool.example"
+        assert "access-control-allow-origin" not in c.options("/api/jobs", headers=preflight).headers
+
+
+def test_page_has_the_generate_form(models, tmp_path):
+    with client(models, tmp_path) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        for element in ('id="prompt"', 'id="negative_prompt"', 'id="sampler"', 'id="steps"', 'id="guidance"',
+                        'id="seed"', 'id="generate"', 'id="cancel"', 'id="gallery"', "EventSource"):
+            assert element in page.text
+
+
+def test_cli_serve_refuses_a_missing_model():
+    r = subprocess.run([sys.executable, "-m", "latentdiff", "serve", "--model", "no/such/model"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: no/such/model does not exist: give a latentdiff model folder, a diffusers folder or a "
+        ".safetensors/.ckpt checkpoint"]
