@@ -1,6 +1,8 @@
 """The web app's JSON API through FastAPI's TestClient, with a tiny trained model."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -233,6 +235,31 @@ def test_page_has_the_generate_form(models, tmp_path):
         for element in ('id="prompt"', 'id="negative_prompt"', 'id="sampler"', 'id="steps"', 'id="guidance"',
                         'id="seed"', 'id="generate"', 'id="cancel"', 'id="gallery"', "EventSource"):
             assert element in page.text
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's JavaScript")
+@pytest.mark.parametrize("chunk", ["tEXt", "iTXt"])  # what save_png writes (ASCII JSON), and UTF-8 text
+def test_page_reads_settings_back_from_a_png(tmp_path, chunk):
+    from PIL.PngImagePlugin import PngInfo
+
+    from latentdiff.data.images import PNG_KEY, save_png
+    from latentdiff.server.app import STATIC
+
+    settings = {"prompt": "ein Käse, 猫 and 🐱", "seed": 12, "sampler": "dpmpp_2m", "spacing": "karras", "steps": 7}
+    if chunk == "tEXt":
+        save_png(Image.new("L", (4, 4)), tmp_path / "x.png", settings)
+    else:
+        info = PngInfo()
+        info.add_itxt(PNG_KEY, json.dumps(settings, ensure_ascii=False), lang="en", tkey="settings")
+        Image.new("L", (4, 4)).save(tmp_path / "x.png", pnginfo=info)
+    assert chunk.encode() in (tmp_path / "x.png").read_bytes()
+    page = (STATIC / "index.html").read_text()
+    parser = re.search(r"^function pngSettings\(bytes\) \{.*?^\}$", page, re.M | re.S).group(0)
+    script = parser + f"\nconst b = require('fs').readFileSync({json.dumps(str(tmp_path / 'x.png'))});" \
+                      "\nprocess.stdout.write(JSON.stringify(pngSettings(new Uint8Array(b))));"
+    r = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == read_png_settings(tmp_path / "x.png") == settings
 
 
 def test_cli_serve_refuses_a_missing_model():
