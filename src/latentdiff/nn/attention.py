@@ -53,7 +53,9 @@ class GEGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the gated projection."""
         a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return a * F.gelu(gate)
+        return F.gelu(gate).mul_(a)  # sampling: reuse the GELU buffer (autograd would need it unchanged)
 
 
 class FeedForward(nn.Module):
@@ -80,9 +82,14 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """x: (B, N, dim); context: (B, M, context_dim) or None."""
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        if torch.is_grad_enabled():
+            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn2(self.norm2(x), context)
+            return x + self.ff(self.norm3(x))
+        x = x + self.attn1(self.norm1(x))  # a fresh tensor, so the next residuals may add in place (sampling)
+        x += self.attn2(self.norm2(x), context)
+        x += self.ff(self.norm3(x))
+        return x
 
 
 class SpatialTransformer(nn.Module):

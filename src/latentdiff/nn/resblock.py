@@ -47,8 +47,10 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """Apply the block to x (B, C, H, W) conditioned on emb (B, emb_channels)."""
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # timestep (and class) shift per channel
-        return self.skip_connection(x) + self.out_layers(h)
+        h += self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # timestep (and class) shift per channel
+        out = self.out_layers(h)  # in-place adds on fresh conv outputs: no extra (B, C, H, W) buffer, same sums
+        out += self.skip_connection(x)
+        return out
 
 
 class Downsample(nn.Module):
