@@ -10,6 +10,7 @@ inpainting: 9 UNet input channels) is read from the weights. Writes latentdiff m
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ def _manifest(unet_cfg: UNetConfig, vae: Autoencoder, diffusion: DiffusionConfig
               source: str) -> dict[str, Any]:
     concat = {"concat": "inpaint"} if unet_cfg.in_channels == 2 * vae.latent_channels + 1 else {}
     f = vae.downsample_factor
-    return {**concat, "diffusion": diffusion.__dict__.copy(), "image_size": image_size, "channels": 3,
+    return {**concat, "diffusion": dataclasses.asdict(diffusion), "image_size": image_size, "channels": 3,
             "latent_shape": [vae.latent_channels, image_size // f, image_size // f], "class_names": [],
             "conditioning": {"kind": "text", "guidance": DEFAULT_GUIDANCE}, "source": source}
 
