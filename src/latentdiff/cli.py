@@ -160,7 +160,7 @@ def _load_model(path: Path, device: str, size: int | None = None, prediction: st
     """Any model: a latentdiff model folder, a diffusers SD folder or an SD .safetensors/.ckpt file."""
     from latentdiff.pipelines.stable_diffusion import load_any
 
-    pipe = load_any(path, device, **({"prediction": prediction} if prediction else {}))
+    pipe = load_any(path, device, prediction)
     pipe.configure(size=size, precision=precision, attention_slice=attention_slice, vae_tile=vae_tile)
     return pipe
 
@@ -179,7 +179,7 @@ def convert(src: Path, dst: Path, layout: str, prediction: str | None, size: int
 
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"{dst} exists and is not empty; choose a new folder")
-    pipe = load_any(src, "cpu", **({"prediction": prediction} if prediction else {}))
+    pipe = load_any(src, "cpu", prediction)
     pipe.configure(size=size)
     (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst)
     click.echo(f"{src} -> {dst} ({layout} layout; {pipe.manifest.get('source', 'latentdiff model')}, "

@@ -76,35 +76,30 @@ def _load(model: torch.nn.Module, state: Tensors, where: str) -> torch.nn.Module
 
 
 # ---- the parts ---------------------------------------------------------------------------------------
-def _text_encoder_from_single_file(state: Tensors, where: str, tokenizer: CLIPTokenizer | None) -> CLIPTextEncoder:
-    """SD v1's transformers-layout CLIP or SD v2's OpenCLIP text tower, with the CLIP BPE tokenizer."""
-    hf = _sub(state, TEXT_PREFIX + "transformer.")
-    if hf:  # OpenAI CLIP ViT-L/14 in transformers' layout (heads are 64 wide, as in every CLIP text tower)
-        weights = clip_text_from_hf(hf)
-        width = weights["token_embedding.weight"].shape[1]
-        cfg = CLIPTextConfig(vocab_size=weights["token_embedding.weight"].shape[0],
-                             context_length=weights["position_embedding.weight"].shape[0], width=width,
-                             layers=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
-                             heads=max(1, width // 64), intermediate_size=weights["blocks.0.mlp.fc1.weight"].shape[0],
-                             act="quick_gelu", projection_dim=width)
-        pad: str | int = "<|endoftext|>"
+def _clip_config(weights: Tensors, act: str) -> CLIPTextConfig:
+    """A text tower's config read from its weights (our key names); CLIP text heads are 64 wide."""
+    tokens = weights["token_embedding.weight"]
+    width = tokens.shape[1]
+    return CLIPTextConfig(vocab_size=tokens.shape[0], context_length=weights["position_embedding.weight"].shape[0],
+                          width=width, layers=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
+                          heads=max(1, width // 64), intermediate_size=weights["blocks.0.mlp.fc1.weight"].shape[0],
+                          act=act, projection_dim=width)
+
+
+def _text_encoder_from_single_file(hf: Tensors, open_clip: Tensors, where: str,
+                                   tokenizer: CLIPTokenizer | None) -> CLIPTextEncoder:
+    """SD v1's transformers-layout CLIP (``hf``) or SD v2's OpenCLIP text tower, with the CLIP BPE tokenizer."""
+    if hf:  # OpenAI CLIP ViT-L/14
+        weights, act, pad = clip_text_from_hf(hf), "quick_gelu", "<|endoftext|>"
+    elif open_clip:  # SD v2 reads the penultimate block; open_clip pads with id 0 ('!'), not end-of-text
+        weights = sd_keys.clip_text_from_open_clip(open_clip, sd_keys.open_clip_text_layers(open_clip) - 1)
+        act, pad = "gelu", 0
     else:
-        oc = _sub(state, TEXT_PREFIX + "model.")
-        if not oc:
-            raise UserError(f"{where}: no text encoder: expected keys {TEXT_PREFIX}transformer.* (SD v1) or "
-                            f"{TEXT_PREFIX}model.* (SD v2)")
-        layers = sd_keys.open_clip_text_layers(oc) - 1  # SD v2 reads the penultimate block
-        width = oc["token_embedding.weight"].shape[1]
-        cfg = CLIPTextConfig(vocab_size=oc["token_embedding.weight"].shape[0],
-                             context_length=oc["positional_embedding"].shape[0], width=width, layers=layers,
-                             heads=max(1, width // 64),
-                             intermediate_size=oc["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                             act="gelu", projection_dim=width)
-        weights = sd_keys.clip_text_from_open_clip(oc, layers)
-        pad = 0  # open_clip pads with id 0 ('!'), unlike SD v1's end-of-text padding
+        raise UserError(f"{where}: no text encoder: expected keys {TEXT_PREFIX}transformer.* (SD v1) or "
+                        f"{TEXT_PREFIX}model.* (SD v2)")
+    cfg = _clip_config(weights, act)
     model = _load(CLIPTextTransformer(cfg), weights, f"{where}: text encoder")
-    tok = tokenizer or CLIPTokenizer.default(cfg.context_length, pad)
-    return CLIPTextEncoder(tok, model)
+    return CLIPTextEncoder(tokenizer or CLIPTokenizer.default(cfg.context_length, pad), model)
 
 
 def _manifest(unet_cfg: UNetConfig, vae: Autoencoder, diffusion: DiffusionConfig, image_size: int,
@@ -133,7 +128,7 @@ def _pipeline(unet: UNet, vae: Autoencoder, text: CLIPTextEncoder, diffusion: Di
 
 
 def load_single_file(path: Path | str, device: str | torch.device = "cpu", prediction: str | None = None,
-                     image_size: int | None = None, tokenizer: Path | str | None = None) -> Pipeline:
+                     tokenizer: Path | str | None = None) -> Pipeline:
     """A Stable Diffusion v1/v2 (or inpainting) single-file checkpoint as a Pipeline.
 
     ``prediction`` (eps or v) overrides what is read from the file: SD v2 checkpoints are v-prediction
@@ -148,17 +143,18 @@ def load_single_file(path: Path | str, device: str | torch.device = "cpu", predi
         some = ", ".join(sorted(state)[:3])
         raise UserError(f"{path}: not a Stable Diffusion single-file checkpoint: expected keys "
                         f"{UNET_PREFIX}*, {VAE_PREFIX}* and {TEXT_PREFIX}* (found e.g. {some})")
-    v2 = not _sub(state, TEXT_PREFIX + "transformer.")  # SD v2's OpenCLIP text tower sits at cond_stage_model.model
+    hf, open_clip = _sub(state, TEXT_PREFIX + "transformer."), _sub(state, TEXT_PREFIX + "model.")
+    v2 = not hf  # SD v2's OpenCLIP text tower sits at cond_stage_model.model
     unet_cfg = UNetConfig(**sd_keys.unet_config_from_compvis(unet_sd, v2))
     unet = _load(UNet(unet_cfg), unet_sd, f"{path}: UNet")
     vae = _load(Autoencoder(AutoencoderConfig(**sd_keys.vae_config_from_compvis(vae_sd))), vae_sd,
                 f"{path}: autoencoder")
     tok = CLIPTokenizer.from_folder(tokenizer) if tokenizer else None
-    text = _text_encoder_from_single_file(state, str(path), tok)
+    text = _text_encoder_from_single_file(hf, open_clip, str(path), tok)
     if prediction is None:
         prediction = "v" if v2 and meta.get("global_step") != 875000 else "eps"
     diffusion = DiffusionConfig(schedule="scaled_linear", num_timesteps=1000, prediction=prediction)
-    size = image_size or (768 if v2 and prediction == "v" else 512)
+    size = 768 if v2 and prediction == "v" else 512  # the default; Pipeline.configure(size=...) changes it
     version = "v2" if v2 else "v1"
     return _pipeline(unet, vae, text, diffusion, size, path, f"stable-diffusion {version} single file", device)
 
@@ -187,7 +183,7 @@ def _scheduler(folder: Path) -> DiffusionConfig:
 
 
 def load_diffusers_folder(path: Path | str, device: str | torch.device = "cpu",
-                          prediction: str | None = None, image_size: int | None = None) -> Pipeline:
+                          prediction: str | None = None) -> Pipeline:
     """A diffusers StableDiffusion(Inpaint)Pipeline folder as a Pipeline."""
     path = Path(path)
     missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
@@ -208,7 +204,7 @@ def load_diffusers_folder(path: Path | str, device: str | torch.device = "cpu",
     diffusion = _scheduler(path)
     if prediction is not None:
         diffusion.prediction = prediction
-    size = image_size or int(unet_json.get("sample_size", 64)) * vae.downsample_factor
+    size = int(unet_json.get("sample_size", 64)) * vae.downsample_factor
     return _pipeline(unet, vae, text, diffusion, size, path, "stable-diffusion diffusers folder", device)
 
 
@@ -220,21 +216,24 @@ def is_diffusers_folder(path: Path) -> bool:
     return index.is_file() and "_class_name" in load_json(index)
 
 
-def load_any(path: Path | str, device: str | torch.device = "cpu", **kwargs: Any) -> Pipeline:
-    """A latentdiff model folder, a diffusers folder or a single-file SD checkpoint, told apart by content."""
+def load_any(path: Path | str, device: str | torch.device = "cpu", prediction: str | None = None) -> Pipeline:
+    """A latentdiff model folder, a diffusers folder or a single-file SD checkpoint, told apart by content.
+
+    ``prediction`` (eps or v) overrides what a Stable Diffusion checkpoint says it predicts.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a latentdiff model folder, a diffusers folder or a "
                         ".safetensors/.ckpt checkpoint")
     if path.is_dir():
         if is_diffusers_folder(path):
-            return load_diffusers_folder(path, device, **kwargs)
-        if kwargs:
-            raise UserError(f"{path}: {', '.join(kwargs)} only apply to Stable Diffusion checkpoints")
+            return load_diffusers_folder(path, device, prediction)
+        if prediction is not None:
+            raise UserError(f"{path}: --prediction only applies to Stable Diffusion checkpoints")
         return Pipeline.load(path, device)
     if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         raise UserError(f"{path}: not a model folder or a .safetensors/.ckpt checkpoint")
-    return load_single_file(path, device, **kwargs)
+    return load_single_file(path, device, prediction)
 
 
 # ---- writing -----------------------------------------------------------------------------------------
