@@ -92,15 +92,19 @@ def _rename(key: str, blocks: dict[str, tuple[str, dict[str, str]]]) -> str | No
     return None
 
 
-def key_map(compvis_keys: list[str], blocks: dict[str, tuple[str, dict[str, str]]]) -> dict[str, str]:
-    """CompVis key -> diffusers key for every key of a model."""
-    out = {}
-    for k in compvis_keys:
-        d = _rename(k, blocks)
-        if d is None:
-            raise UserError(f"no diffusers name for {k!r}")  # a programming error: the tables miss a block
-        out[k] = d
-    return out
+def _key_map(kind: str, cfg: Any) -> dict[str, str]:
+    """CompVis key -> diffusers key for every key of our UNet ("unet") or autoencoder ("vae") of config ``cfg``."""
+    from latentdiff.models.autoencoder import Autoencoder  # models/ imports formats/: import at call time
+    from latentdiff.models.unet import UNet
+
+    model_cls, blocks = (UNet, _unet_blocks(cfg)) if kind == "unet" else (Autoencoder, _vae_blocks(cfg))
+    with torch.device("meta"):
+        keys = list(model_cls(cfg).state_dict())
+    out = {k: _rename(k, blocks) for k in keys}
+    unnamed = [k for k, v in out.items() if v is None]
+    if unnamed:  # a programming error: the block tables miss a layer of the model
+        raise RuntimeError(f"no diffusers name for {unnamed[:3]}")
+    return out  # type: ignore[return-value]
 
 
 def _convert(state: Tensors, mapping: dict[str, str], what: str) -> Tensors:
@@ -113,24 +117,18 @@ def _convert(state: Tensors, mapping: dict[str, str], what: str) -> Tensors:
     return {mapping[k]: v for k, v in state.items()}
 
 
-def _expected_keys(model_cls: Any, cfg: Any) -> list[str]:
-    with torch.device("meta"):
-        return list(model_cls(cfg).state_dict())
+def _inverse(mapping: dict[str, str]) -> dict[str, str]:
+    return {d: c for c, d in mapping.items()}
 
 
 def unet_to_diffusers(state: Tensors, cfg: Any) -> Tensors:
     """Our (CompVis) UNet state dict -> diffusers UNet2DConditionModel names."""
-    from latentdiff.models.unet import UNet
-
-    return _convert(state, key_map(_expected_keys(UNet, cfg), _unet_blocks(cfg)), "UNet state dict")
+    return _convert(state, _key_map("unet", cfg), "UNet state dict")
 
 
 def unet_from_diffusers(state: Tensors, cfg: Any) -> Tensors:
     """A diffusers UNet2DConditionModel state dict -> our (CompVis) names."""
-    from latentdiff.models.unet import UNet
-
-    mapping = key_map(_expected_keys(UNet, cfg), _unet_blocks(cfg))
-    return _convert(state, {d: c for c, d in mapping.items()}, "diffusers UNet state dict")
+    return _convert(state, _inverse(_key_map("unet", cfg)), "diffusers UNet state dict")
 
 
 def _vae_attn_shapes(state: Tensors, to_conv: bool) -> Tensors:
@@ -145,18 +143,12 @@ def _vae_attn_shapes(state: Tensors, to_conv: bool) -> Tensors:
 
 def vae_to_diffusers(state: Tensors, cfg: Any) -> Tensors:
     """Our (CompVis) autoencoder state dict -> diffusers AutoencoderKL names and shapes."""
-    from latentdiff.models.autoencoder import Autoencoder
-
-    renamed = _convert(state, key_map(_expected_keys(Autoencoder, cfg), _vae_blocks(cfg)), "autoencoder state dict")
-    return _vae_attn_shapes(renamed, to_conv=False)
+    return _vae_attn_shapes(_convert(state, _key_map("vae", cfg), "autoencoder state dict"), to_conv=False)
 
 
 def vae_from_diffusers(state: Tensors, cfg: Any) -> Tensors:
     """A diffusers AutoencoderKL state dict -> our (CompVis) names and shapes."""
-    from latentdiff.models.autoencoder import Autoencoder
-
-    mapping = key_map(_expected_keys(Autoencoder, cfg), _vae_blocks(cfg))
-    return _vae_attn_shapes(_convert(state, {d: c for c, d in mapping.items()}, "diffusers VAE state dict"),
+    return _vae_attn_shapes(_convert(state, _inverse(_key_map("vae", cfg)), "diffusers VAE state dict"),
                             to_conv=True)
 
 
