@@ -3,7 +3,6 @@ values, each run through the CLI, must end in one 'error: ...' line with exit co
 within a time bound, without traceback, temporary files or files from a failed command, and without ever
 unpickling code."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

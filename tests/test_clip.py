@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from latentdiff.config import load_config
 from latentdiff.data import DataConfig, ImageData, load_dataset

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from latentdiff.config import load_config
 from latentdiff.data.masks import random_masks
@@ -281,3 +280,34 @@ def test_inpainting_run_matches_stable_diffusion_inpaint_pipeline(tmp_path):
     expected = (out * 255).round().to(torch.uint8)
     assert expected.float().std() > 5  # not a flat image
     assert (got.int() - expected.int()).abs().max() <= 1
+
+
+def test_mask_files_and_bytes_read_the_same(tmp_path):
+    import io
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from latentdiff.data.masks import read_mask
+
+    a = np.zeros((8, 8), np.uint8)
+    a[2:5, 3:7] = 255  # white = redraw
+    Image.fromarray(a).save(tmp_path / "m.png")
+    keep = read_mask(tmp_path / "m.png", 8)
+    assert torch.equal(keep, torch.from_numpy((a == 0).astype(np.float32)))
+    assert torch.equal(read_mask((tmp_path / "m.png").read_bytes(), 8, name="mask"), keep)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        grey = a.copy()
+        grey[0, 0] = 100  # below half: kept
+        buf = io.BytesIO()
+        Image.fromarray(grey).resize((16, 16), Image.Resampling.NEAREST).save(buf, format="PNG")
+        assert torch.equal(read_mask(buf.getvalue(), 8, name="mask"), keep)
+    assert [str(w.message) for w in seen] == ["mask is 16x16, resized to 8x8",
+                                             "mask is not black and white; thresholded at 50 %"]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "black.png")
+    with pytest.raises(UserError, match=r"black.png marks nothing to redraw"):
+        read_mask(tmp_path / "black.png", 8)
+    with pytest.raises(UserError, match=r"^mask: cannot read image"):
+        read_mask(b"not an image", 8, name="mask")

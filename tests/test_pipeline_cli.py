@@ -143,6 +143,10 @@ def test_cli_img2img_and_inpaint(run_dir, tmp_path):
                          (("inpaint", run_dir, img, mask, "--sampler", "lms"), "one step at a time")):
         r = cli(*args, "--out", tmp_path / "c")
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = cli("inpaint", run_dir, img, img, "--out", tmp_path / "c")  # warnings read as one line each, like errors
+    assert r.stderr.splitlines() == [f"warning: mask {img} is 40x40, resized to 16x16",
+                                     f"warning: mask {img} is not black and white; thresholded at 50 %",
+                                     f"error: mask {img} marks nothing to redraw (paint the region to redraw white)"]
 
 
 def test_cli_viz(run_dir, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +320,9 @@ def inpaint(model_dir: Path, image: Path, mask: Path, resample: int, steps: int,
             **conditions: Any) -> None:
     """Redraw the white part of MASK (a PNG) in IMAGE; the rest is kept exactly."""
     pipe = _load_model(model_dir, device)
-    m = _read_mask(mask, pipe.manifest["image_size"])
+    from latentdiff.data.masks import read_mask
+
+    m = read_mask(mask, pipe.manifest["image_size"])
     settings = {"task": "inpaint", "input": str(image), "mask": str(mask), "resample": resample,
                 "sampler": sampler, "spacing": spacing, "steps": steps, "eta": eta, "seed": seed} | conditions
     _run_task(pipe, _read_input(image, pipe), settings, out, n_samples=n_samples, batch_size=batch_size,
@@ -368,31 +371,6 @@ def _read_low_res(path: Path, size: int, channels: int):
         raise UserError(f"{path} is {got[0]}x{got[1]}; this model upscales {size}x{size} images "
                         f"(resize the input to {size}x{size} first)")
     return read_image(path, size, channels)[None]
-
-
-def _read_mask(path: Path, size: int):
-    """A mask PNG as a keep-mask (1 = keep, 0 = redraw; white in the file means redraw)."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            if im.size != (size, size):
-                click.echo(f"warning: mask {path} is {im.size[0]}x{im.size[1]}, resized to {size}x{size}", err=True)
-                im = im.resize((size, size), Image.Resampling.NEAREST)
-            a = np.asarray(im)
-    except FileNotFoundError:
-        raise UserError(f"mask {path}: file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"mask {path}: cannot read image ({e})") from None
-    if not np.isin(a, (0, 255)).all():
-        click.echo(f"warning: mask {path} is not black and white; thresholded at 50 %", err=True)
-    keep = torch.from_numpy((a < 128).astype(np.float32))
-    if keep.all():
-        raise UserError(f"mask {path} marks nothing to redraw (paint the region to redraw white)")
-    return keep
 
 
 @cli.group()
@@ -520,13 +498,18 @@ def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampl
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Most images per job.")
 @click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1),
               help="Jobs that may wait behind the running one; more are refused with 429 (busy).")
+@click.option("--preview-every", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Show the predicted image every N steps while sampling (one autoencoder decode each); 0: never.")
+@click.option("--keep-jobs", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Finished jobs the server remembers (their PNGs stay in --out).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True,
               help="Folder for result PNGs (one subfolder per job).")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow scripts on this origin to call the API (CORS is closed by default).")
 @click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, ...")
 def serve(models: tuple[Path, ...], runs: tuple[Path, ...], host: str, port: int, max_steps: int, max_size: int,
-          max_batch: int, queue: int, out: Path, cors_origins: tuple[str, ...], device: str) -> None:
+          max_batch: int, queue: int, preview_every: int, keep_jobs: int, out: Path, cors_origins: tuple[str, ...],
+          device: str) -> None:
     """Start the web app and its JSON API (docs/server.md); binds to loopback unless --host says otherwise."""
     try:
         import uvicorn
@@ -535,7 +518,7 @@ def serve(models: tuple[Path, ...], runs: tuple[Path, ...], host: str, port: int
     except ImportError as e:
         raise UserError(f"the web app needs the 'serve' extra: pip install 'latentdiff[serve]' ({e})") from None
     run_roots = list(runs) or ([Path("runs")] if Path("runs").is_dir() else [])
-    app = create_app(load_models(list(models), device), Limits(max_steps, max_size, max_batch, queue), out,
+    app = create_app(load_models(list(models), device), Limits(max_steps, max_size, max_batch, queue, preview_every, keep_jobs), out,
                      run_roots, list(cors_origins))
     where = "loopback only: other machines cannot connect" if host in ("127.0.0.1", "localhost", "::1") else \
         "ALL machines that can reach this address may use it (no authentication)"
@@ -554,6 +537,8 @@ def presets() -> None:
 
 def main() -> None:
     """Entry point: run the CLI; user errors print one line and exit with code 2."""
+    # warnings of the library (a prompt truncated, a mask resized) read as one line, like errors
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -308,26 +308,29 @@ def _flatten_mode(img: Image.Image) -> Image.Image:
     return img.convert("L" if mode == "1" else "RGB")  # 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def read_image(path: Path | str, size: int | None = None, channels: int | None = None,
-               center_crop: bool = True) -> torch.Tensor:
-    """One image file as uint8 (C, H, W); size None keeps the shorter side, channels None keeps grey grey."""
+def read_image(source: Path | str | bytes, size: int | None = None, channels: int | None = None,
+               center_crop: bool = True, name: str | None = None) -> torch.Tensor:
+    """One image file (or its bytes, called ``name`` in errors) as uint8 (C, H, W); size None keeps the
+    shorter side, channels None keeps grey grey."""
+    label = name or ("image" if isinstance(source, bytes) else str(source))
+    opened = (lambda: io.BytesIO(source)) if isinstance(source, bytes) else (lambda: source)
     try:
         with warnings.catch_warnings():  # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(opened()) as img:
                 channels = channels or (1 if _flatten_mode(img).mode == "L" else 3)
                 size = size or min(img.size)
-            return torch.from_numpy(decode_image(Path(path), size, channels, center_crop).copy())
+            return torch.from_numpy(decode_image(opened(), size, channels, center_crop).copy())
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
+        raise UserError(f"{label}: file not found") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a folder; expected an image file") from None
+        raise UserError(f"{label}: is a folder; expected an image file") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
+        raise UserError(f"{label}: cannot read image ({e})") from None
 
 
-def decode_image(path: Path, size: int, channels: int, center_crop: bool) -> np.ndarray:
+def decode_image(path: Path | io.BytesIO, size: int, channels: int, center_crop: bool) -> np.ndarray:
     """Decode one file to a (channels, size, size) uint8 array; raises on any defect."""
     with Image.open(path) as img:
         if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):

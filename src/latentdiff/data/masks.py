@@ -1,4 +1,5 @@
-"""Random inpainting masks for training (1 = region to repaint), as Stable Diffusion inpainting drew them.
+"""Inpainting masks: random ones for training (1 = region to repaint), as Stable Diffusion inpainting drew
+them, and mask files for inference (white = redraw).
 
 SD inpainting trained on synthetic masks and masked the whole image in 25 % of cases (its model card);
 here a mask is the whole image with probability ``full_prob``, else a box or a few thick brush strokes.
@@ -6,11 +7,16 @@ here a mask is the whole image with probability ``full_prob``, else a box or a f
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from latentdiff.errors import UserError
 
 
 def random_masks(n: int, size: int, generator: torch.Generator, full_prob: float = 0.25) -> torch.Tensor:
@@ -43,3 +49,25 @@ def _strokes(size: int, r: list[float]) -> np.ndarray:
             draw.ellipse([px - width / 2, py - width / 2, px + width / 2, py + width / 2], fill=255)
         x, y = x2, y2
     return (np.asarray(img) > 127).astype(np.float32)
+
+
+def read_mask(source: Path | str | bytes, size: int, name: str | None = None) -> torch.Tensor:
+    """A mask image (a file or its bytes) as a (size, size) keep-mask: 1 = keep, 0 = redraw (white in the file)."""
+    label = name or ("mask" if isinstance(source, bytes) else f"mask {source}")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            im = im.convert("L")
+            if im.size != (size, size):
+                warnings.warn(f"{label} is {im.size[0]}x{im.size[1]}, resized to {size}x{size}", stacklevel=2)
+                im = im.resize((size, size), Image.Resampling.NEAREST)
+            a = np.asarray(im)
+    except FileNotFoundError:
+        raise UserError(f"{label}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{label}: cannot read image ({e})") from None
+    if not np.isin(a, (0, 255)).all():
+        warnings.warn(f"{label} is not black and white; thresholded at 50 %", stacklevel=2)
+    keep = torch.from_numpy((a < 128).astype(np.float32))
+    if keep.all():
+        raise UserError(f"{label} marks nothing to redraw (paint the region to redraw white)")
+    return keep

@@ -131,7 +131,8 @@ class Pipeline:
                  callback: Optional[Callable[[int, int], None]] = None, spacing: str = "trailing",
                  return_nfe: bool = False, images: Optional[torch.Tensor] = None, strength: float = 1.0,
                  mask: Optional[torch.Tensor] = None, resample: int = 1, low_res: Optional[torch.Tensor] = None,
-                 paste: bool = True, **sampler_options: float) -> torch.Tensor | tuple[torch.Tensor, float]:
+                 paste: bool = True, preview: Optional[Callable[[int, torch.Tensor], None]] = None,
+                 preview_every: int = 1, **sampler_options: float) -> torch.Tensor | tuple[torch.Tensor, float]:
         """Draw ``n_samples`` images as a uint8 (N, C, H, W) tensor, ``batch_size`` at a time.
 
         Conditional models take ``class_label`` or ``prompt`` (one, or one per sample), with classifier-free
@@ -143,8 +144,11 @@ class Pipeline:
         ``n_samples``) it is img2img at ``strength``; with a ``mask`` too (1 = keep, (H, W)) inpainting:
         see :meth:`img2img` and :meth:`inpaint` (``paste``: put the kept pixels back exactly). ``low_res``
         (uint8, one or ``n_samples``) is what a super-resolution model upscales: see :meth:`upscale`.
+        ``preview(done_steps, images)`` gets every ``preview_every`` steps the current chunk's predicted x0,
+        decoded to uint8 (what a web UI shows while it samples; each costs one autoencoder decode).
         """
-        for name, v in (("n_samples", n_samples), ("batch_size", batch_size), ("steps", steps)):
+        for name, v in (("n_samples", n_samples), ("batch_size", batch_size), ("steps", steps),
+                        ("preview_every", preview_every)):
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"{name} must be a positive integer, got {v!r}")
         if not 0 <= seed <= MAX_SEED - n_samples:
@@ -171,9 +175,17 @@ class Pipeline:
             eps_fn = self.eps_fn({k: v[part] for k, v in cond_all.items()},
                                  {k: v[part] for k, v in uncond_all.items()}, guidance, schedule)
             done = (start // batch_size) * steps
-            step_cb = (lambda i, t, x, x0: callback(min(done + i + 1, total), total)) if callback else None
+
+            def step_cb(i: int, t: Any, x: torch.Tensor, x0: torch.Tensor, done: int = done) -> None:
+                if callback is not None:
+                    callback(min(done + i + 1, total), total)
+                if preview is not None and (i + 1) % preview_every == 0:
+                    with torch.no_grad():  # x̂0 = D(x̂0 / s): the picture the sampler currently aims at
+                        preview(min(done + i + 1, total), to_uint8_image(self.autoencoder.decode_latents(x0)).cpu())
+
             init = None if init_all is None else init_all[start:start + n]
-            z, nfe = sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src, callback=step_cb,
+            z, nfe = sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src,
+                            callback=None if callback is None and preview is None else step_cb,
                             spacing=spacing, clip_x0=1.0 if pixel_space else None, return_nfe=True, init=init,
                             strength=strength, mask=keep, resample=resample, **options)
             nfes.append(nfe)
