@@ -1,5 +1,7 @@
 """The web app's JSON API through FastAPI's TestClient, with a tiny trained model."""
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -16,7 +18,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from latentdiff.data.images import read_png_settings  # noqa: E402
+from latentdiff.data.images import make_grid, read_png_settings, upscale_nearest  # noqa: E402
 from latentdiff.pipelines.generate import MAX_SEED, Pipeline  # noqa: E402
 from latentdiff.server import Limits, create_app, load_models  # noqa: E402
 
@@ -41,7 +43,8 @@ def models(run_dir):
 
 
 def client(models, tmp_path, **kwargs):
-    limits = Limits(max_steps=MAX_STEPS, max_size=64, max_batch=4, queue=kwargs.pop("queue", 4))
+    limits = Limits(max_steps=MAX_STEPS, max_size=64, max_batch=4, queue=kwargs.pop("queue", 4),
+                    preview_every=kwargs.pop("preview_every", 0), keep_jobs=kwargs.pop("keep_jobs", 200))
     return TestClient(create_app(models, limits, tmp_path / "outputs", **kwargs))
 
 
@@ -90,6 +93,130 @@ def test_generate_streams_progress_and_serves_pngs_with_settings(models, tmp_pat
         assert [p.name for p in (tmp_path / "outputs").iterdir()] == [job["id"]]
         assert sorted(p.name for p in (tmp_path / "outputs" / job["id"]).iterdir()) == \
             ["000007.png", "000008.png", "000009.png", "grid.png"]
+
+
+def _png_b64(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _served(c, url) -> torch.Tensor:
+    r = c.get(url)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    a = np.array(Image.open(io.BytesIO(r.content)))
+    return torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).int()
+
+
+def test_previews_of_x0_arrive_every_n_steps(models, tmp_path):
+    seen = []
+    direct = Pipeline.load(models["tiny"].path).generate(2, 2, 4, "ddim", 5, preview_every=2,
+                                                         preview=lambda k, x: seen.append((k, x.clone())))
+    assert [k for k, _ in seen] == [2, 4] and seen[-1][1].shape == direct.shape
+    with client(models, tmp_path, preview_every=2) as c:
+        job = c.post("/api/jobs", json={"model": "tiny", "sampler": "DDIM", "steps": 4, "seed": 5, "n_samples": 2}).json()
+        assert c.get(f"/api/jobs/{job['id']}/preview").status_code in (404, 200)
+        evs = events(c, job["id"])
+        assert [e["event"] for e in evs] == ["queued", "started", "progress", "progress", "preview", "progress",
+                                             "progress", "preview", "done"]
+        assert [e["done"] for e in evs if e["event"] == "preview"] == [2, 4]
+        served = _served(c, evs[-2]["url"])  # the latest preview: step 4's x0 of both samples, as a grid
+        grid = torch.from_numpy(np.array(make_grid(upscale_nearest(seen[-1][1])))).int()
+        assert (served[0] - grid).abs().max() <= 1
+        assert c.get(f"/api/jobs/{job['id']}").json()["preview"] == f"/api/jobs/{job['id']}/preview"
+
+
+def test_img2img_and_inpaint_equal_the_python_api(models, tmp_path):
+    pipe = Pipeline.load(models["tiny"].path)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 2:9] = 255  # white = redraw
+    x = torch.from_numpy(image)[None, None]
+    keep = torch.from_numpy((mask == 0).astype(np.float32))
+    with client(models, tmp_path) as c:
+        a = c.post("/api/jobs", json={"model": "tiny", "task": "img2img", "image": _png_b64(image), "strength": 0.5,
+                                      "sampler": "DDIM", "steps": 6, "seed": 3}).json()
+        b = c.post("/api/jobs", json={"model": "tiny", "task": "inpaint", "image": "data:image/png;base64,"
+                                      + _png_b64(image), "mask": _png_b64(mask), "resample": 2, "sampler": "DDIM",
+                                      "steps": 4, "seed": 4}).json()
+        img2img = _served(c, wait_for(c, a["id"], "done")["images"][0])
+        inpainted = _served(c, wait_for(c, b["id"], "done")["images"][0])
+        assert (a["settings"]["task"], a["settings"]["strength"]) == ("img2img", 0.5)
+        assert (b["settings"]["task"], b["settings"]["strength"], b["settings"]["resample"]) == ("inpaint", 1.0, 2)
+    ref = pipe.img2img(x, strength=0.5, n_samples=1, steps=6, sampler="ddim", seed=3)
+    assert (img2img - ref[0].int()).abs().max() <= 1 and (img2img - x[0].int()).abs().float().mean() > 1
+    ref = pipe.inpaint(x, keep, resample=2, n_samples=1, steps=4, sampler="ddim", seed=4)
+    assert (inpainted - ref[0].int()).abs().max() <= 1
+    assert torch.equal(inpainted[0][keep.bool()], x[0, 0][keep.bool()].int())  # kept pixels exactly
+    assert not torch.equal(inpainted[0][~keep.bool()], x[0, 0][~keep.bool()].int())
+
+
+@pytest.fixture(scope="module")
+def task_models(run_dir, tmp_path_factory):
+    from latentdiff.config import load_config
+    from latentdiff.training import make_trainer
+
+    root = tmp_path_factory.mktemp("task-models")
+    tiny = ["train.steps=3", "train.grid_samples=2", "train.grid_steps=2", "data.limit=32", "train.warmup_steps=1",
+            "train.threads=1"]
+    for name, extra in (("sr", ["unet.in_channels=2", "cond.concat=low_res", "cond.low_res_size=8"]),
+                        ("inp", ["unet.in_channels=3", "cond.concat=inpaint"])):
+        make_trainer(load_config("digits-tiny", tiny + extra), root / name, progress=False).run()
+    return load_models([run_dir, root / "sr", root / "inp"])
+
+
+def test_upscale_and_inpainting_models(task_models, tmp_path):
+    low = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+    with client(task_models, tmp_path) as c:
+        tasks = {m["id"]: (m["tasks"], m["low_res_size"]) for m in c.get("/api/models").json()}
+        assert tasks == {"tiny": (["txt2img", "img2img", "inpaint"], None), "sr": (["upscale"], 8),
+                         "inp": (["inpaint"], None)}
+        job = c.post("/api/jobs", json={"model": "sr", "task": "upscale", "image": _png_b64(low), "steps": 3,
+                                        "sampler": "DDIM", "seed": 2, "n_samples": 2}).json()
+        up = [_served(c, u) for u in wait_for(c, job["id"], "done")["images"]]
+    ref = task_models["sr"].upscale(torch.from_numpy(low)[None, None], n_samples=2, steps=3, sampler="ddim", seed=2)
+    assert all(u.shape == (1, 16, 16) and (u - r.int()).abs().max() <= 1 for u, r in zip(up, ref))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image": "AAAA"}, "image: not used by task txt2img"),
+    ({"task": "img2img"}, "image: task img2img needs an input image (base64)"),
+    ({"task": "img2img", "image": "not base64!"}, "image: not base64"),
+    ({"task": "img2img", "image": base64.b64encode(b"GIF89a nonsense").decode()}, "image: cannot read image"),
+    ({"task": "img2img", "image": "big"}, "image: 4097x1 is larger than this server takes (4096 px a side)"),
+    ({"task": "img2img", "image": "ok", "mask": "ok"}, "mask: not used by task img2img"),
+    ({"task": "inpaint", "image": "ok"}, "mask: task inpaint needs an input mask (base64)"),
+    ({"task": "inpaint", "image": "ok", "mask": "black"}, "mask marks nothing to redraw"),
+    ({"task": "inpaint", "image": "ok", "mask": "ok", "resample": 3, "steps": MAX_STEPS // 2},
+     f"resample: {MAX_STEPS // 2} steps x 3 resamples is over this server's limit of {MAX_STEPS} steps"),
+    ({"task": "upscale", "image": "ok"}, "task: model 'tiny' does txt2img, img2img, inpaint, not upscale"),
+    ({"task": "sketch"}, "task: Input should be 'txt2img', 'img2img', 'inpaint' or 'upscale'"),
+    ({"strength": 0.5}, "strength: not used by task txt2img"),
+    ({"task": "inpaint", "image": "ok", "mask": "ok", "sampler": "DPM++ 2M Karras"},
+     "sampler: inpainting by replacement steps the sampler one step at a time; 'DPM++ 2M Karras' cannot; choose one "
+     "of DDIM, DDPM, Euler, Euler a, Heun"),
+    ({"task": "img2img", "image": "ok", "strength": 1.5}, "strength: Input should be less than or equal to 1"),
+])
+def test_invalid_task_inputs_name_the_field(models, tmp_path, change, message):
+    uploads = {"ok": _png_b64(np.full((16, 16), 99, np.uint8)), "black": _png_b64(np.zeros((16, 16), np.uint8)),
+               "big": _png_b64(np.zeros((1, 4097), np.uint8))}
+    body = {"model": "tiny", "steps": 2, "sampler": "DDIM"} | {k: uploads.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
+    with client(models, tmp_path) as c:
+        r = c.post("/api/jobs", json=body)
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+        assert c.get("/api/jobs").json() == []
+
+
+def test_only_the_newest_finished_jobs_are_kept(models, tmp_path):
+    with client(models, tmp_path, keep_jobs=2) as c:
+        ids = []
+        for seed in range(4):
+            ids.append(c.post("/api/jobs", json={"model": "tiny", "steps": 1, "seed": seed}).json()["id"])
+            wait_for(c, ids[-1], "done")
+        assert [j["id"] for j in c.get("/api/jobs").json()] == ids[:1:-1]
+        assert c.get(f"/api/jobs/{ids[0]}").status_code == 404
+        assert len(list((tmp_path / "outputs").iterdir())) == 4  # forgotten, not deleted
 
 
 def test_random_seed_is_reported(models, tmp_path):
@@ -209,8 +336,8 @@ def test_openapi_documents_every_endpoint(models, tmp_path):
     assert routed == documented == {
         ("get", "/api/models"), ("get", "/api/samplers"), ("post", "/api/jobs"), ("get", "/api/jobs"),
         ("get", "/api/jobs/{job_id}"), ("delete", "/api/jobs/{job_id}"), ("get", "/api/jobs/{job_id}/events"),
-        ("get", "/api/jobs/{job_id}/images/{index}"), ("get", "/api/runs"), ("get", "/api/runs/{run_id}/metrics"),
-        ("get", "/api/runs/{run_id}/grid")}
+        ("get", "/api/jobs/{job_id}/images/{index}"), ("get", "/api/jobs/{job_id}/preview"), ("get", "/api/runs"),
+        ("get", "/api/runs/{run_id}/metrics"), ("get", "/api/runs/{run_id}/grid")}
     for method, path in documented:
         assert schema["paths"][path][method]["summary"], (method, path)
     assert "GenerateRequest" in schema["components"]["schemas"]

@@ -6,23 +6,32 @@ Clients name models, jobs and runs only by ids this server made; no client strin
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import io
 import json
 import re
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Literal, Optional
 
+import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from latentdiff.diffusion.samplers import SAMPLERS
+from latentdiff.data.datasets import read_image
+from latentdiff.data.images import make_grid, upscale_nearest
+from latentdiff.data.masks import read_mask
+from latentdiff.diffusion.samplers import ONE_STEP, SAMPLERS
 from latentdiff.diffusion.sigmas import SPACINGS, TIMESTEP_SPACINGS
 from latentdiff.pipelines.generate import MAX_SEED, Pipeline
 from latentdiff.server import runs as run_folders
+from latentdiff.errors import UserError
 from latentdiff.server.jobs import FINISHED, Job, JobQueue, QueueFull
 
 STATIC = Path(__file__).parent / "static"
@@ -34,6 +43,10 @@ SAMPLER_PRESETS: dict[str, tuple[str, str]] = {
     "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"), "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", "karras"),
     "DPM adaptive": ("dpm_adaptive", "trailing")}
 SSE_POLL_S = 0.05
+TASKS = ("txt2img", "img2img", "inpaint", "upscale")
+MAX_UPLOAD_CHARS = 16_000_000  # base64 of a ~12 MB image file
+MAX_UPLOAD_SIDE = 4096  # an uploaded image is refused before decoding past this (memory)
+MAX_RESAMPLE = 20
 
 
 @dataclass
@@ -44,13 +57,24 @@ class Limits:
     max_size: int = 1024
     max_batch: int = 8
     queue: int = 8
+    preview_every: int = 5  # decode the predicted x0 every this many steps for the page (0: never)
+    keep_jobs: int = 200  # finished jobs remembered (their PNGs stay on disk); older ones answer 404
 
 
 class GenerateRequest(BaseModel):
-    """A text-to-image (or class-to-image) job; unset fields take the model's defaults."""
+    """A generation job (txt2img, img2img, inpaint or upscale); unset fields take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str = Field(description="a model id from GET /api/models")
+    task: Literal[TASKS] = Field("txt2img", description="what to do; GET /api/models lists each model's tasks")
+    image: Optional[str] = Field(None, max_length=MAX_UPLOAD_CHARS, description=(
+        "base64 image file (PNG, JPEG, ...; a data: URL too): the input of img2img and inpaint (cropped to a "
+        "square and resized to the job's size), the low-resolution image of upscale (exactly low_res_size)"))
+    mask: Optional[str] = Field(None, max_length=MAX_UPLOAD_CHARS,
+                                description="base64 image, inpaint only: white = redraw, black = keep")
+    strength: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                      description="img2img: how far to noise the input (default 0.6)")
+    resample: int = Field(1, ge=1, le=MAX_RESAMPLE, description="inpaint (not inpainting models): RePaint repeats")
     prompt: Optional[str] = Field(None, max_length=2000)
     negative_prompt: Optional[str] = Field(None, max_length=2000)
     class_label: Optional[int] = Field(None, ge=0)
@@ -90,9 +114,20 @@ def describe_model(key: str, pipe: Pipeline) -> dict[str, Any]:
     return {"id": key, "name": Path(pipe.path).name, "kind": kind, "class_names": pipe.class_names,
             "num_classes": pipe.unet.config.num_classes if kind == "class" else 0,
             "image_size": pipe.manifest["image_size"], "size_multiple": pipe.size_multiple,
-            "resizable": pipe.concat_kind != "low_res", "task": pipe.concat_kind or "generate",
+            "resizable": pipe.concat_kind != "low_res", "tasks": model_tasks(pipe),
+            "low_res_size": pipe.manifest.get("low_res_size"),
             "channels": pipe.manifest.get("channels"), "default_guidance": guidance,
             "source": pipe.manifest.get("source", "latentdiff model folder")}
+
+
+def model_tasks(pipe: Pipeline) -> list[str]:
+    """The tasks a model can do: concat models only their own, the others txt2img, img2img and inpaint."""
+    return {"inpaint": ["inpaint"], "low_res": ["upscale"]}.get(pipe.concat_kind, ["txt2img", "img2img", "inpaint"])
+
+
+def inpaint_samplers() -> list[str]:
+    """Sampler names (UI presets) that inpainting by replacement can use: the one-step samplers."""
+    return [k for k, (sampler, _) in SAMPLER_PRESETS.items() if sampler in ONE_STEP]
 
 
 def _bad(message: str, status: int = 422) -> HTTPException:
@@ -132,8 +167,22 @@ def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) 
                        f"{pipe.size_multiple}" + (" (its size is fixed)" if pipe.concat_kind == "low_res" else ""))
     elif pipe.manifest["image_size"] > limits.max_size:
         raise _bad(f"size: the model's {pipe.manifest['image_size']} px is over this server's limit of {limits.max_size}")
-    if pipe.concat_kind is not None:
-        raise _bad(f"model: {req.model!r} is an {pipe.concat_kind} model; this server only generates from scratch so far")
+    tasks = model_tasks(pipe)
+    if req.task not in tasks:
+        raise _bad(f"task: model {req.model!r} does {', '.join(tasks)}, not {req.task}")
+    if req.task == "upscale" and req.size is not None:
+        raise _bad(f"size: model {req.model!r} upscales to its fixed {pipe.manifest['image_size']} px")
+    for name, used in (("image", req.task != "txt2img"), ("mask", req.task == "inpaint"),
+                       ("strength", req.task in ("img2img", "inpaint")),
+                       ("resample", req.task == "inpaint" and pipe.concat_kind is None)):
+        given = getattr(req, name) not in (None, 1) if name == "resample" else getattr(req, name) is not None
+        if given and not used:
+            raise _bad(f"{name}: not used by task {req.task} with model {req.model!r}")
+        if used and name in ("image", "mask") and not given:
+            raise _bad(f"{name}: task {req.task} needs an input {name} (base64)")
+    if req.steps * req.resample > limits.max_steps:
+        raise _bad(f"resample: {req.steps} steps x {req.resample} resamples is over this server's limit of "
+                   f"{limits.max_steps} steps")
     kind = pipe.cond.kind
     if req.class_label is not None:
         if kind != "class":
@@ -143,30 +192,83 @@ def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) 
     if (req.prompt is not None or req.negative_prompt is not None) and kind != "text":
         raise _bad(f"prompt: model {req.model!r} was not trained on captions; it takes no prompt")
     sampler, spacing = resolve_sampler(req.sampler, req.spacing)
+    if req.task == "inpaint" and pipe.concat_kind is None and sampler not in ONE_STEP:
+        raise _bad(f"sampler: inpainting by replacement steps the sampler one step at a time; {req.sampler!r} "
+                   f"cannot; choose one of {', '.join(inpaint_samplers())}")
     if spacing in TIMESTEP_SPACINGS and req.steps > pipe.diffusion.num_timesteps:
         raise _bad(f"steps: {req.steps} is more than model {req.model!r}'s {pipe.diffusion.num_timesteps} "
                    f"timesteps (spacing {spacing}); use fewer steps or a sigma spacing (karras)")
     seed = secrets.randbelow(2**32) if req.seed is None else req.seed
     if seed > MAX_SEED - req.n_samples:
         raise _bad(f"seed: must be at most {MAX_SEED - req.n_samples} with n_samples={req.n_samples}")
-    return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "class_label": req.class_label,
-            "sampler": sampler, "spacing": spacing, "sampler_name": req.sampler, "steps": req.steps,
-            "guidance": req.guidance, "seed": seed, "n_samples": req.n_samples, "batch_size": batch_size,
-            "size": req.size or pipe.manifest["image_size"]}
+    settings = {"task": req.task, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+                "class_label": req.class_label, "sampler": sampler, "spacing": spacing, "sampler_name": req.sampler,
+                "steps": req.steps, "guidance": req.guidance, "seed": seed, "n_samples": req.n_samples,
+                "batch_size": batch_size, "size": req.size or pipe.manifest["image_size"]}
+    if req.task in ("img2img", "inpaint"):
+        settings["strength"] = req.strength if req.strength is not None else (0.6 if req.task == "img2img" else 1.0)
+    if req.task == "inpaint" and pipe.concat_kind is None:
+        settings["resample"] = req.resample
+    return settings
 
 
-def make_runner(models: dict[str, Pipeline], outputs: Path) -> Callable[[Job, Callable[[int, int], None]], list[Path]]:
-    """The queue's worker function: generate with the job's settings, write PNGs under outputs/<job id>/."""
+def decode_inputs(req: GenerateRequest, pipe: Pipeline, size: int) -> dict[str, torch.Tensor]:
+    """The job's input images as Pipeline.generate takes them, or a 422 naming the field and the problem."""
+    channels, inputs = pipe.manifest["channels"], {}
+    try:
+        if req.task in ("img2img", "inpaint"):
+            inputs["images"] = read_image(_upload(req.image, "image"), size, channels, name="image")[None]
+        if req.task == "inpaint":
+            inputs["mask"] = read_mask(_upload(req.mask, "mask"), size, name="mask")
+        if req.task == "upscale":
+            low, data = pipe.manifest["low_res_size"], _upload(req.image, "image")
+            with Image.open(io.BytesIO(data)) as im:
+                if im.size != (low, low):
+                    raise _bad(f"image: {im.size[0]}x{im.size[1]}; model {req.model!r} upscales {low}x{low} images")
+            inputs["low_res"] = read_image(data, low, channels, name="image")[None]
+    except UserError as e:
+        raise _bad(str(e)) from None
+    return inputs
+
+
+def _upload(text: str, name: str) -> bytes:
+    """The bytes of a base64 (or data: URL) image field, refused past MAX_UPLOAD_SIDE before decoding."""
+    try:
+        data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
+    except (binascii.Error, ValueError, IndexError):
+        raise _bad(f"{name}: not base64 (send the image file's bytes base64-encoded, or a data: URL)") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise _bad(f"{name}: cannot read image ({e})") from None
+    if max(w, h) > MAX_UPLOAD_SIDE:
+        raise _bad(f"{name}: {w}x{h} is larger than this server takes ({MAX_UPLOAD_SIDE} px a side)")
+    return data
+
+
+def make_runner(models: dict[str, Pipeline], outputs: Path,
+                preview_every: int = 0) -> Callable[[Job, Callable[[int, int], None]], list[Path]]:
+    """The queue's worker function: run the job's task, write PNGs under outputs/<job id>/, preview x0."""
     def run(job: Job, progress: Callable[[int, int], None]) -> list[Path]:
         pipe, s = models[job.model], job.settings
         default_size = pipe.manifest["image_size"]
+
+        def preview(done: int, images: torch.Tensor) -> None:
+            buf = io.BytesIO()
+            make_grid(upscale_nearest(images)).save(buf, format="PNG")
+            job.preview = buf.getvalue()
+            job.emit("preview", done=done, url=f"/api/jobs/{job.id}/preview?step={done}")
+
         try:
             if s["size"] != default_size:
                 pipe.configure(size=s["size"])
             images = pipe.generate(s["n_samples"], s["batch_size"], s["steps"], s["sampler"], s["seed"],
                                    class_label=s["class_label"], prompt=s["prompt"],
                                    negative_prompt=s["negative_prompt"], guidance=s["guidance"],
-                                   spacing=s["spacing"], callback=progress)
+                                   spacing=s["spacing"], callback=progress, strength=s.get("strength", 1.0),
+                                   resample=s.get("resample", 1), preview=preview if preview_every else None,
+                                   preview_every=preview_every or 1, **job.inputs)
         finally:
             pipe.manifest["image_size"] = default_size  # the size is per job; the model is shared
         paths, _ = pipe.save(images, outputs / job.id, {k: v for k, v in s.items() if k != "n_samples"})
@@ -179,7 +281,7 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
     """The FastAPI app serving ``models`` (id -> Pipeline) under ``limits``; PNGs go to ``outputs``."""
     limits = limits or Limits()
     outputs, run_roots = Path(outputs), [Path(r) for r in runs or []]
-    jobs = JobQueue(make_runner(models, outputs), limits.queue)
+    jobs = JobQueue(make_runner(models, outputs, limits.preview_every), limits.queue, limits.keep_jobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -224,21 +326,23 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
     @app.get("/api/samplers", summary="Sampler names (UI presets and ours) and spacings")
     def list_samplers() -> dict[str, Any]:
         return {"presets": {k: {"sampler": s, "spacing": sp} for k, (s, sp) in SAMPLER_PRESETS.items()},
+                "default": GenerateRequest.model_fields["sampler"].default, "inpaint": inpaint_samplers(),
                 "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "limits": vars(limits)}
 
     @app.post("/api/jobs", status_code=202, summary="Queue a generation job",
               responses={422: {"description": "invalid settings"}, 429: {"description": "queue full"}})
     def submit(req: GenerateRequest) -> dict[str, Any]:
         settings = validate(req, models, limits)
+        inputs = decode_inputs(req, models[req.model], settings["size"])
         try:
-            job = jobs.submit(req.model, settings)
+            job = jobs.submit(req.model, settings, inputs)
         except QueueFull as e:
             raise HTTPException(429, detail=str(e), headers={"Retry-After": "5"}) from None
         return job.summary()
 
     @app.get("/api/jobs", summary="All jobs, newest first")
     def list_jobs() -> list[dict[str, Any]]:
-        return [j.summary() for j in sorted(jobs.jobs.values(), key=lambda j: -j.created)]
+        return [j.summary() for j in sorted(jobs.all(), key=lambda j: -j.created)]
 
     @app.get("/api/jobs/{job_id}", summary="A job's status and images")
     def get_job(job_id: str) -> dict[str, Any]:
@@ -278,6 +382,15 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
             raise _bad(f"job {job_id} has {len(job.images)} images; no index {index}", 404)
         return FileResponse(job.images[index], media_type="image/png")
 
+    @app.get("/api/jobs/{job_id}/preview", summary="The latest preview of a running job: its predicted x0, "
+             "decoded (a grid of the current chunk)", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}})
+    def job_preview(job_id: str) -> Response:
+        job = job_or_404(job_id)
+        if job.preview is None:
+            raise _bad(f"job {job_id} has no preview yet", 404)
+        return Response(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
+
     @app.get("/api/runs", summary="Training runs (folders with metrics.csv) under the served run folders")
     def list_runs() -> list[dict[str, Any]]:
         return [run_folders.describe(k, p) for k, p in run_folders.find_runs(run_roots).items()]
@@ -296,4 +409,4 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
     return app
 
 
-__all__ = ["Limits", "GenerateRequest", "SAMPLER_PRESETS", "create_app", "load_models"]
+__all__ = ["Limits", "GenerateRequest", "SAMPLER_PRESETS", "TASKS", "create_app", "load_models"]

@@ -2,6 +2,7 @@
 
 Jobs run one at a time (the models share one CPU/GPU); a job waiting past ``max_waiting`` others is
 refused at submission (``QueueFull``), never dropped later. Ids are generated here, never taken from clients.
+Only the newest ``max_kept`` finished jobs are remembered, so a long-running server's memory stays bounded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Job:
     finished: Optional[float] = None
     events: list[dict[str, Any]] = field(default_factory=list)
     cancel_requested: bool = False
+    inputs: dict[str, Any] = field(default_factory=dict)  # tensors for the runner (input image, mask); freed at the end
+    preview: Optional[bytes] = None  # the latest preview PNG, set by the runner
 
     def emit(self, kind: str, **data: Any) -> None:
         """Append an event; list.append is atomic, so readers in other threads may poll ``events``."""
@@ -51,7 +54,8 @@ class Job:
         """The JSON the API answers with (no filesystem paths: images by index)."""
         return {"id": self.id, "model": self.model, "status": self.status, "done": self.done, "total": self.total,
                 "settings": self.settings, "error": self.error, "created": self.created, "finished": self.finished,
-                "images": [f"/api/jobs/{self.id}/images/{i}" for i in range(len(self.images))]}
+                "images": [f"/api/jobs/{self.id}/images/{i}" for i in range(len(self.images))],
+                "preview": f"/api/jobs/{self.id}/preview" if self.preview is not None else None}
 
 
 Runner = Callable[[Job, Callable[[int, int], None]], list[Path]]
@@ -60,9 +64,10 @@ Runner = Callable[[Job, Callable[[int, int], None]], list[Path]]
 class JobQueue:
     """A single worker draining a bounded FIFO; ``runner(job, progress)`` does the work and returns PNG paths."""
 
-    def __init__(self, runner: Runner, max_waiting: int) -> None:
+    def __init__(self, runner: Runner, max_waiting: int, max_kept: int = 200) -> None:
         self.runner = runner
         self.max_waiting = max_waiting
+        self.max_kept = max_kept
         self.jobs: dict[str, Job] = {}
         self._line: deque[Job] = deque()  # waiting jobs only: a cancelled one leaves at once, freeing its place
         self._changed = threading.Condition()
@@ -87,9 +92,9 @@ class JobQueue:
             self._thread.join(timeout)
             self._thread = None
 
-    def submit(self, model: str, settings: dict[str, Any]) -> Job:
+    def submit(self, model: str, settings: dict[str, Any], inputs: Optional[dict[str, Any]] = None) -> Job:
         """Queue a job, or raise QueueFull when ``max_waiting`` jobs already wait."""
-        job = Job(uuid.uuid4().hex, model, settings)
+        job = Job(uuid.uuid4().hex, model, settings, inputs=inputs or {})
         with self._changed:
             if len(self._line) >= self.max_waiting:
                 raise QueueFull(f"busy: {len(self._line)} jobs are already waiting (the limit); retry later")
@@ -111,13 +116,22 @@ class JobQueue:
                 job.cancel_requested = True
         return job
 
+    def all(self) -> list[Job]:
+        """A snapshot of the remembered jobs (safe while the worker adds and forgets jobs)."""
+        with self._changed:
+            return list(self.jobs.values())
+
     def waiting(self) -> int:
         """Jobs in the line, not counting the running one."""
         return len(self._line)
 
     def _finish(self, job: Job, status: str, error: Optional[str] = None) -> None:
-        job.status, job.error, job.finished = status, error, time.time()
+        job.status, job.error, job.finished, job.inputs = status, error, time.time(), {}
         job.emit(status, **({"error": error} if error else {}), images=job.summary()["images"])
+        with self._changed:  # forget the oldest finished jobs past max_kept (dicts keep insertion order)
+            finished = [j.id for j in self.jobs.values() if j.status in FINISHED]
+            for old in finished[:max(0, len(finished) - self.max_kept)]:
+                del self.jobs[old]
 
     def _work(self) -> None:
         while True:
