@@ -27,6 +27,10 @@ setup:
 
 setup-test: setup
 	$(PIP) install -q -e ".[test]"
+	@# the web page's tests drive Debian's Chromium through Playwright (never `playwright install`: no download)
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	  || echo "note: Chromium not installed (apt-get install chromium); the browser tests will be skipped"; }
 
 demo: setup
 	$(PYTHON) -m latentdiff demo
