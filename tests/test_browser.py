@@ -36,7 +36,8 @@ from latentdiff.server import Limits, create_app, load_models  # noqa: E402
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 LONG = 1000
-TIMEOUT_MS = 120_000
+TIMEOUT_MS = 120_000  # page actions and expect(): a loaded 2-core machine is slow, not broken
+expect.set_options(timeout=TIMEOUT_MS)
 # record every server-sent event the page receives, without changing the page: wrap EventSource
 RECORD_EVENTS = """
 window.__events = [];
@@ -135,6 +136,7 @@ def test_generate_shows_progress_previews_and_the_image(page, served, tmp_path):
     expect(page.locator("#progress")).to_have_js_property("value", 6)
     imgs = page.locator("#gallery img")
     expect(imgs).to_have_count(2)
+    page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete)")  # loaded
     assert page.evaluate("[...document.querySelectorAll('#gallery img')].map(i => i.naturalWidth)") == [16, 16]
     ref = Pipeline.load(served["models"]["shapes-text"].path).generate(
         2, 2, 6, "dpmpp_2m", 11, prompt="a small red circle", negative_prompt="blue", guidance=2.0, spacing="karras")
@@ -271,6 +273,7 @@ def test_runs_show_their_loss_curve_and_latest_grid(page, served):
     points = page.evaluate("[...document.querySelectorAll('#runs polyline')].map(p => p.points.length)")
     assert points == [len(rows) - 1] * 2
     expect(page.locator("#runs img")).to_have_count(2)
+    page.wait_for_function("[...document.querySelectorAll('#runs img')].every(i => i.complete)")
     assert all(w > 0 for w in page.evaluate("[...document.querySelectorAll('#runs img')].map(i => i.naturalWidth)"))
 
 
