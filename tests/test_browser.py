@@ -223,15 +223,22 @@ def test_inpaint_with_a_mask_painted_on_the_canvas(page, served, tmp_path):
     assert (job["settings"]["task"], job["settings"]["strength"], job["settings"]["resample"]) == ("inpaint", 1.0, 1)
 
 
-def test_img2img_from_a_gallery_image(page, served):
+def test_img2img_from_a_gallery_image_not_square(page, served):
     page.select_option("#model", "shapes-text")
     page.fill("#prompt", "a large green square")
+    page.fill("#width", "24")
+    page.fill("#height", "16")
     page.fill("#steps", "3")
     page.fill("#seed", "2")
     page.click("#generate")
     expect(page.locator("#gallery figure")).to_have_count(1)
+    page.wait_for_function("document.querySelector('#gallery img').complete")
+    assert page.evaluate("[document.querySelector('#gallery img').naturalWidth, "
+                         "document.querySelector('#gallery img').naturalHeight]") == [24, 16]
     page.click("#gallery figure button")
     expect(page.locator("#tab-img2img")).to_have_attribute("aria-selected", "true")
+    assert page.evaluate("[document.getElementById('input-canvas').width, "
+                         "document.getElementById('input-canvas').height]") == [24, 16]
     page.fill("#strength", "0.5")
     page.fill("#seed", "3")
     page.click("#generate")
@@ -240,15 +247,20 @@ def test_img2img_from_a_gallery_image(page, served):
     assert second["settings"]["task"] == "img2img" and second["settings"]["strength"] == 0.5
     x, _ = image_at(page, first["images"][0])
     got, _ = image_at(page, second["images"][0])
-    ref = served["models"]["shapes-text"].img2img(x[None], strength=0.5, steps=3, sampler="dpmpp_2m",
-                                                  spacing="karras", seed=3, prompt="a large green square")
-    assert (got.int() - ref[0].int()).abs().max() <= 1
+    pipe = served["models"]["shapes-text"]
+    try:
+        ref = pipe.configure(size=(16, 24)).img2img(x[None], strength=0.5, steps=3, sampler="dpmpp_2m",
+                                                    spacing="karras", seed=3, prompt="a large green square")
+    finally:
+        pipe.hw = None
+    assert got.shape == (3, 16, 24) and (got.int() - ref[0].int()).abs().max() <= 1
 
 
 def test_upscale_tab_for_a_super_resolution_model(page, served, tmp_path):
     page.select_option("#model", "digits-sr")
     assert page.locator("#tabs button").all_inner_texts() == ["Upscale"]
-    expect(page.locator("#size")).to_be_disabled()
+    expect(page.locator("#width")).to_be_disabled()
+    expect(page.locator("#height")).to_be_disabled()
     Image.fromarray(np.full((40, 40), 180, np.uint8)).save(tmp_path / "low.png")
     page.set_input_files("#input-file", str(tmp_path / "low.png"))
     page.wait_for_function("document.getElementById('input-canvas').getContext('2d')"

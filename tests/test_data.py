@@ -217,3 +217,16 @@ def test_config_dict() -> None:
                        ("on_bad_file", "ignore"), ("hflip", "yes"), ("image_size", True)]:  # fmt: skip
         with pytest.raises(UserError, match=f"data.{key}"):
             DataConfig.from_dict({key: value})
+
+
+def test_resize_and_crop_to_another_aspect_ratio():
+    from PIL import Image
+
+    from latentdiff.data.transforms import resize_and_crop
+
+    a = np.zeros((40, 100), np.uint8)  # 100 wide, 40 high; a bright band in the middle 60 columns
+    a[:, 20:80] = 255
+    out = np.asarray(resize_and_crop(Image.fromarray(a), (20, 30)))  # (height, width): the crop is 60 x 40
+    assert out.shape == (20, 30) and out[:, 1:-1].min() > 250  # the band fills the crop: the sides were cut off
+    assert out.min() > 200  # the outermost columns only feel the resampling filter's tail
+    assert np.asarray(resize_and_crop(Image.fromarray(a), 20)).shape == (20, 20)

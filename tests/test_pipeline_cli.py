@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 import torch
 
 from latentdiff.data.images import read_png_settings
@@ -62,6 +63,9 @@ def test_cli_sample_writes_pngs_with_settings(run_dir, tmp_path):
     assert files == ["000005.png", "000006.png", "000007.png", "grid.png"]
     settings = read_png_settings(tmp_path / "s" / "000006.png")
     assert settings["seed"] == 6 and settings["steps"] == 3 and settings["sampler"] == "ddim"
+    r = cli("sample", run_dir, "--size", "24x12", "--n-samples", 1, "--steps", 2, "--out", tmp_path / "wide")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "wide" / "000000.png").size == (24, 12)  # WIDTHxHEIGHT, as the web UIs write it
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -72,6 +76,7 @@ def test_cli_sample_writes_pngs_with_settings(run_dir, tmp_path):
     (["train", "digits-tiny", "--steps", "0"], "--steps"),
     (["sample", ".", "--seed", "-1"], "--seed"),
     (["sample", ".", "--n-samples", "0"], "--n-samples"),
+    (["sample", ".", "--size", "24x7"], "'24x7' is not a size: give a side (512) or WIDTHxHEIGHT (768x512)"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     r = cli(*args, "--out", tmp_path / "o") if args[0] == "train" else cli(*args)

@@ -275,6 +275,9 @@ def test_queue_full_is_a_clear_busy_answer(models, tmp_path):
     ({"n_samples": 5}, "n_samples: 5 is over this server's limit of 4"),
     ({"size": 128}, "size: 128 is over this server's limit of 64"),
     ({"size": 17}, "size: 17 does not fit model 'tiny': sides must be multiples of 2"),
+    ({"width": 20, "height": 17}, "height: 17 does not fit model 'tiny': sides must be multiples of 2"),
+    ({"width": 66}, "width: 66 is over this server's limit of 64"),
+    ({"size": 16, "width": 16}, "size: give size (a square) or width and height, not both"),
     ({"prompt": "a cat"}, "prompt: model 'tiny' was not trained on captions"),
     ({"class_label": 3}, "class_label: model 'tiny' is not class-conditional"),
     ({"guidance": float("inf")}, "guidance: Input should be a finite number"),
@@ -297,7 +300,14 @@ def test_other_sizes_and_presets_run(models, tmp_path):
         path = tmp_path / "big.png"
         path.write_bytes(c.get(done["images"][0]).content)
         assert Image.open(path).size == (24, 24)
+        wide = c.post("/api/jobs", json={"model": "tiny", "sampler": "DDIM", "steps": 3, "seed": 2, "width": 24,
+                                         "height": 12}).json()
+        assert (wide["settings"]["width"], wide["settings"]["height"]) == (24, 12)
+        got = _served(c, wait_for(c, wide["id"], "done")["images"][0])
         assert c.get("/api/models").json()[0]["image_size"] == 16  # the size was this job's only
+    pipe = Pipeline.load(models["tiny"].path).configure(size=(12, 24))
+    assert got.shape == (1, 12, 24) and (got - pipe.generate(1, 1, 3, "ddim", 2)[0].int()).abs().max() <= 1
+    assert models["tiny"].hw is None and models["tiny"].image_hw == (16, 16)
 
 
 @pytest.mark.parametrize("url", [

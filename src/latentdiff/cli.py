@@ -32,6 +32,22 @@ class Finite(click.FloatRange):
         return rv
 
 
+class ImageSize(click.ParamType):
+    """An image size: one side (a square) or WIDTHxHEIGHT, as the web UIs write it; gives a side or (h, w)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | tuple[int, int]:
+        """A side, or (height, width); a usage error naming the option otherwise."""
+        if isinstance(value, (int, tuple)):
+            return value
+        parts = str(value).lower().split("x")
+        if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) >= 8 for p in parts):
+            return int(parts[0]) if len(parts) == 1 else (int(parts[1]), int(parts[0]))
+        self.fail(f"{value!r} is not a size: give a side (512) or WIDTHxHEIGHT (768x512), each at least 8",
+                  param, ctx)
+
+
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """--device must name a device this machine has ('auto' picks one)."""
     import torch
@@ -141,8 +157,8 @@ def _condition_options(f):
 def _model_options(f):
     """How to load a model: Stable Diffusion overrides and the memory savers."""
     for opt in reversed([
-        click.option("--size", default=None, type=click.IntRange(min=8),
-                     help="Image side in pixels (default: the model's; SD v1 512, v2 768)."),
+        click.option("--size", default=None, type=ImageSize(),
+                     help="Image side, or WIDTHxHEIGHT, in pixels (default: the model's square; SD v1 512, v2 768)."),
         click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
                      help="Stable Diffusion single files only: override what the UNet predicts (read from the file)."),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
@@ -156,7 +172,7 @@ def _model_options(f):
     return f
 
 
-def _load_model(path: Path, device: str, size: int | None = None, prediction: str | None = None,
+def _load_model(path: Path, device: str, size: int | tuple[int, int] | None = None, prediction: str | None = None,
                 precision: str = "fp32", attention_slice: int = 0, vae_tile: int = 0):
     """Any model: a latentdiff model folder, a diffusers SD folder or an SD .safetensors/.ckpt file."""
     from latentdiff.pipelines.stable_diffusion import load_any
@@ -278,7 +294,7 @@ def _read_input(path: Path, pipe):
     """An image file as uint8 (1, C, H, W) at the model's size and channels."""
     from latentdiff.data.datasets import read_image
 
-    return read_image(path, pipe.manifest["image_size"], pipe.manifest["channels"])[None]
+    return read_image(path, pipe.image_hw, pipe.manifest["channels"])[None]
 
 
 def _run_task(pipe, images, settings: dict, out: Path, **kwargs) -> None:
@@ -322,7 +338,7 @@ def inpaint(model_dir: Path, image: Path, mask: Path, resample: int, steps: int,
     pipe = _load_model(model_dir, device)
     from latentdiff.data.masks import read_mask
 
-    m = read_mask(mask, pipe.manifest["image_size"])
+    m = read_mask(mask, pipe.image_hw)
     settings = {"task": "inpaint", "input": str(image), "mask": str(mask), "resample": resample,
                 "sampler": sampler, "spacing": spacing, "steps": steps, "eta": eta, "seed": seed} | conditions
     _run_task(pipe, _read_input(image, pipe), settings, out, n_samples=n_samples, batch_size=batch_size,

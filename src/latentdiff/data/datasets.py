@@ -308,10 +308,10 @@ def _flatten_mode(img: Image.Image) -> Image.Image:
     return img.convert("L" if mode == "1" else "RGB")  # 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def read_image(source: Path | str | bytes, size: int | None = None, channels: int | None = None,
+def read_image(source: Path | str | bytes, size: int | tuple[int, int] | None = None, channels: int | None = None,
                center_crop: bool = True, name: str | None = None) -> torch.Tensor:
-    """One image file (or its bytes, called ``name`` in errors) as uint8 (C, H, W); size None keeps the
-    shorter side, channels None keeps grey grey."""
+    """One image file (or its bytes, called ``name`` in errors) as uint8 (C, H, W) at ``size`` (a side or
+    (height, width); None: a square of the shorter side), channels None keeps grey grey."""
     label = name or ("image" if isinstance(source, bytes) else str(source))
     opened = (lambda: io.BytesIO(source)) if isinstance(source, bytes) else (lambda: source)
     try:
@@ -330,12 +330,14 @@ def read_image(source: Path | str | bytes, size: int | None = None, channels: in
         raise UserError(f"{label}: cannot read image ({e})") from None
 
 
-def decode_image(path: Path | io.BytesIO, size: int, channels: int, center_crop: bool) -> np.ndarray:
-    """Decode one file to a (channels, size, size) uint8 array; raises on any defect."""
+def decode_image(path: Path | io.BytesIO, size: int | tuple[int, int], channels: int,
+                 center_crop: bool) -> np.ndarray:
+    """Decode one file to a (channels, height, width) uint8 array (``size``: a side or (h, w)); raises on any defect."""
     with Image.open(path) as img:
         if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
             raise Image.DecompressionBombError(f"{img.width}x{img.height} exceeds Image.MAX_IMAGE_PIXELS")
-        img.draft(img.mode, (size, size))  # JPEG only: decode at 1/2..1/8 scale when that suffices
+        h, w = (size, size) if isinstance(size, int) else size
+        img.draft(img.mode, (w, h))  # JPEG only: decode at 1/2..1/8 scale when that suffices
         img.load()  # truncated or corrupt data fails here
         img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
         img = _flatten_mode(img).convert("L" if channels == 1 else "RGB")

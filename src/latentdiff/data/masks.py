@@ -51,15 +51,17 @@ def _strokes(size: int, r: list[float]) -> np.ndarray:
     return (np.asarray(img) > 127).astype(np.float32)
 
 
-def read_mask(source: Path | str | bytes, size: int, name: str | None = None) -> torch.Tensor:
-    """A mask image (a file or its bytes) as a (size, size) keep-mask: 1 = keep, 0 = redraw (white in the file)."""
+def read_mask(source: Path | str | bytes, size: int | tuple[int, int], name: str | None = None) -> torch.Tensor:
+    """A mask image (a file or its bytes) as an (H, W) keep-mask at ``size`` (a side or (H, W)): 1 = keep,
+    0 = redraw (white in the file)."""
     label = name or ("mask" if isinstance(source, bytes) else f"mask {source}")
+    h, w = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im = im.convert("L")
-            if im.size != (size, size):
-                warnings.warn(f"{label} is {im.size[0]}x{im.size[1]}, resized to {size}x{size}", stacklevel=2)
-                im = im.resize((size, size), Image.Resampling.NEAREST)
+            if im.size != (w, h):
+                warnings.warn(f"{label} is {im.size[0]}x{im.size[1]}, resized to {w}x{h}", stacklevel=2)
+                im = im.resize((w, h), Image.Resampling.NEAREST)
             a = np.asarray(im)
     except FileNotFoundError:
         raise UserError(f"{label}: file not found") from None

@@ -6,23 +6,25 @@ import torch
 from PIL import Image
 
 
-def resize_and_crop(img: Image.Image, size: int, center_crop: bool = True) -> Image.Image:
-    """Resize to size x size: shorter side then centre crop, or a plain (aspect-changing) resize."""
+def resize_and_crop(img: Image.Image, size: int | tuple[int, int], center_crop: bool = True) -> Image.Image:
+    """Resize to ``size`` (a side, or (height, width)): the largest centred crop of that aspect ratio, or a
+    plain (aspect-changing) resize."""
     w, h = img.size
+    th, tw = (size, size) if isinstance(size, int) else size
     if center_crop:
-        s = min(w, h)
-        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+        cw, ch = min(w, h * tw / th), min(h, w * th / tw)  # the largest box of the target's aspect ratio
+        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
     else:
         box = (0.0, 0.0, float(w), float(h))
-    if (w, h) == (size, size):
+    if (w, h) == (tw, th):
         return img
-    if box[2] - box[0] == size and box[3] - box[1] == size and box[0] % 1 == 0 and box[1] % 1 == 0:
+    if box[2] - box[0] == tw and box[3] - box[1] == th and box[0] % 1 == 0 and box[1] % 1 == 0:
         return img.crop(tuple(int(b) for b in box))  # already the right scale: crop only
     # One resample from the crop box (no intermediate image); LANCZOS to shrink, BICUBIC to grow.
     # reducing_gap first shrinks large photos by integer factors, much faster at equal quality.
-    shrink = box[2] - box[0] > size or box[3] - box[1] > size
+    shrink = box[2] - box[0] > tw or box[3] - box[1] > th
     resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
-    return img.resize((size, size), resample, box=box, reducing_gap=3.0 if shrink else None)
+    return img.resize((tw, th), resample, box=box, reducing_gap=3.0 if shrink else None)
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -66,6 +66,7 @@ class Pipeline:
     path: Path
     device: torch.device
     cond: Conditioner
+    hw: Optional[tuple[int, int]] = None  # (height, width) of non-square outputs; None: the model's square size
 
     @classmethod
     def load(cls, path: Path | str, device: str | torch.device = "cpu") -> "Pipeline":
@@ -87,16 +88,21 @@ class Pipeline:
         cond = Conditioner(unet.config, text_encoder, device)
         return cls(unet, autoencoder, diffusion, manifest, path, torch.device(device), cond)
 
-    def configure(self, size: Optional[int] = None, precision: str = "fp32", attention_slice: int = 0,
+    def configure(self, size: int | tuple[int, int] | None = None, precision: str = "fp32", attention_slice: int = 0,
                   vae_tile: int = 0) -> "Pipeline":
-        """Image side, bf16 weights (UNet and text encoder; the VAE stays fp32), attention slicing, VAE tiles."""
+        """Image size (a side: the model's default square; or (height, width)), bf16 weights (UNet and text
+        encoder; the VAE stays fp32), attention slicing, VAE tiles."""
         if size is not None:
-            f = self.size_multiple
-            if size % f:
-                raise UserError(f"size {size} must be a multiple of {f} for this model (autoencoder and UNet levels)")
+            f, sides = self.size_multiple, (size, size) if isinstance(size, int) else tuple(size)
+            if any(side % f or side < f for side in sides):
+                raise UserError(f"image size {sides[1]}x{sides[0]} (width x height): both sides must be multiples "
+                                f"of {f} for this model (autoencoder and UNet levels)")
             if self.concat_kind == "low_res":
                 raise UserError("a super-resolution model's size is fixed by its low-resolution input")
-            self.manifest["image_size"] = size
+            if isinstance(size, int):
+                self.manifest["image_size"], self.hw = size, None
+            else:
+                self.hw = sides
         if precision not in ("fp32", "bf16"):
             raise UserError(f"precision must be fp32 or bf16, got {precision!r}")
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -114,10 +120,15 @@ class Pipeline:
         return self.autoencoder.downsample_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
 
     @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the images :meth:`generate` draws."""
+        return self.hw or (self.manifest["image_size"],) * 2
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of what the UNet denoises: the image itself in pixel space."""
-        f, size = self.autoencoder.downsample_factor, self.manifest["image_size"]
-        return (self.autoencoder.latent_channels, size // f, size // f)
+        f, (h, w) = self.autoencoder.downsample_factor, self.image_hw
+        return (self.autoencoder.latent_channels, h // f, w // f)
 
     @property
     def class_names(self) -> list[str]:
@@ -255,9 +266,9 @@ class Pipeline:
             if mask is not None:
                 raise UserError("a mask needs the image it applies to")
             return None, None
-        size, ch = self.manifest["image_size"], self.manifest["channels"]
-        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (ch, size, size):
-            raise UserError(f"input images must be uint8 (N, {ch}, {size}, {size}) for this model, "
+        (h, w), ch = self.image_hw, self.manifest["channels"]
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (ch, h, w):
+            raise UserError(f"input images must be uint8 (N, {ch}, {h}, {w}) for this model, "
                             f"got {images.dtype} {tuple(images.shape)}")
         if len(images) not in (1, n):
             raise UserError(f"give one input image or n_samples={n}, got {len(images)}")
@@ -265,8 +276,8 @@ class Pipeline:
         z = self.autoencoder.encode_latents(x)  # posterior mode, scaled: z = s · E(x)
         if mask is None:
             return z, None
-        if tuple(mask.shape) != (size, size):
-            raise UserError(f"mask must be ({size}, {size}) like the image, got {tuple(mask.shape)}")
+        if tuple(mask.shape) != (h, w):
+            raise UserError(f"mask must be ({h}, {w}) like the image, got {tuple(mask.shape)}")
         if not ((mask == 0) | (mask == 1)).all():
             raise UserError(f"mask must hold only 0 (redraw) and 1 (keep), got values in "
                             f"[{float(mask.min()):g}, {float(mask.max()):g}]: threshold it (the CLI does at 50 %)")

@@ -85,7 +85,9 @@ class GenerateRequest(BaseModel):
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="null: a random seed (returned in settings)")
     n_samples: int = Field(1, ge=1)
     batch_size: Optional[int] = Field(None, ge=1, description="images per network call; default n_samples")
-    size: Optional[int] = Field(None, ge=8, description="image side; default the model's")
+    size: Optional[int] = Field(None, ge=8, description="image side of a square; default the model's")
+    width: Optional[int] = Field(None, ge=8, description="image width (instead of size); default the model's")
+    height: Optional[int] = Field(None, ge=8, description="image height (instead of size); default the model's")
 
 
 def slug(name: str) -> str:
@@ -159,19 +161,22 @@ def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) 
     for name, v in (("n_samples", req.n_samples), ("batch_size", batch_size)):
         if v > limits.max_batch:
             raise _bad(f"{name}: {v} is over this server's limit of {limits.max_batch}")
-    if req.size is not None:
-        if req.size > limits.max_size:
-            raise _bad(f"size: {req.size} is over this server's limit of {limits.max_size}")
-        if req.size % pipe.size_multiple or pipe.concat_kind == "low_res":
-            raise _bad(f"size: {req.size} does not fit model {req.model!r}: sides must be multiples of "
-                       f"{pipe.size_multiple}" + (" (its size is fixed)" if pipe.concat_kind == "low_res" else ""))
-    elif pipe.manifest["image_size"] > limits.max_size:
-        raise _bad(f"size: the model's {pipe.manifest['image_size']} px is over this server's limit of {limits.max_size}")
+    default = pipe.manifest["image_size"]
+    sides = {k: v for k, v in (("size", req.size), ("width", req.width), ("height", req.height)) if v is not None}
+    if "size" in sides and len(sides) > 1:
+        raise _bad("size: give size (a square) or width and height, not both")
+    for name, v in sides.items():
+        if v > limits.max_size:
+            raise _bad(f"{name}: {v} is over this server's limit of {limits.max_size}")
+        if pipe.concat_kind == "low_res":
+            raise _bad(f"{name}: model {req.model!r} upscales to its fixed {default} px")
+        if v % pipe.size_multiple:
+            raise _bad(f"{name}: {v} does not fit model {req.model!r}: sides must be multiples of {pipe.size_multiple}")
+    if not sides and default > limits.max_size:
+        raise _bad(f"size: the model's {default} px is over this server's limit of {limits.max_size}")
     tasks = model_tasks(pipe)
     if req.task not in tasks:
         raise _bad(f"task: model {req.model!r} does {', '.join(tasks)}, not {req.task}")
-    if req.task == "upscale" and req.size is not None:
-        raise _bad(f"size: model {req.model!r} upscales to its fixed {pipe.manifest['image_size']} px")
     for name, used in (("image", req.task != "txt2img"), ("mask", req.task == "inpaint"),
                        ("strength", req.task in ("img2img", "inpaint")),
                        ("resample", req.task == "inpaint" and pipe.concat_kind is None)):
@@ -204,7 +209,8 @@ def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) 
     settings = {"task": req.task, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
                 "class_label": req.class_label, "sampler": sampler, "spacing": spacing, "sampler_name": req.sampler,
                 "steps": req.steps, "guidance": req.guidance, "seed": seed, "n_samples": req.n_samples,
-                "batch_size": batch_size, "size": req.size or pipe.manifest["image_size"]}
+                "batch_size": batch_size, "width": req.width or req.size or default,
+                "height": req.height or req.size or default}
     if req.task in ("img2img", "inpaint"):
         settings["strength"] = req.strength if req.strength is not None else (0.6 if req.task == "img2img" else 1.0)
     if req.task == "inpaint" and pipe.concat_kind is None:
@@ -212,7 +218,7 @@ def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) 
     return settings
 
 
-def decode_inputs(req: GenerateRequest, pipe: Pipeline, size: int) -> dict[str, torch.Tensor]:
+def decode_inputs(req: GenerateRequest, pipe: Pipeline, size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The job's input images as Pipeline.generate takes them, or a 422 naming the field and the problem."""
     channels, inputs = pipe.manifest["channels"], {}
     try:
@@ -252,7 +258,6 @@ def make_runner(models: dict[str, Pipeline], outputs: Path,
     """The queue's worker function: run the job's task, write PNGs under outputs/<job id>/, preview x0."""
     def run(job: Job, progress: Callable[[int, int], None]) -> list[Path]:
         pipe, s = models[job.model], job.settings
-        default_size = pipe.manifest["image_size"]
 
         def preview(done: int, images: torch.Tensor) -> None:
             buf = io.BytesIO()
@@ -261,8 +266,8 @@ def make_runner(models: dict[str, Pipeline], outputs: Path,
             job.emit("preview", done=done, url=f"/api/jobs/{job.id}/preview?step={done}")
 
         try:
-            if s["size"] != default_size:
-                pipe.configure(size=s["size"])
+            if (s["height"], s["width"]) != pipe.image_hw:
+                pipe.configure(size=(s["height"], s["width"]))
             images = pipe.generate(s["n_samples"], s["batch_size"], s["steps"], s["sampler"], s["seed"],
                                    class_label=s["class_label"], prompt=s["prompt"],
                                    negative_prompt=s["negative_prompt"], guidance=s["guidance"],
@@ -270,7 +275,7 @@ def make_runner(models: dict[str, Pipeline], outputs: Path,
                                    resample=s.get("resample", 1), preview=preview if preview_every else None,
                                    preview_every=preview_every or 1, **job.inputs)
         finally:
-            pipe.manifest["image_size"] = default_size  # the size is per job; the model is shared
+            pipe.hw = None  # the size is per job; the model is shared
         paths, _ = pipe.save(images, outputs / job.id, {k: v for k, v in s.items() if k != "n_samples"})
         return paths
     return run
@@ -333,7 +338,7 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
               responses={422: {"description": "invalid settings"}, 429: {"description": "queue full"}})
     def submit(req: GenerateRequest) -> dict[str, Any]:
         settings = validate(req, models, limits)
-        inputs = decode_inputs(req, models[req.model], settings["size"])
+        inputs = decode_inputs(req, models[req.model], (settings["height"], settings["width"]))
         try:
             job = jobs.submit(req.model, settings, inputs)
         except QueueFull as e:
