@@ -15,14 +15,13 @@ import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
 
 from latentdiff.data.datasets import read_image
 from latentdiff.data.images import make_grid, upscale_nearest
@@ -30,9 +29,11 @@ from latentdiff.data.masks import read_mask
 from latentdiff.diffusion.samplers import ONE_STEP, SAMPLERS
 from latentdiff.diffusion.sigmas import SPACINGS, TIMESTEP_SPACINGS
 from latentdiff.pipelines.generate import MAX_SEED, Pipeline
-from latentdiff.server import runs as run_folders
 from latentdiff.errors import UserError
+from latentdiff.server import runs as run_folders
 from latentdiff.server.jobs import FINISHED, Job, JobQueue, QueueFull
+from latentdiff.server.schemas import (ERRORS, MAX_UPLOAD_SIDE, GenerateRequest, JobInfo, ModelInfo, Problem,
+                                       RunInfo, SamplersInfo)
 
 STATIC = Path(__file__).parent / "static"
 # the names other web UIs show -> (our sampler, spacing); docs/samplers.md explains the correspondence
@@ -43,12 +44,6 @@ SAMPLER_PRESETS: dict[str, tuple[str, str]] = {
     "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"), "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", "karras"),
     "DPM adaptive": ("dpm_adaptive", "trailing")}
 SSE_POLL_S = 0.05
-TASKS = ("txt2img", "img2img", "inpaint", "upscale")
-MAX_UPLOAD_CHARS = 16_000_000  # base64 of a ~12 MB image file
-MAX_UPLOAD_SIDE = 4096  # an uploaded image is refused before decoding past this (memory)
-MAX_RESAMPLE = 20
-
-
 @dataclass
 class Limits:
     """What one request may ask for, and how many jobs may wait."""
@@ -59,35 +54,6 @@ class Limits:
     queue: int = 8
     preview_every: int = 5  # decode the predicted x0 every this many steps for the page (0: never)
     keep_jobs: int = 200  # finished jobs remembered (their PNGs stay on disk); older ones answer 404
-
-
-class GenerateRequest(BaseModel):
-    """A generation job (txt2img, img2img, inpaint or upscale); unset fields take the model's defaults."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str = Field(description="a model id from GET /api/models")
-    task: Literal[TASKS] = Field("txt2img", description="what to do; GET /api/models lists each model's tasks")
-    image: Optional[str] = Field(None, max_length=MAX_UPLOAD_CHARS, description=(
-        "base64 image file (PNG, JPEG, ...; a data: URL too): the input of img2img and inpaint (cropped to a "
-        "square and resized to the job's size), the low-resolution image of upscale (exactly low_res_size)"))
-    mask: Optional[str] = Field(None, max_length=MAX_UPLOAD_CHARS,
-                                description="base64 image, inpaint only: white = redraw, black = keep")
-    strength: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False,
-                                      description="img2img: how far to noise the input (default 0.6)")
-    resample: int = Field(1, ge=1, le=MAX_RESAMPLE, description="inpaint (not inpainting models): RePaint repeats")
-    prompt: Optional[str] = Field(None, max_length=2000)
-    negative_prompt: Optional[str] = Field(None, max_length=2000)
-    class_label: Optional[int] = Field(None, ge=0)
-    sampler: str = Field("DPM++ 2M Karras", description="a name from GET /api/samplers (UI name or ours)")
-    spacing: Optional[str] = Field(None, description="timestep/σ spacing; default: the sampler preset's")
-    steps: int = Field(20, ge=1)
-    guidance: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="null: a random seed (returned in settings)")
-    n_samples: int = Field(1, ge=1)
-    batch_size: Optional[int] = Field(None, ge=1, description="images per network call; default n_samples")
-    size: Optional[int] = Field(None, ge=8, description="image side of a square; default the model's")
-    width: Optional[int] = Field(None, ge=8, description="image width (instead of size); default the model's")
-    height: Optional[int] = Field(None, ge=8, description="image height (instead of size); default the model's")
 
 
 def slug(name: str) -> str:
@@ -294,7 +260,7 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
         yield
         await asyncio.to_thread(jobs.stop)
 
-    app = FastAPI(title="latentdiff", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="latentdiff", version="0.1.0", lifespan=lifespan, responses=ERRORS,
                   description="Generate images with latentdiff models and browse training runs.")
     app.state.jobs, app.state.limits = jobs, limits
     if cors_origins:  # closed by default: the page is served from this origin and needs no CORS
@@ -305,7 +271,9 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        msgs = ["/".join(str(p) for p in e["loc"] if p != "body") + f": {e['msg']}" for e in exc.errors()]
+        msgs = [("body: not valid JSON at character {} ({})".format(e["loc"][-1], e.get("ctx", {}).get("error", "?"))
+                 if e["type"] == "json_invalid" else
+                 ("/".join(str(p) for p in e["loc"] if p != "body") or "body") + f": {e['msg']}") for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(msgs)}, status_code=422)
 
     def job_or_404(job_id: str) -> Job:
@@ -325,18 +293,19 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/api/models", summary="Models this server can sample")
-    def list_models() -> list[dict[str, Any]]:
+    def list_models() -> list[ModelInfo]:
         return [describe_model(k, p) for k, p in models.items()]
 
     @app.get("/api/samplers", summary="Sampler names (UI presets and ours) and spacings")
-    def list_samplers() -> dict[str, Any]:
+    def list_samplers() -> SamplersInfo:
         return {"presets": {k: {"sampler": s, "spacing": sp} for k, (s, sp) in SAMPLER_PRESETS.items()},
                 "default": GenerateRequest.model_fields["sampler"].default, "inpaint": inpaint_samplers(),
                 "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "limits": vars(limits)}
 
     @app.post("/api/jobs", status_code=202, summary="Queue a generation job",
-              responses={422: {"description": "invalid settings"}, 429: {"description": "queue full"}})
-    def submit(req: GenerateRequest) -> dict[str, Any]:
+              responses={400: {"model": Problem, "description": "the body could not be read as text"},
+                         429: {"model": Problem, "description": "busy: the waiting line is full (Retry-After)"}})
+    def submit(req: GenerateRequest) -> JobInfo:
         settings = validate(req, models, limits)
         inputs = decode_inputs(req, models[req.model], (settings["height"], settings["width"]))
         try:
@@ -346,15 +315,15 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
         return job.summary()
 
     @app.get("/api/jobs", summary="All jobs, newest first")
-    def list_jobs() -> list[dict[str, Any]]:
+    def list_jobs() -> list[JobInfo]:
         return [j.summary() for j in sorted(jobs.all(), key=lambda j: -j.created)]
 
     @app.get("/api/jobs/{job_id}", summary="A job's status and images")
-    def get_job(job_id: str) -> dict[str, Any]:
+    def get_job(job_id: str) -> JobInfo:
         return job_or_404(job_id).summary()
 
     @app.delete("/api/jobs/{job_id}", summary="Cancel a job (waiting: never starts; running: stops at its next step)")
-    def cancel_job(job_id: str) -> dict[str, Any]:
+    def cancel_job(job_id: str) -> JobInfo:
         return jobs.cancel(job_or_404(job_id).id).summary()
 
     @app.get("/api/jobs/{job_id}/events", summary="Server-sent events: queued, started, progress per step, "
@@ -397,11 +366,11 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
         return Response(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.get("/api/runs", summary="Training runs (folders with metrics.csv) under the served run folders")
-    def list_runs() -> list[dict[str, Any]]:
+    def list_runs() -> list[RunInfo]:
         return [run_folders.describe(k, p) for k, p in run_folders.find_runs(run_roots).items()]
 
     @app.get("/api/runs/{run_id}/metrics", summary="A run's metrics.csv as columns (the loss curve)")
-    def run_metrics(run_id: str) -> dict[str, Any]:
+    def run_metrics(run_id: str) -> dict[str, list[Optional[float]]]:
         return run_folders.read_metrics(run_or_404(run_id))
 
     @app.get("/api/runs/{run_id}/grid", summary="A run's latest sample grid", response_class=FileResponse)
@@ -414,4 +383,4 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
     return app
 
 
-__all__ = ["Limits", "GenerateRequest", "SAMPLER_PRESETS", "TASKS", "create_app", "load_models"]
+__all__ = ["Limits", "SAMPLER_PRESETS", "create_app", "load_models"]
