@@ -343,7 +343,7 @@ def test_cli_convert_and_sample_a_checkpoint(sd_v1, tmp_path) -> None:
     r = _cli("convert", root / "diffusers", tmp_path / "own")  # refuses to overwrite
     assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
     r = _cli("sample", "--model", tmp_path / "own", "--size", 10, "--out", tmp_path / "bad")
-    assert r.returncode == 2 and "multiple of 4" in r.stderr
+    assert r.returncode == 2 and "both sides must be multiples of 4" in r.stderr
 
 
 def test_attention_slicing_and_bf16_keep_the_result(sd_v1) -> None:
