@@ -534,8 +534,8 @@ def serve(models: tuple[Path, ...], runs: tuple[Path, ...], host: str, port: int
     except ImportError as e:
         raise UserError(f"the web app needs the 'serve' extra: pip install 'latentdiff[serve]' ({e})") from None
     run_roots = list(runs) or ([Path("runs")] if Path("runs").is_dir() else [])
-    app = create_app(load_models(list(models), device), Limits(max_steps, max_size, max_batch, queue, preview_every, keep_jobs), out,
-                     run_roots, list(cors_origins))
+    limits = Limits(max_steps, max_size, max_batch, queue, preview_every, keep_jobs)
+    app = create_app(load_models(list(models), device), limits, out, run_roots, list(cors_origins))
     where = "loopback only: other machines cannot connect" if host in ("127.0.0.1", "localhost", "::1") else \
         "ALL machines that can reach this address may use it (no authentication)"
     click.echo(f"serving {len(models)} model(s) on http://{host}:{port}/ ({where}); API docs at /docs")
