@@ -66,7 +66,7 @@ def autoencoder_ceiling(ae_dir: Path, n: int = 500, seed: int = 123) -> float:
     return sum(score(r, c)["whole"] for r, c in zip(recon, captions)) / n
 
 
-def run_demo(out: Path, ae_minutes: float = 2.6, ldm_minutes: float = 6.0, n_eval: int = 100,
+def run_demo(out: Path, ae_minutes: float = 1.9, ldm_minutes: float = 6.7, n_eval: int = 100,
              guidance: float | None = None, log: Callable[[str], None] | None = None,
              overrides: list[str] = ()) -> dict[str, Any]:
     """Train both models within the time budgets, write the prompt grid and the adherence report.
