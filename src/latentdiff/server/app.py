@@ -189,22 +189,21 @@ def decode_inputs(req: GenerateRequest, pipe: Pipeline, size: tuple[int, int]) -
     channels, inputs = pipe.manifest["channels"], {}
     try:
         if req.task in ("img2img", "inpaint"):
-            inputs["images"] = read_image(_upload(req.image, "image"), size, channels, name="image")[None]
+            inputs["images"] = read_image(_upload(req.image, "image")[0], size, channels, name="image")[None]
         if req.task == "inpaint":
-            inputs["mask"] = read_mask(_upload(req.mask, "mask"), size, name="mask")
+            inputs["mask"] = read_mask(_upload(req.mask, "mask")[0], size, name="mask")
         if req.task == "upscale":
-            low, data = pipe.manifest["low_res_size"], _upload(req.image, "image")
-            with Image.open(io.BytesIO(data)) as im:
-                if im.size != (low, low):
-                    raise _bad(f"image: {im.size[0]}x{im.size[1]}; model {req.model!r} upscales {low}x{low} images")
+            low, (data, (w, h)) = pipe.manifest["low_res_size"], _upload(req.image, "image")
+            if (w, h) != (low, low):
+                raise _bad(f"image: {w}x{h}; model {req.model!r} upscales {low}x{low} images")
             inputs["low_res"] = read_image(data, low, channels, name="image")[None]
     except UserError as e:
         raise _bad(str(e)) from None
     return inputs
 
 
-def _upload(text: str, name: str) -> bytes:
-    """The bytes of a base64 (or data: URL) image field, refused past MAX_UPLOAD_SIDE before decoding."""
+def _upload(text: str, name: str) -> tuple[bytes, tuple[int, int]]:
+    """An image field's bytes and (width, height), from base64 or a data: URL; past MAX_UPLOAD_SIDE refused undecoded."""
     try:
         data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
     except (binascii.Error, ValueError, IndexError):
@@ -216,7 +215,7 @@ def _upload(text: str, name: str) -> bytes:
         raise _bad(f"{name}: cannot read image ({e})") from None
     if max(w, h) > MAX_UPLOAD_SIDE:
         raise _bad(f"{name}: {w}x{h} is larger than this server takes ({MAX_UPLOAD_SIDE} px a side)")
-    return data
+    return data, (w, h)
 
 
 def make_runner(models: dict[str, Pipeline], outputs: Path,
