@@ -42,10 +42,10 @@ class AutoencoderTrainer(TrainingRun):
         self.model = Autoencoder(a).to(self.device)
         self.loss = AutoencoderLoss(self.cfg.ae_loss, d.channels).to(self.device)
         # LDM trains the autoencoder with Adam(β = 0.5, 0.9): the GAN game needs short momentum memory
-        self.opt_g = torch.optim.AdamW(list(self.model.parameters()) + self.loss.autoencoder_parameters(),
-                                       lr=tc.lr, betas=(0.5, 0.9), weight_decay=tc.weight_decay)
-        self.opt_d = torch.optim.AdamW(self.loss.discriminator_parameters(), lr=tc.lr, betas=(0.5, 0.9),
-                                       weight_decay=tc.weight_decay)
+        self.opt_g = self.adamw(list(self.model.parameters()) + self.loss.autoencoder_parameters(),
+                                lr=tc.lr, betas=(0.5, 0.9), weight_decay=tc.weight_decay)
+        self.opt_d = self.adamw(self.loss.discriminator_parameters(), lr=tc.lr, betas=(0.5, 0.9),
+                                weight_decay=tc.weight_decay)
         self.train_model = self.parallel(self.model)  # the discriminator and logvar: averaged by optimizer_step
         if self.dist.active:
             self.loss.reduce_grads = distributed.all_reduce_mean_

@@ -77,7 +77,7 @@ class CLIPTrainer(TrainingRun):
         params = list(self.model.parameters())
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.opt = self.adamw(groups, lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
         self.train_model = self.parallel(CLIPFeatures(self.model))
         self._eval_data: ImageData | None = None
 

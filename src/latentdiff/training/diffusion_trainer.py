@@ -60,7 +60,7 @@ class DiffusionTrainer(TrainingRun):
             path = Path(tc.init_unet) / "unet" / "model.safetensors"
             load_into(self.model, widen_input(load_tensors(path), self.cfg.unet.in_channels, str(path)), str(path))
         self.ema = EMA(self.model, tc.ema_decay)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.opt = self.adamw(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.train_model = self.parallel(self.model)
 
     def modules(self) -> dict[str, nn.Module]:
