@@ -127,8 +127,10 @@ def test_parameterisations_round_trip(name):
     torch.testing.assert_close(s.x0_to_eps(z32, t32, s.eps_to_x0(z32, t32, e32)), e32, atol=1e-4, rtol=1e-4)
 
 
-def test_min_snr_weights_agree_across_parameterisations():
-    """With λ(t) from loss_weight, the ε-, x0- and v-losses of the same prediction are equal."""
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_min_snr_weights_agree_across_parameterisations(offset):
+    """With λ(t) from loss_weight, the ε-, x0- and v-losses of the same prediction are equal, and the
+    x0-loss weight is min(SNR + offset, 5): Min-SNR-γ, or with offset 1 the v-loss capped."""
     s = Schedule.from_name("linear")
     g = torch.Generator().manual_seed(4)
     t = torch.arange(0, 1000, 37)
@@ -137,12 +139,16 @@ def test_min_snr_weights_agree_across_parameterisations():
     eps_hat = eps + 0.1 * torch.randn(len(t), 5, generator=g, dtype=torch.float64)
     preds = {"eps": eps_hat, "x0": s.eps_to_x0(z, t, eps_hat)}
     preds["v"] = s.v_target(preds["x0"], t, eps_hat)
-    losses = {k: loss_weight(s, t, k, "min_snr", 5.0).double() * (p - s.target(x0, t, eps, k)).pow(2).mean(1)
+    losses = {k: loss_weight(s, t, k, "min_snr", 5.0, offset).double() * (p - s.target(x0, t, eps, k)).pow(2).mean(1)
               for k, p in preds.items()}
     torch.testing.assert_close(losses["x0"], losses["eps"])
     torch.testing.assert_close(losses["v"], losses["eps"])
     snr = s.snr(t)
-    torch.testing.assert_close(loss_weight(s, t, "eps", "min_snr", 5.0).double(), snr.clamp(max=5) / snr, rtol=1e-6, atol=0)
+    w_x0 = (snr + offset).clamp(max=5).double()
+    torch.testing.assert_close(loss_weight(s, t, "x0", "min_snr", 5.0, offset).double(), w_x0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_weight(s, t, "eps", "min_snr", 5.0, offset).double(), w_x0 / snr, rtol=1e-6, atol=0)
+    if offset == 1:  # the noisiest steps keep the plain v-loss's weight 1
+        assert loss_weight(s, t[-1:], "v", "min_snr", 5.0, offset).item() == pytest.approx(1.0)
 
 
 def test_diffusion_loss_of_the_exact_denoiser_is_its_variance():

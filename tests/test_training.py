@@ -146,6 +146,10 @@ def test_config_errors_name_the_key():
         load_config("digits-tiny", ["train.batch_size=0"])
     with pytest.raises(UserError, match="diffusion.schedule"):
         load_config("digits-tiny", ["diffusion.schedule=quadratic"])
+    with pytest.raises(UserError, match="diffusion.min_snr_offset must be >= 0, got -1"):
+        load_config("digits-tiny", ["diffusion.min_snr_offset=-1"])
+    with pytest.raises(UserError, match="diffusion.min_snr_gamma must be > 0"):
+        load_config("digits-tiny", ["diffusion.min_snr_gamma=0"])
     with pytest.raises(UserError, match="section.key=value"):
         load_config("digits-tiny", ["lr=3"])
     with pytest.raises(UserError, match="neither a preset"):

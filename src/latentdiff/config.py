@@ -38,6 +38,7 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the UNet outputs: eps, x0 or v
     weighting: str = "uniform"  # λ(t): uniform (DDPM "simple") or min_snr (Min-SNR-γ)
     min_snr_gamma: float = 5.0  # γ of min_snr
+    min_snr_offset: float = 0.0  # c of min_snr's x-loss weight min(SNR + c, γ): 1 keeps plain v's weight at high noise
     beta_start: float | None = None  # β_1 and β_T of linear / scaled_linear; None: the schedule's own defaults
     beta_end: float | None = None
 
@@ -45,6 +46,9 @@ class DiffusionConfig:
         _choice("diffusion.schedule", self.schedule, SCHEDULES)
         _choice("diffusion.prediction", self.prediction, PREDICTIONS)
         _choice("diffusion.weighting", self.weighting, WEIGHTINGS)
+        _positive("diffusion.min_snr_gamma", self.min_snr_gamma)
+        if self.min_snr_offset < 0:
+            raise UserError(f"diffusion.min_snr_offset must be >= 0, got {self.min_snr_offset}")
         _positive("diffusion.num_timesteps", self.num_timesteps)
 
     def build_schedule(self) -> Schedule:
@@ -196,7 +200,7 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
         raise UserError(f"{key}: unknown value {value!r}; choose one of {', '.join(options)}")
 
 
-def _positive(key: str, value: int) -> None:
+def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise UserError(f"{key} must be > 0, got {value}")
 

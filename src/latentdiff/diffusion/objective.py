@@ -14,20 +14,22 @@ WEIGHTINGS = ("uniform", "min_snr")
 
 
 def loss_weight(schedule: Schedule, t: Tensor, prediction: str, weighting: str = "uniform",
-                gamma: float = 5.0) -> Tensor:
+                gamma: float = 5.0, offset: float = 0.0) -> Tensor:
     """λ(t) that multiplies the MSE of a ``prediction``-type target; float32, shape (B,).
 
     'uniform' is DDPM's "simple" loss (λ = 1 on whatever is predicted). 'min_snr' is Min-SNR-γ
-    (Hang et al. 2023): the ε-loss weighted by min(SNR, γ)/SNR, expressed for each target, since
-    ‖x - x̂‖² = ‖ε - ε̂‖²/SNR and ‖v - v̂‖² = ‖ε - ε̂‖² (1 + SNR)/SNR.
+    (Hang et al. 2023): the x-loss weighted by w = min(SNR + offset, γ), expressed for each target, since
+    ‖ε - ε̂‖² = SNR ‖x - x̂‖² and ‖v - v̂‖² = (1 + SNR) ‖x - x̂‖². offset 0 is the paper's (the ε-loss capped
+    at low noise; it gives the noisiest steps, where the layout is decided, a weight near 0); offset 1 caps
+    the v-loss (Salimans & Ho's "SNR+1" weighting) instead, so those steps keep the weight 1 of plain v.
     """
     if weighting == "uniform":
         return torch.ones(t.shape, dtype=torch.float32)
     if weighting != "min_snr":
         raise UserError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     snr = schedule.snr(t)
-    clipped = snr.clamp(max=gamma)
-    per_target = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}
+    w = (snr + offset).clamp(max=gamma)
+    per_target = {"eps": w / snr, "x0": w, "v": w / (snr + 1)}
     if prediction not in per_target:
         raise UserError(f"unknown prediction type {prediction!r}")
     return per_target[prediction].float()
@@ -41,7 +43,7 @@ def draw_t_eps(schedule: Schedule, shape: tuple[int, ...], generator: Optional[t
 
 
 def diffusion_loss(model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: Schedule,
-                   prediction: str = "eps", weighting: str = "uniform", gamma: float = 5.0,
+                   prediction: str = "eps", weighting: str = "uniform", gamma: float = 5.0, offset: float = 0.0,
                    generator: Optional[torch.Generator] = None, t: Optional[Tensor] = None,
                    eps: Optional[Tensor] = None) -> Tensor:
     """E_{t,x,ε}[λ(t) ‖target - model(z_t, t)‖²] for one batch; t ~ U{0..T-1}, ε ~ N(0, I).
@@ -56,4 +58,4 @@ def diffusion_loss(model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, sch
     pred = model_fn(z_t, t.to(x0.device))
     target = schedule.target(x0, t, eps, prediction)
     mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return (loss_weight(schedule, t, prediction, weighting, gamma).to(mse.device) * mse).mean()
+    return (loss_weight(schedule, t, prediction, weighting, gamma, offset).to(mse.device) * mse).mean()

@@ -177,7 +177,7 @@ class DiffusionTrainer(TrainingRun):
 
         d = self.cfg.diffusion
         loss = diffusion_loss(model_fn, x0, self.schedule, d.prediction, d.weighting, d.min_snr_gamma,
-                              t=part["t"], eps=part["eps"])
+                              d.min_snr_offset, t=part["t"], eps=part["eps"])
         return loss, {"loss": float(loss.detach())}
 
     def manifest(self) -> dict[str, Any]:
