@@ -1,7 +1,7 @@
 """The main job: text-to-image latent diffusion trained from scratch on the embedded shapes, then measured.
 
 Three stages, each resumable (a second run continues where the first stopped):
-1. the autoencoder (ae-shapes): 32x32 RGB -> 8x8x4 latents;
+1. the autoencoder (ae-shapes): 32x32 RGB -> 8x8x8 latents;
 2. the text-conditional LDM (ldm-shapes) on those latents, reading prompts through the frozen packaged
    MiniLM encoder, captions dropped 10% of the time for classifier-free guidance;
 3. a grid for a list of prompts (seen and unseen colour-shape pairs, two objects) and the prompt-adherence
@@ -66,7 +66,7 @@ def autoencoder_ceiling(ae_dir: Path, n: int = 500, seed: int = 123) -> float:
     return sum(score(r, c)["whole"] for r, c in zip(recon, captions)) / n
 
 
-def run_demo(out: Path, ae_minutes: float = 1.9, ldm_minutes: float = 6.7, n_eval: int = 100,
+def run_demo(out: Path, ae_minutes: float = 2.7, ldm_minutes: float = 6.0, n_eval: int = 100,
              guidance: float | None = None, log: Callable[[str], None] | None = None,
              overrides: list[str] = ()) -> dict[str, Any]:
     """Train both models within the time budgets, write the prompt grid and the adherence report.
