@@ -250,9 +250,9 @@ def sample(run_dir: Path | None, model: Path | None, n_samples: int, batch_size:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Folder for both models, the prompt grid and the adherence report.")
 @click.option("--ae-minutes", default=2.7, show_default=True, type=Finite(min=0.1),
-              help="Time limit of the autoencoder's training (its 700 steps: ~2.7 min on 2 CPU cores).")
+              help="Time limit of the autoencoder's training (its 700 steps: ~2.5 min on 2 CPU cores).")
 @click.option("--ldm-minutes", default=6.0, show_default=True, type=Finite(min=0.1),
-              help="Time limit of the text-conditional LDM's training (its 2 000 steps: ~5.5 min).")
+              help="Time limit of the text-conditional LDM's training (its 2 000 steps: ~5.4 min).")
 @click.option("--n-eval", default=100, show_default=True, type=click.IntRange(min=1),
               help="Prompts per adherence set (one object seen / unseen, two objects).")
 @click.option("--guidance", type=Finite(min=0), default=None,
