@@ -125,6 +125,29 @@ def test_captioned_rows_layout():
         captioned_rows(images, ["one caption"], 3)
 
 
+def test_autoencoder_ceiling_scores_the_reconstructions(monkeypatch):
+    """A perfect autoencoder reaches the ceiling 1 (the rendered scenes all pass); one that decodes every
+    scene to its mirror image (left and right swapped) fails the scenes placed off the vertical axis."""
+    from latentdiff.data.shapes import make_shapes
+    from latentdiff.eval.adherence import score
+    from latentdiff.pipelines import demo
+
+    class Decoder(torch.nn.Module):
+        def __init__(self, mirror: bool):
+            super().__init__()
+            self.mirror = mirror
+
+        def forward(self, x, sample_posterior=True):
+            return (x.flip(-1) if self.mirror else x), None
+
+    monkeypatch.setattr(demo, "load_autoencoder", lambda d: Decoder(False))
+    assert demo.autoencoder_ceiling("unused", n=40) == 1.0
+    monkeypatch.setattr(demo, "load_autoencoder", lambda d: Decoder(True))
+    images, captions = make_shapes(40, "train", seed=123, two_object_fraction=0.0)
+    expected = sum(score(x.flip(-1), c)["whole"] for x, c in zip(images, captions)) / 40
+    assert demo.autoencoder_ceiling("unused", n=40) == expected < 0.9
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_small_shapes_set(tmp_path):
     """The main job's three stages, cut to seconds: files, report keys, and a resumed second call."""

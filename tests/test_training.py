@@ -186,3 +186,16 @@ def test_time_limit_stops_with_a_checkpoint(tiny_cfg, tmp_path):
     trainer = Trainer(tiny_cfg, tmp_path, progress=False)
     trainer.run()
     assert trainer.step < 1000 and latest_checkpoint(tmp_path / "checkpoints") is not None
+
+
+def test_trainer_applies_the_configured_loss_weighting(tiny_cfg, tmp_path):
+    """min_snr with offset 1 and no cap is the plain v-loss exactly (min(SNR + 1, ∞) / (SNR + 1) = 1);
+    offset 0 weighs the same batch differently: the trainer hands both settings to the loss."""
+    tiny_cfg.diffusion.prediction = "v"
+    losses = {}
+    for name, weighting, offset in (("plain", "uniform", 0.0), ("capped_v", "min_snr", 1.0), ("paper", "min_snr", 0.0)):
+        tiny_cfg.diffusion.weighting, tiny_cfg.diffusion.min_snr_gamma = weighting, 1e9
+        tiny_cfg.diffusion.min_snr_offset = offset
+        losses[name] = Trainer(tiny_cfg, tmp_path / name, progress=False).train_step()["loss"]
+    assert losses["capped_v"] == pytest.approx(losses["plain"], rel=1e-6)
+    assert abs(losses["paper"] - losses["plain"]) > 1e-3 * losses["plain"]
