@@ -507,7 +507,7 @@ def _in_process(argv: list[str], timeout: float) -> tuple[int | None, str]:
 
 def train_tiny_model(folder: Path) -> tuple[Path, Path]:
     """A seconds-long digits-tiny run: (its model folder, its run folder) — the same folder."""
-    from latentdiff.config import load_config
+    from latentdiff.training.config import load_config
     from latentdiff.training import make_trainer
 
     cfg = load_config("digits-tiny", [*TINY, "train.steps=2"])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.data import DataConfig, load_dataset
 from latentdiff.eval.features import DomainFeatures
 from latentdiff.eval.stats import fid_from_features

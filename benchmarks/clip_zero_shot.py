@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.data import DataConfig, load_dataset
 from latentdiff.eval.zero_shot import zero_shot_accuracy
 from latentdiff.models.clip import load_clip

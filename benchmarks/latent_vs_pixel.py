@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.training import make_trainer
 
 RESULTS = Path(__file__).parent / "results"

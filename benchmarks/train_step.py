@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.models.autoencoder import Autoencoder
 from latentdiff.models.unet import UNet
 

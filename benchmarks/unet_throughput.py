@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.diffusion import Schedule, diffusion_loss, sample
 from latentdiff.models.unet import UNet
 

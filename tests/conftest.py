@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 
 
 @pytest.fixture(autouse=True)

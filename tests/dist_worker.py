@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from latentdiff.config import RunConfig, load_config
+from latentdiff.training.config import RunConfig, load_config
 
 STEPS = ["train.steps=3", "train.log_every=1", "train.checkpoint_every=0", "train.grid_samples=4",
          "train.grid_steps=2", "train.warmup_steps=1", "data.limit=64", "train.batch_size=8"]

@@ -18,7 +18,7 @@ from latentdiff.server import Limits, create_app, load_models  # noqa: E402
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from latentdiff.config import load_config
+    from latentdiff.training.config import load_config
     from latentdiff.training import make_trainer
 
     runs = tmp_path_factory.mktemp("runs")

@@ -55,7 +55,7 @@ TINY = ["train.steps=3", "train.grid_samples=2", "train.grid_steps=2", "data.lim
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A uvicorn server on loopback with a tiny text-to-image model and a tiny upscaler; the page's URL."""
-    from latentdiff.config import load_config
+    from latentdiff.training.config import load_config
     from latentdiff.training import make_trainer
 
     runs = tmp_path_factory.mktemp("runs")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.data import DataConfig, ImageData, load_dataset
 from latentdiff.errors import UserError
 from latentdiff.eval.zero_shot import confusion_matrix, zero_shot_accuracy

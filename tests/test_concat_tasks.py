@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.data.masks import random_masks
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig

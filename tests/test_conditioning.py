@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.diffusion import classifier_free_guidance
 from latentdiff.errors import UserError
 from latentdiff.pipelines.generate import Pipeline

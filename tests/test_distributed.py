@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dist_worker
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import load_tensors
 from latentdiff.training import make_trainer

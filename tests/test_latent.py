@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import load_json, load_tensors, save_tensors
 from latentdiff.models.folder import load_autoencoder

@@ -28,7 +28,7 @@ MAX_STEPS = 2 * LONG
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from latentdiff.config import load_config
+    from latentdiff.training.config import load_config
     from latentdiff.training.diffusion_trainer import DiffusionTrainer
 
     cfg = load_config("digits-tiny", ["train.steps=4", "train.grid_samples=4", "train.grid_steps=2", "data.limit=32"])
@@ -154,7 +154,7 @@ def test_img2img_and_inpaint_equal_the_python_api(models, tmp_path):
 
 @pytest.fixture(scope="module")
 def task_models(run_dir, tmp_path_factory):
-    from latentdiff.config import load_config
+    from latentdiff.training.config import load_config
     from latentdiff.training import make_trainer
 
     root = tmp_path_factory.mktemp("task-models")

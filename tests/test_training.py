@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from latentdiff.config import RunConfig, load_config
+from latentdiff.training.config import RunConfig, load_config
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import load_tensors, save_tensors
 from latentdiff.training.checkpoints import latest_checkpoint

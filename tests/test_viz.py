@@ -14,7 +14,7 @@ from latentdiff.pipelines.viz import (forward_strip, noised_images, reverse_traj
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    from latentdiff.config import load_config
+    from latentdiff.training.config import load_config
     from latentdiff.training import make_trainer
 
     torch.set_num_threads(2)

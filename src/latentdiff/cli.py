@@ -90,7 +90,7 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
     `torchrun --nproc-per-node N -m latentdiff train ...` it trains data-parallel on N processes;
     train.batch_size is then the global batch of a step (README: Training on several GPUs).
     """
-    from latentdiff.config import load_config
+    from latentdiff.training.config import load_config
     from latentdiff.training import make_trainer
 
     out = out or Path("runs") / Path(preset_or_yaml).stem
@@ -118,7 +118,7 @@ def _resumed_config(out: Path, preset: str, overrides: list[str]):
 
     Other overrides must repeat the run's values, so the command that started a run also resumes it.
     """
-    from latentdiff.config import load_config
+    from latentdiff.training.config import load_config
 
     train = [o for o in overrides if o.startswith("train.")]
     saved = load_config(str(out / "config.yaml"), train)
@@ -545,7 +545,7 @@ def serve(models: tuple[Path, ...], runs: tuple[Path, ...], host: str, port: int
 @cli.command()
 def presets() -> None:
     """List the training presets that ship with latentdiff."""
-    from latentdiff.config import list_presets
+    from latentdiff.training.config import list_presets
 
     for name in list_presets():
         click.echo(name)

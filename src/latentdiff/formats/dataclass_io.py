@@ -78,6 +78,18 @@ def _fail(value: Any, tp: Any, key: str) -> typing.NoReturn:
     raise UserError(f"{key}: expected {tp.__name__}, got {value!r}")
 
 
+def check_choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    """Refuse ``value`` unless it is one of ``options``, naming the key and the choices."""
+    if value not in options:
+        raise UserError(f"{key}: unknown value {value!r}; choose one of {', '.join(options)}")
+
+
+def check_positive(key: str, value: float) -> None:
+    """Refuse a ``value`` that is not > 0, naming the key."""
+    if value <= 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+
+
 def to_plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: to_plain(v) for k, v in x.items()}

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from latentdiff.config import load_config
+from latentdiff.training.config import load_config
 from latentdiff.data.images import captioned_rows, save_png, upscale_nearest
 from latentdiff.data.shapes import make_shapes
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image

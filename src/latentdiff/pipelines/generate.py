@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from latentdiff.config import DiffusionConfig, build_dataclass
+from latentdiff.diffusion.config import DiffusionConfig
+from latentdiff.formats.dataclass_io import build_dataclass
 from latentdiff.data.images import make_grid, save_png, to_pil, upscale_nearest
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.diffusion import Schedule, as_eps_fn, classifier_free_guidance, sample

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from latentdiff.config import DiffusionConfig
+from latentdiff.diffusion.config import DiffusionConfig
 from latentdiff.errors import UserError
 from latentdiff.formats import sd_keys
 from latentdiff.formats.checkpoint import (load_into, load_json, load_tensors, load_weights_only, save_json,

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # config.py imports training.ae_loss: import lazily to keep the package importable
-    from latentdiff.config import RunConfig
+from latentdiff.training.config import RunConfig
+
+if TYPE_CHECKING:
     from latentdiff.training.loop import TrainingRun
 
 
-def make_trainer(cfg: "RunConfig", out_dir: Path | str, resume: bool = False, device: str = "auto",
+def make_trainer(cfg: RunConfig, out_dir: Path | str, resume: bool = False, device: str = "auto",
                  progress: bool | None = None) -> "TrainingRun":
     """The trainer for ``cfg.model`` ('diffusion', 'autoencoder' or 'clip')."""
     if cfg.model == "autoencoder":

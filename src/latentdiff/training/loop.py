@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from latentdiff.config import RunConfig, TrainConfig
+from latentdiff.training.config import RunConfig, TrainConfig
 from latentdiff.data import ImageData, load_dataset
 from latentdiff.data.transforms import apply_hflip, hflip_coins
 from latentdiff.errors import UserError

@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 
 from latentdiff.data.config import DataConfig
-from latentdiff.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, WEIGHTINGS, Schedule
+from latentdiff.diffusion import SAMPLERS
+from latentdiff.diffusion.config import DiffusionConfig
 from latentdiff.errors import UserError
-from latentdiff.formats.dataclass_io import check_type, to_plain, build_dataclass
+from latentdiff.formats.dataclass_io import build_dataclass, check_choice, check_positive, check_type, to_plain
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.concat import CONCAT_KINDS
 from latentdiff.models.unet import UNetConfig
@@ -27,34 +28,6 @@ from latentdiff.training.clip_config import CLIPTrainConfig
 
 MODELS = ("diffusion", "autoencoder", "clip")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class DiffusionConfig:
-    """The diffusion process and what the network predicts."""
-
-    schedule: str = "linear"  # linear (DDPM), cosine (improved DDPM) or scaled_linear (Stable Diffusion)
-    num_timesteps: int = 1000  # T
-    prediction: str = "eps"  # what the UNet outputs: eps, x0 or v
-    weighting: str = "uniform"  # λ(t): uniform (DDPM "simple") or min_snr (Min-SNR-γ)
-    min_snr_gamma: float = 5.0  # γ of min_snr
-    min_snr_offset: float = 0.0  # c of min_snr's x-loss weight min(SNR + c, γ): 1 keeps plain v's weight at high noise
-    beta_start: float | None = None  # β_1 and β_T of linear / scaled_linear; None: the schedule's own defaults
-    beta_end: float | None = None
-
-    def __post_init__(self) -> None:
-        _choice("diffusion.schedule", self.schedule, SCHEDULES)
-        _choice("diffusion.prediction", self.prediction, PREDICTIONS)
-        _choice("diffusion.weighting", self.weighting, WEIGHTINGS)
-        _positive("diffusion.min_snr_gamma", self.min_snr_gamma)
-        if self.min_snr_offset < 0:
-            raise UserError(f"diffusion.min_snr_offset must be >= 0, got {self.min_snr_offset}")
-        _positive("diffusion.num_timesteps", self.num_timesteps)
-
-    def build_schedule(self) -> Schedule:
-        """The Schedule these settings describe."""
-        ends = {k: v for k, v in (("beta_start", self.beta_start), ("beta_end", self.beta_end)) if v is not None}
-        return Schedule.from_name(self.schedule, self.num_timesteps, **ends)
 
 
 @dataclass
@@ -83,7 +56,7 @@ class CondConfig:
         if not 0 <= self.drop_prob < 1:
             raise UserError(f"cond.drop_prob must be in [0, 1), got {self.drop_prob}")
         if self.concat is not None:
-            _choice("cond.concat", self.concat, CONCAT_KINDS)
+            check_choice("cond.concat", self.concat, CONCAT_KINDS)
         if (self.concat == "low_res") != (self.low_res_size > 0):
             raise UserError(f"cond.low_res_size ({self.low_res_size}) must be > 0 exactly when cond.concat is "
                             f"low_res (got concat={self.concat!r})")
@@ -91,7 +64,7 @@ class CondConfig:
             raise UserError(f"cond.mask_full_prob must be in [0, 1], got {self.mask_full_prob}")
         if not self.guidance >= 0:
             raise UserError(f"cond.guidance must be >= 0, got {self.guidance}")
-        _positive("cond.context_length", self.context_length)
+        check_positive("cond.context_length", self.context_length)
 
 
 @dataclass
@@ -127,8 +100,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum"):
-            _positive(f"train.{key}", getattr(self, key))
-        _choice("train.precision", self.precision, PRECISIONS)
+            check_positive(f"train.{key}", getattr(self, key))
+        check_choice("train.precision", self.precision, PRECISIONS)
         if self.bf16:  # the old key: the same as precision=bf16
             if self.precision == "fp16":
                 raise UserError("train.bf16=true contradicts train.precision=fp16; set only train.precision")
@@ -148,11 +121,11 @@ class TrainConfig:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"train.seed must be in [0, 2**63), got {self.seed}")
-        _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        _choice("train.grid_sampler", self.grid_sampler, tuple(SAMPLERS))
-        _positive("train.keep_checkpoints", self.keep_checkpoints)
-        _positive("train.grid_samples", self.grid_samples)
-        _positive("train.grid_steps", self.grid_steps)
+        check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_choice("train.grid_sampler", self.grid_sampler, tuple(SAMPLERS))
+        check_positive("train.keep_checkpoints", self.keep_checkpoints)
+        check_positive("train.grid_samples", self.grid_samples)
+        check_positive("train.grid_steps", self.grid_steps)
 
 
 @dataclass
@@ -175,7 +148,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        _choice("model", self.model, MODELS)
+        check_choice("model", self.model, MODELS)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), for YAML and JSON."""
@@ -193,16 +166,6 @@ class RunConfig:
         model = check_type(d.get("model", "diffusion"), str, "model")
         sections = [k for k in hints if k != "model"]
         return cls(model=model, **{k: build_dataclass(hints[k], d.get(k) or {}, k) for k in sections})
-
-
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise UserError(f"{key}: unknown value {value!r}; choose one of {', '.join(options)}")
-
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise UserError(f"{key} must be > 0, got {value}")
 
 
 def _read_utf8(path: Path) -> str:
