@@ -159,6 +159,16 @@ def load_single_file(path: Path | str, device: str | torch.device = "cpu", predi
     return _pipeline(unet, vae, text, diffusion, size, path, f"stable-diffusion {version} single file", device)
 
 
+def _unet_keys(unet: UNet) -> dict[str, str]:
+    """Our UNet's CompVis key -> diffusers key."""
+    return sd_keys.unet_key_map(unet.state_dict(), unet.layout)
+
+
+def _vae_keys(vae: Autoencoder) -> dict[str, str]:
+    """Our autoencoder's CompVis key -> diffusers key."""
+    return sd_keys.vae_key_map(vae.state_dict(), vae.config)
+
+
 def _weights_in(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
@@ -193,10 +203,12 @@ def load_diffusers_folder(path: Path | str, device: str | torch.device = "cpu",
     unet_json = load_json(path / "unet" / "config.json")
     unet_cfg = UNetConfig(**sd_keys.unet_config_from_diffusers(unet_json, str(path / "unet" / "config.json")))
     file = _weights_in(path / "unet")
-    unet = _load(UNet(unet_cfg), sd_keys.unet_from_diffusers(read_checkpoint(file)[0], unet_cfg), str(file))
+    unet = UNet(unet_cfg)
+    unet = _load(unet, sd_keys.unet_from_diffusers(read_checkpoint(file)[0], _unet_keys(unet)), str(file))
     vae_cfg = AutoencoderConfig(**sd_keys.vae_config_from_diffusers(load_json(path / "vae" / "config.json")))
     file = _weights_in(path / "vae")
-    vae = _load(Autoencoder(vae_cfg), sd_keys.vae_from_diffusers(read_checkpoint(file)[0], vae_cfg), str(file))
+    vae = Autoencoder(vae_cfg)
+    vae = _load(vae, sd_keys.vae_from_diffusers(read_checkpoint(file)[0], _vae_keys(vae)), str(file))
     text_cfg = CLIPTextConfig(**clip_text_config_from_hf(load_json(path / "text_encoder" / "config.json")))
     file = _weights_in(path / "text_encoder")
     text_model = _load(CLIPTextTransformer(text_cfg), clip_text_from_hf(read_checkpoint(file)[0]), str(file))
@@ -253,12 +265,12 @@ def save_diffusers(pipe: Pipeline, folder: Path | str) -> None:
         raise UserError("diffusers folders need a CLIP text encoder with the CLIP BPE tokenizer; this model "
                         f"uses {type(text).__name__}")
     unet_cfg, vae_cfg, text_cfg = pipe.unet.config, pipe.autoencoder.config, text.text_model.config
-    unet_json = sd_keys.unet_config_to_diffusers(unet_cfg) | {
+    unet_json = sd_keys.unet_config_to_diffusers(unet_cfg, pipe.unet.layout) | {
         "sample_size": pipe.manifest["image_size"] // pipe.autoencoder.downsample_factor}
-    save_tensors(sd_keys.unet_to_diffusers(pipe.unet.state_dict(), unet_cfg),
+    save_tensors(sd_keys.unet_to_diffusers(pipe.unet.state_dict(), _unet_keys(pipe.unet)),
                  folder / "unet" / "diffusion_pytorch_model.safetensors")
     save_json(unet_json, folder / "unet" / "config.json")
-    save_tensors(sd_keys.vae_to_diffusers(pipe.autoencoder.state_dict(), vae_cfg),
+    save_tensors(sd_keys.vae_to_diffusers(pipe.autoencoder.state_dict(), _vae_keys(pipe.autoencoder)),
                  folder / "vae" / "diffusion_pytorch_model.safetensors")
     save_json(sd_keys.vae_config_to_diffusers(vae_cfg) | {"sample_size": pipe.manifest["image_size"]},
               folder / "vae" / "config.json")
