@@ -292,7 +292,7 @@ def _sampling_options(f):
 
 def _read_input(path: Path, pipe):
     """An image file as uint8 (1, C, H, W) at the model's size and channels."""
-    from latentdiff.data.datasets import read_image
+    from latentdiff.data.decode import read_image
 
     return read_image(path, pipe.image_hw, pipe.manifest["channels"])[None]
 
@@ -374,7 +374,7 @@ def _read_low_res(path: Path, size: int, channels: int):
     """A low-resolution input as uint8 (1, C, size, size); any other size is refused, not resized."""
     from PIL import Image, UnidentifiedImageError
 
-    from latentdiff.data.datasets import read_image
+    from latentdiff.data.decode import read_image
 
     try:
         with Image.open(path) as im:

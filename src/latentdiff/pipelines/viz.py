@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from latentdiff.data.datasets import read_image
+from latentdiff.data.decode import read_image
 from latentdiff.data.images import to_pil
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.diffusion import SCHEDULES, Schedule, sample, timesteps_for

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 
-from latentdiff.data.datasets import read_image
+from latentdiff.data.decode import read_image
 from latentdiff.data.images import make_grid, upscale_nearest
 from latentdiff.data.masks import read_mask
 from latentdiff.diffusion.samplers import ONE_STEP, SAMPLERS
