@@ -24,6 +24,10 @@ class Finite(click.FloatRange):
 
     name = "finite float"
 
+    def _describe_range(self) -> str:
+        """No '[x<=None]' in --help when there are no bounds."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
         """The float, or a usage error naming the option."""
         rv = super().convert(value, param, ctx)
@@ -141,6 +145,15 @@ def _setting(cfg, override: str):
     return getattr(getattr(cfg, section), key)
 
 
+def _options(options: list):
+    """A decorator applying click options in their listed order."""
+    def apply(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
+
+
 def _condition_options(f):
     """What a conditional model is told: a class or a prompt, and the guidance scale."""
     for opt in reversed([
@@ -148,7 +161,7 @@ def _condition_options(f):
         click.option("--prompt", default=None, help="Text for text-conditional models (cut to the encoder's context)."),
         click.option("--negative-prompt", default=None,
                      help="Text to steer away from (replaces the empty prompt in classifier-free guidance)."),
-        click.option("--guidance", type=Finite(), default=None,
+        click.option("--guidance", type=Finite(min=0), default=None,
                      help="Classifier-free guidance scale (1: none; default: the model's own, from training).")]):
         f = opt(f)
     return f
@@ -161,6 +174,7 @@ def _model_options(f):
                      help="Image side, or WIDTHxHEIGHT, in pixels (default: the model's square; SD v1 512, v2 768)."),
         click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
                      help="Stable Diffusion single files only: override what the UNet predicts (read from the file)."),
+        *_single_file_options(),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
                      help="UNet and text encoder weights in bf16 (half the memory; the VAE stays fp32)."),
         click.option("--attention-slice", default=0, show_default=True, type=click.IntRange(min=0),
@@ -172,12 +186,23 @@ def _model_options(f):
     return f
 
 
+def _single_file_options() -> list:
+    """What a single-file checkpoint does not hold: its config and its tokenizer."""
+    return [
+        click.option("--config", "config", default=None, type=click.Path(path_type=Path),
+                     help="Single files: the model's config (a diffusers folder or config.json, or a CompVis "
+                          ".yaml) for head counts, groups and schedule; default: SD's conventions."),
+        click.option("--tokenizer", default=None, type=click.Path(file_okay=False, path_type=Path),
+                     help="Single files: a CLIP tokenizer folder (vocab.json + merges.txt); default: the shipped one.")]
+
+
 def _load_model(path: Path, device: str, size: int | tuple[int, int] | None = None, prediction: str | None = None,
-                precision: str = "fp32", attention_slice: int = 0, vae_tile: int = 0):
+                precision: str = "fp32", attention_slice: int = 0, vae_tile: int = 0, config: Path | None = None,
+                tokenizer: Path | None = None):
     """Any model: a latentdiff model folder, a diffusers SD folder or an SD .safetensors/.ckpt file."""
     from latentdiff.pipelines.stable_diffusion import load_any
 
-    pipe = load_any(path, device, prediction)
+    pipe = load_any(path, device, prediction, tokenizer, config)
     pipe.configure(size=size, precision=precision, attention_slice=attention_slice, vae_tile=vae_tile)
     return pipe
 
@@ -185,20 +210,34 @@ def _load_model(path: Path, device: str, size: int | tuple[int, int] | None = No
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--to", "layout", default="latentdiff", show_default=True, type=click.Choice(["latentdiff", "diffusers"]),
-              help="Layout of DST: a latentdiff model folder or a diffusers pipeline folder.")
+@click.option("--to", "layout", default="latentdiff", show_default=True,
+              type=click.Choice(["latentdiff", "diffusers", "single-file"]),
+              help="Layout of DST: a latentdiff model folder, a diffusers pipeline folder, or one SD .safetensors "
+                   "file (CompVis / A1111 keys).")
+@click.option("--half", is_flag=True, help="--to single-file: write float16 tensors (half the size).")
 @click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
               help="Single files: override what the UNet predicts (default: read from the file).")
 @click.option("--size", default=None, type=click.IntRange(min=8), help="Default image side stored in DST.")
-def convert(src: Path, dst: Path, layout: str, prediction: str | None, size: int | None) -> None:
-    """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to SRC's twin."""
+@_options(_single_file_options())
+def convert(src: Path, dst: Path, layout: str, half: bool, prediction: str | None, size: int | None,
+            config: Path | None, tokenizer: Path | None) -> None:
+    """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to another layout."""
+    from latentdiff.pipelines.sd_single_file import save_single_file
     from latentdiff.pipelines.stable_diffusion import load_any, save_diffusers, save_latentdiff
 
-    if dst.exists() and any(dst.iterdir()):
+    if layout == "single-file":
+        if dst.exists():
+            raise UserError(f"{dst} exists; choose a new file name")
+    elif dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst} exists and is not empty; choose a new folder")
-    pipe = load_any(src, "cpu", prediction)
+    if half and layout != "single-file":
+        raise UserError("--half applies to --to single-file")
+    pipe = load_any(src, "cpu", prediction, tokenizer, config)
     pipe.configure(size=size)
-    (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst)
+    if layout == "single-file":
+        save_single_file(pipe, dst, half)
+    else:
+        (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst)
     click.echo(f"{src} -> {dst} ({layout} layout; {pipe.manifest.get('source', 'latentdiff model')}, "
                f"{pipe.manifest['image_size']} px, predicts {pipe.diffusion.prediction})")
 

@@ -104,7 +104,7 @@ def check_config_keys(config: dict[str, Any], table: KeyTable, where: str) -> No
             raise UserError(f"{where}: unknown key {key!r}: this version of latentdiff cannot tell whether it "
                             "changes the model, so it does not load it (docs/stable_diffusion.md lists the known keys)")
         policy, accepted, meaning = table[key]
-        values = value if isinstance(value, list) and policy == "only" and value else [value]
+        values = value if isinstance(value, (list, tuple)) and policy == "only" and value else [value]
         if policy == "only" and any(v not in accepted for v in values):
             raise UserError(f"{where}: {key}={value!r} is not supported (latentdiff reads "
                             f"{' or '.join(map(repr, accepted))}: {meaning})")
@@ -124,7 +124,7 @@ def markdown_table(table: KeyTable) -> str:
 def _one(config: dict[str, Any], key: str, default: Any, where: str) -> Any:
     """A key that may be one value or the same value per level."""
     value = config.get(key, default)
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise UserError(f"{where}: per-level {key} {value} is not supported (one value for every level)")
         value = value[0]

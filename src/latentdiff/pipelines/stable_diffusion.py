@@ -285,10 +285,22 @@ def load_any(path: Path | str, device: str | torch.device = "cpu", prediction: s
 
 # ---- writing -----------------------------------------------------------------------------------------
 def save_latentdiff(pipe: Pipeline, folder: Path | str) -> None:
-    """Write a loaded pipeline as a latentdiff model folder (safetensors + JSON)."""
+    """Write a loaded pipeline as a latentdiff model folder (safetensors + JSON).
+
+    A single file's tensors that no component reads go to ``extras/`` (sd_single_file.py), so that
+    writing the folder back as a single file gives the same tensors.
+    """
+    from latentdiff.pipelines.sd_single_file import single_file_state, source_extras  # it builds on this module
+
     manifest = {k: v for k, v in pipe.manifest.items() if k != "components"}
     components = {"unet": (pipe.unet.config.to_dict(), pipe.unet.state_dict()),
                   "autoencoder": (pipe.autoencoder.config.to_dict(), pipe.autoencoder.state_dict())}
+    extras = {}
+    if Path(pipe.path).is_file():
+        state, made_up = single_file_state(pipe)
+        extras = source_extras(pipe, set(state), made_up)
+    if extras:
+        save_tensors(extras, Path(folder) / EXTRAS)
     save_model_folder(folder, components, manifest, {"text_encoder": pipe.cond.text_encoder.save})
 
 
