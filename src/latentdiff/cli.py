@@ -175,6 +175,9 @@ def _model_options(f):
         click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
                      help="Stable Diffusion single files only: override what the UNet predicts (read from the file)."),
         *_single_file_options(),
+        click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+                     help="Apply a LoRA (kohya / A1111 or diffusers / PEFT .safetensors) at strength SCALE "
+                          "(default 1), fused into the weights; repeat for several."),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
                      help="UNet and text encoder weights in bf16 (half the memory; the VAE stays fp32)."),
         click.option("--attention-slice", default=0, show_default=True, type=click.IntRange(min=0),
@@ -198,11 +201,14 @@ def _single_file_options() -> list:
 
 def _load_model(path: Path, device: str, size: int | tuple[int, int] | None = None, prediction: str | None = None,
                 precision: str = "fp32", attention_slice: int = 0, vae_tile: int = 0, config: Path | None = None,
-                tokenizer: Path | None = None):
+                tokenizer: Path | None = None, loras: tuple[str, ...] = ()):
     """Any model: a latentdiff model folder, a diffusers SD folder or an SD .safetensors/.ckpt file."""
+    from latentdiff.pipelines.lora import load_lora, parse_lora_spec
     from latentdiff.pipelines.stable_diffusion import load_any
 
     pipe = load_any(path, device, prediction, tokenizer, config)
+    for spec in loras:  # fused in full precision, before any bf16 cast
+        load_lora(pipe, *parse_lora_spec(spec))
     pipe.configure(size=size, precision=precision, attention_slice=attention_slice, vae_tile=vae_tile)
     return pipe
 

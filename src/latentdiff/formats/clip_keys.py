@@ -150,3 +150,9 @@ def clip_text_config_to_hf(cfg: Any, tokenizer: Any) -> dict[str, Any]:
             "projection_dim": cfg.projection_dim, "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
             # eos_token_id 2 is transformers' signal for "pool at the largest id", our eos_id None
             "eos_token_id": 2 if cfg.eos_id is None else cfg.eos_id}
+
+
+def clip_text_key_map(keys: list[str]) -> dict[str, str]:
+    """Our CLIPTextTransformer key -> transformers' (``text_model.``-prefixed) key, for each of ``keys``."""
+    placeholder = torch.empty(0)
+    return dict(zip(keys, clip_text_to_hf({k: placeholder for k in keys})))

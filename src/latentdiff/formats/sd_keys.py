@@ -202,17 +202,6 @@ def clip_text_from_open_clip(state: Tensors, layers: int) -> Tensors:
     return out
 
 
-def open_clip_text_used(keys: Iterable[str], layers: int) -> set[str]:
-    """The OpenCLIP text keys (among ``keys``) that `clip_text_from_open_clip` reads with ``layers`` blocks."""
-    used = set()
-    for key in keys:
-        m = re.match(r"transformer\.resblocks\.(\d+)\.", key)
-        if (m and int(m.group(1)) < layers) or key in ("token_embedding.weight", "positional_embedding") \
-                or key.startswith("ln_final."):
-            used.add(key)
-    return used
-
-
 def clip_text_to_open_clip(state: Tensors, total_layers: int) -> tuple[Tensors, set[str]]:
     """CLIPTextTransformer keys -> OpenCLIP text keys, the inverse of `clip_text_from_open_clip`.
 
