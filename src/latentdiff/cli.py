@@ -259,10 +259,10 @@ def convert(src: Path, dst: Path, layout: str, half: bool, prediction: str | Non
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampler steps (NFE).")
 @click.option("--sampler", default="ddim", show_default=True,
               help="ddpm, ddim, euler, euler_ancestral, heun, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, "
-                   "dpm_adaptive (docs/samplers.md maps them to the names other tools use).")
+                   "dpm_adaptive, lcm (docs/samplers.md maps them to the names other tools use).")
 @click.option("--spacing", default="trailing", show_default=True,
-              help="Timesteps: trailing, leading, linspace; or σ grids karras, exponential "
-                   "('DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras).")
+              help="Timesteps: trailing, leading, linspace, lcm; or σ grids karras, exponential "
+                   "('DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras; LCM: --sampler lcm --spacing lcm).")
 @click.option("--eta", default=None, type=Finite(min=0),
               help="Noise of ddim / euler_ancestral / dpmpp_*_sde: 0 deterministic, 1 ancestral.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),

@@ -17,9 +17,10 @@ from latentdiff.diffusion.schedule import Schedule
 from latentdiff.errors import UserError
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # integer timesteps (diffusers' timestep_spacing)
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "lcm")  # integer timesteps (diffusers' timestep_spacing)
 SIGMA_SPACINGS = ("karras", "exponential")  # σ grids between the schedule's σ_min and σ_max
 SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS
+LCM_ORIGINAL_STEPS = 50  # the timesteps LCM was distilled on: (1..50) · T/50 - 1 (diffusers' original_inference_steps)
 KARRAS_RHO = 7.0  # Karras et al. (2022) eq. 5; diffusers' use_karras_sigmas uses the same ρ
 
 
@@ -44,6 +45,11 @@ def timesteps_for(schedule: Schedule, steps: int, spacing: str = "trailing", off
         ts = [i * (T // steps) + offset for i in range(steps)][::-1]
     elif spacing == "linspace":
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    elif spacing == "lcm":  # evenly spaced picks from LCM's distillation timesteps, as diffusers' LCMScheduler
+        n, k = LCM_ORIGINAL_STEPS, T // LCM_ORIGINAL_STEPS
+        if steps > n:
+            raise UserError(f"spacing 'lcm' takes at most {n} steps (LCM's distillation timesteps), got {steps}")
+        ts = [(n - i * n // steps) * k - 1 for i in range(steps)]
     else:
         raise UserError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
     return [min(max(t, 0), T - 1) for t in ts]
