@@ -90,7 +90,8 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
           resume: bool, device: str) -> None:
     """Train a diffusion model, an autoencoder or a CLIP model from a preset (`latentdiff presets`) or a YAML file.
 
-    Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`. Started as
+    Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`. A LoRA for any
+    text-to-image model: `latentdiff train lora BASE_MODEL data.source=FOLDER [lora.rank=16 ...]`. Started as
     `torchrun --nproc-per-node N -m latentdiff train ...` it trains data-parallel on N processes;
     train.batch_size is then the global batch of a step (README: Training on several GPUs).
     """
@@ -98,6 +99,8 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
     from latentdiff.training import make_trainer
 
     out = out or Path("runs") / Path(preset_or_yaml).stem
+    if preset_or_yaml == "lora" and overrides and "=" not in overrides[0]:  # latentdiff train lora BASE_MODEL ...
+        overrides = (f"lora.base={overrides[0]}", *overrides[1:])
     if resume and (out / "config.yaml").is_file():
         cfg = _resumed_config(out, preset_or_yaml, list(overrides))
     else:
@@ -107,12 +110,18 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
     from latentdiff.training import distributed
 
     try:  # under torchrun every process runs this; rank 0 writes and reports
-        trainer = make_trainer(cfg, out, resume=resume, device=device)
+        if cfg.model == "lora":
+            from latentdiff.pipelines.lora import make_lora_trainer
+
+            trainer = make_lora_trainer(cfg, out, resume=resume, device=device)
+        else:
+            trainer = make_trainer(cfg, out, resume=resume, device=device)
         grid = trainer.run()
     finally:
         distributed.teardown()
     if trainer.dist.is_main:
-        click.echo(f"model: {out}")
+        click.echo(f"LoRA: {out / 'lora.safetensors'} (use: --lora {out / 'lora.safetensors'})" if cfg.model == "lora"
+                   else f"model: {out}")
         if grid:
             click.echo(f"samples: {grid}")
 

@@ -125,3 +125,36 @@ def remove_lora(model: nn.Module) -> list[str]:
     for handle in state.hooks:
         handle.remove()
     return state.applied
+
+
+class LoraAdapter(nn.Module):
+    """Trainable LoRA factors on named Linear / Conv2d layers of one network, run as forward hooks.
+
+    A starts like a Linear layer's default init (Kaiming uniform), B at zero, so training starts from the
+    base model exactly (Hu et al. 2021). ``scale`` = alpha / rank. The parameters live here, not in the
+    network, so the base weights stay frozen and only the adapter is saved.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], rank: int, alpha: float) -> None:
+        super().__init__()
+        self.names, self.scale = list(names), alpha / rank
+        self.down, self.up = nn.ParameterList(), nn.ParameterList()
+        for name in self.names:
+            w = model.get_submodule(name).weight
+            kernel = tuple(w.shape[2:])
+            down = torch.empty(rank, *w.shape[1:], device=w.device)
+            nn.init.kaiming_uniform_(down.view(rank, -1), a=5 ** 0.5)
+            self.down.append(nn.Parameter(down))
+            self.up.append(nn.Parameter(torch.zeros(w.shape[0], rank, *([1] * len(kernel)), device=w.device)))
+        self._handles = [model.get_submodule(name).register_forward_hook(_hook(a, b, self.scale))
+                         for name, a, b in zip(self.names, self.down, self.up)]
+
+    def detach(self) -> None:
+        """Remove the hooks: the network computes without the adapter again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """{module name: (A, B)} as detached tensors."""
+        return {name: (a.detach(), b.detach()) for name, a, b in zip(self.names, self.down, self.up)}

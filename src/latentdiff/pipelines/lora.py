@@ -1,4 +1,5 @@
-"""LoRA files on a pipeline: ``load_lora(pipe, "style.safetensors", 0.8)``, several at once, fused or on the fly.
+"""LoRA files on a pipeline: ``load_lora(pipe, "style.safetensors", 0.8)``, several at once, fused or on the fly;
+and the trainer of a new one on any base model (:func:`make_lora_trainer`).
 
 The file's layers (formats/lora.py: kohya / A1111 or diffusers / PEFT) are matched to the UNet's and the
 CLIP text encoder's modules by every name those answer to (models/lora.py); a layer the model does not
@@ -17,7 +18,9 @@ from latentdiff.formats.lora import read_lora
 from latentdiff.models.clip import CLIPTextEncoder
 from latentdiff.models.lora import apply_lora, remove_lora, text_lora_names, unet_lora_names
 from latentdiff.pipelines.generate import Pipeline
-from latentdiff.pipelines.stable_diffusion import read_checkpoint
+from latentdiff.pipelines.stable_diffusion import load_any, read_checkpoint
+from latentdiff.training.lora_config import LoraRunConfig
+from latentdiff.training.lora_trainer import LoraBase, LoraTrainer
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -75,3 +78,15 @@ def unload_lora(pipe: Pipeline) -> list[str]:
     if isinstance(text, CLIPTextEncoder):
         removed += remove_lora(text.text_model)
     return removed
+
+
+def make_lora_trainer(cfg: LoraRunConfig, out_dir: Path | str, resume: bool = False, device: str = "auto",
+                      progress: bool | None = None) -> LoraTrainer:
+    """The trainer of a LoRA run (training/lora_trainer.py) on the base model ``cfg.lora.base``, however stored."""
+    lc = cfg.lora
+    pipe = load_any(lc.base, "cpu", lc.prediction, lc.tokenizer, lc.config)
+    if pipe.cond.kind != "text":
+        raise UserError(f"lora.base {lc.base} is not a text-to-image model: a LoRA here learns from captions")
+    guidance = float(pipe.manifest.get("conditioning", {}).get("guidance", 1.0))
+    base = LoraBase(pipe.unet, pipe.autoencoder, pipe.cond.text_encoder, pipe.diffusion, guidance, str(lc.base))
+    return LoraTrainer(cfg, out_dir, base, resume=resume, device=device, progress=progress)

@@ -195,7 +195,10 @@ def list_presets() -> list[str]:
 
 
 def load_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig:
-    """A preset name or YAML path, with ``section.key=value`` overrides (values parsed as YAML)."""
+    """A preset name or YAML path, with ``section.key=value`` overrides (values parsed as YAML).
+
+    A config with ``model: lora`` (the ``lora`` preset) gives a LoraRunConfig instead.
+    """
     path = Path(preset_or_path)
     if preset_or_path in list_presets():
         text = resources.files("latentdiff.configs").joinpath(f"{preset_or_path}.yaml").read_text()
@@ -223,4 +226,8 @@ def load_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig:
         if not isinstance(d[section], dict):
             raise UserError(f"{where}: section {section!r} is not a mapping")
         d[section][name] = value
+    if d.get("model") == "lora":  # a LoRA run has its own sections (training/lora_config.py)
+        from latentdiff.training.lora_config import LoraRunConfig  # it builds on this module's TrainConfig
+
+        return LoraRunConfig.from_dict(d, where)
     return RunConfig.from_dict(d, where)
