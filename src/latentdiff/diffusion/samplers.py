@@ -18,7 +18,7 @@ from numpy.polynomial import polynomial as P
 import torch
 from torch import Tensor
 
-from latentdiff.diffusion.schedule import Schedule, posterior_between
+from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, posterior_between
 from latentdiff.diffusion.sigmas import SPACINGS, Denoiser, EpsFn, sigmas_for, timesteps_for
 from latentdiff.errors import UserError
 
@@ -72,16 +72,12 @@ def _steps(sigmas: list[float]) -> list[tuple[int, float, float]]:
     return [(i, sigmas[i], sigmas[i + 1]) for i in range(len(sigmas) - 1)]
 
 
-def _abar(sigma: float) -> float:
-    return 1 / (1 + sigma**2)  # ᾱ from σ² = (1-ᾱ)/ᾱ; σ = 0 is clean data (ᾱ = 1)
-
-
 # ---- the two discrete-time samplers of the book ---------------------------------------------------
 def ddpm(model: Model, x: Tensor, sigmas: list[float], generator: Optional[torch.Generator] = None,
          callback: Hook = None) -> Tensor:
     """Ancestral sampling: z_s ~ q(z_s | z_t, x̂), the posterior (20.13)–(20.15) with x replaced by x̂."""
     for i, s, s_next in _steps(sigmas):
-        a_t, a_s = _abar(s), _abar(s_next)
+        a_t, a_s = abar_from_sigma(s), abar_from_sigma(s_next)
         x0 = model(x, s)
         mean, var = posterior_between(x0, x * a_t**0.5, a_t, a_s)  # on z_t = √ᾱ_t x
         z = mean + var.sqrt() * randn_cpu(x.shape, generator, x) if s_next > 0 else mean
@@ -349,9 +345,9 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
 
     model = Denoiser(counted, schedule, clip_x0)
     hook = None if callback is None else (
-        lambda i, s, s_next, x, x0: callback(i, model.timestep(s), x * _abar(s_next) ** 0.5, x0))
+        lambda i, s, s_next, x, x0: callback(i, model.timestep(s), x * abar_from_sigma(s_next) ** 0.5, x0))
     # x = z/√ᾱ: pure noise is z_T/√ᾱ_T; a noised image is init + σ ε, the σ view of (20.8)
-    x = noise * (1 + sigmas[0] ** 2) ** 0.5 if init is None else init + sigmas[0] * noise
+    x = noise / abar_from_sigma(sigmas[0]) ** 0.5 if init is None else init + sigmas[0] * noise
     with torch.no_grad():
         if mask is None:
             x0 = fn(model, x, sigmas, generator, hook, **options)

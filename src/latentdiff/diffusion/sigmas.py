@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from latentdiff.diffusion.schedule import Schedule
+from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, eps_to_x0_at
 from latentdiff.errors import UserError
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -99,6 +99,7 @@ class Denoiser:
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.long, device=x.device)
-        eps = self.eps_fn(x / (1 + sigma**2) ** 0.5, t)  # z_t = √ᾱ_t x, with ᾱ_t = 1/(1+σ²)
-        x0 = x - sigma * eps  # x̂ = (z_t - √(1-ᾱ_t) ε̂)/√ᾱ_t, the inverse of (20.8), is x - σ ε̂
+        abar = abar_from_sigma(sigma)
+        z_t = x * abar**0.5  # the VP latent the ε-model reads: x = z_t/√ᾱ
+        x0 = eps_to_x0_at(z_t, self.eps_fn(z_t, t), abar)  # the inverse of (20.8); in σ terms x - σ ε̂
         return x0 if self.clip_x0 is None else x0.clamp(-self.clip_x0, self.clip_x0)
