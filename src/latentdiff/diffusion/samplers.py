@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 from numpy.polynomial import polynomial as P
@@ -20,9 +20,9 @@ from torch import Tensor
 
 from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, posterior_between
 from latentdiff.diffusion.sigmas import SPACINGS, Denoiser, EpsFn, sigmas_for, timesteps_for
-from latentdiff.errors import UserError
+from latentdiff.errors import SettingError, UserError
 
-__all__ = ["SAMPLERS", "DETERMINISTIC", "SPACINGS", "Denoiser", "NonFiniteError", "as_eps_fn", "randn_cpu", "sample",
+__all__ = ["SAMPLERS", "DETERMINISTIC", "ONE_STEP", "SPACINGS", "check_sampler_args", "Denoiser", "NonFiniteError", "as_eps_fn", "randn_cpu", "sample",
            "sigmas_for", "timesteps_for"]
 # callback(i, t, x_t, x0_pred): called once per step with the nearest timestep t, the VP latent z_t
 # after the step and the step's x̂, e.g. for progress bars and x0 previews.
@@ -65,7 +65,7 @@ def _check(x: Tensor, i: int, s: float, s_next: float, hook: Hook, x0: Tensor) -
 
 def _check_eta(eta: float) -> None:
     if eta < 0:
-        raise UserError(f"eta must be >= 0, got {eta}")
+        raise SettingError("eta", f"must be >= 0, got {eta}")
 
 
 def _steps(sigmas: list[float]) -> list[tuple[int, float, float]]:
@@ -295,6 +295,30 @@ DETERMINISTIC = ("ddim", "euler", "heun", "lms", "dpmpp_2m", "dpm_adaptive")  # 
 ONE_STEP = ("ddpm", "ddim", "euler", "euler_ancestral", "heun")  # no history: can be driven step by step
 
 
+def check_sampler_args(sampler: str, options: Mapping[str, float], strength: float = 1.0, resample: int = 1,
+                       replace: bool = False, name: Optional[str] = None) -> None:
+    """Refuse an unknown sampler, options it does not take, and image-task values out of range, naming the
+    setting; ``replace``: inpainting by replacement, which steps the sampler one step at a time. ``name``:
+    what the caller called the sampler, for the message."""
+    if sampler not in SAMPLERS:
+        raise SettingError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    takes = set(inspect.signature(SAMPLERS[sampler]).parameters) - {"model", "x", "sigmas", "generator", "callback"}
+    unknown = set(options) - takes
+    if unknown:
+        raise SettingError("sampler", f"{sampler!r} takes no option(s) {', '.join(sorted(unknown))}")
+    bad = {k: v for k, v in options.items()
+           if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 <= v < float("inf"))}
+    if bad:
+        raise SettingError(sorted(bad)[0], f"sampler options must be finite numbers >= 0, got {bad}")
+    if isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
+        raise SettingError("strength", f"must be in [0, 1], got {strength!r}")
+    if not isinstance(resample, int) or isinstance(resample, bool) or resample < 1:
+        raise SettingError("resample", f"must be a positive integer, got {resample!r}")
+    if replace and sampler not in ONE_STEP:
+        raise SettingError("sampler", f"inpainting by replacement steps the sampler one step at a time; "
+                                      f"{name or sampler!r} cannot; choose one of {', '.join(ONE_STEP)}")
+
+
 def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddim", steps: int = 50,
            generator: Optional[torch.Generator] = None, callback: Callback = None,
            spacing: str = "trailing", clip_x0: Optional[float] = None, return_nfe: bool = False,
@@ -313,23 +337,10 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
     every step the known region is replaced by ``init`` noised to the new level (exactly ``init`` at the
     end), and ``resample`` > 1 re-noises each step and repeats it (RePaint) to harmonise the seam.
     """
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    fn = SAMPLERS[sampler]
-    unknown = set(options) - (set(inspect.signature(fn).parameters) - {"model", "x", "sigmas", "generator", "callback"})
-    if unknown:
-        raise UserError(f"sampler {sampler!r} takes no option(s) {', '.join(sorted(unknown))}")
-    bad = {k: v for k, v in options.items() if not (isinstance(v, (int, float)) and 0 <= v < float("inf"))}
-    if bad:
-        raise UserError(f"sampler options must be finite numbers >= 0, got {bad}")
-    if not 0.0 <= strength <= 1.0:
-        raise UserError(f"strength must be in [0, 1], got {strength}")
+    check_sampler_args(sampler, options, strength, resample, replace=mask is not None)
     if mask is not None and init is None:
         raise UserError("inpainting needs the known image (init) beside the mask")
-    if mask is not None and sampler not in ONE_STEP:
-        raise UserError(f"inpainting steps the sampler one step at a time; choose one of {', '.join(ONE_STEP)}")
-    if not isinstance(resample, int) or resample < 1:
-        raise UserError(f"resample must be a positive integer, got {resample!r}")
+    fn = SAMPLERS[sampler]
     sigmas = sigmas_for(schedule, steps, spacing).tolist()
     if init is not None:
         run = round(strength * steps)
