@@ -84,7 +84,9 @@ def load_json_object(path: Path | str) -> dict[str, Any]:
     """Read a JSON file that must hold an object (settings by name); anything else is a UserError naming it."""
     obj = load_json(path)
     if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object of settings, got {type(obj).__name__} {obj!r:.60}")
+        kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(obj), "a number")
+        raise UserError(f"{path}: expected a JSON object of settings, got "
+                        f"{'null' if obj is None else f'{kind} {json.dumps(obj)[:60]}'}")
     return obj
 
 

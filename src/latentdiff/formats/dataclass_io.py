@@ -15,6 +15,13 @@ from typing import Any, ClassVar
 from latentdiff.errors import UserError
 
 
+class ValueEnum(str, enum.Enum):
+    """A choice written to files (and compared, and printed) as its value: "text", not "CondKind.TEXT"."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
 class ConfigMixin:
     """``to_dict`` (JSON-safe, tuples as lists) and strict ``from_dict`` for a config dataclass."""
 
@@ -107,6 +114,9 @@ def check_positive(key: str, value: float) -> None:
 
 
 def to_plain(x: Any) -> Any:
+    """JSON-safe nested values: tuples as lists, enums as their values."""
+    if isinstance(x, enum.Enum):
+        return x.value
     if isinstance(x, dict):
         return {k: to_plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -14,7 +14,6 @@ A model folder says which kind it takes in its manifest: ``"concat": "inpaint" |
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,15 +22,13 @@ from torch import Tensor
 
 from latentdiff.data.transforms import resize_bicubic
 from latentdiff.errors import UserError
+from latentdiff.formats.dataclass_io import ValueEnum
 
-class ConcatKind(str, Enum):
+class ConcatKind(ValueEnum):
     """What a concat model reads beside z_t; the value is what configs and model folders write."""
 
     INPAINT = "inpaint"
     LOW_RES = "low_res"
-
-    def __str__(self) -> str:
-        return self.value
 
     @classmethod
     def of(cls, kind: "ConcatKind | str | None") -> "ConcatKind | None":

@@ -7,25 +7,22 @@ embedding, or the context of the empty prompt "".
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from latentdiff.errors import UserError
+from latentdiff.formats.dataclass_io import ValueEnum
 from latentdiff.models.unet import UNetConfig
 
 
-class CondKind(str, Enum):
+class CondKind(ValueEnum):
     """What a UNet is told besides z_t and t; the value is what model folders and the web API write."""
 
     NONE = "none"
     CLASS = "class"
     TEXT = "text"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def conditioning_kind(unet: UNetConfig) -> CondKind:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,7 +17,7 @@ import torch
 from latentdiff.diffusion.config import DiffusionConfig
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import load_into, load_json_object, load_tensors, save_json, save_tensors
-from latentdiff.formats.dataclass_io import build_dataclass, to_plain
+from latentdiff.formats.dataclass_io import ValueEnum, build_dataclass, to_plain
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.models.concat import ConcatKind
 from latentdiff.models.conditioning import CondKind
@@ -28,15 +27,12 @@ MANIFEST = "model_index.json"
 FORMAT_VERSION = 1
 
 
-class FolderKind(str, Enum):
+class FolderKind(ValueEnum):
     """What a model folder holds: a diffusion pipeline, an autoencoder alone, or a CLIP model."""
 
     DIFFUSION = "diffusion"
     AUTOENCODER = "autoencoder"
     CLIP = "clip"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -92,7 +88,7 @@ class Manifest:
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in plain.items()
                  if v is not None}
-        return to_plain({k: _plain_enums(v) for k, v in plain.items()})
+        return to_plain(plain)
 
     def check(self, where: str) -> "Manifest":
         """Refuse combinations no pipeline can use, naming ``where`` (the file) and the key."""
@@ -105,14 +101,6 @@ class Manifest:
             if getattr(self, key) < 1:
                 raise UserError(f"{where}: {key}: must be positive, got {getattr(self, key)}")
         return self
-
-
-def _plain_enums(v: Any) -> Any:
-    if isinstance(v, Enum):
-        return v.value
-    if isinstance(v, dict):
-        return {k: _plain_enums(x) for k, x in v.items()}
-    return v
 
 
 def save_component(folder: Path, name: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Mapping, Optional, Sequence
 
 from latentdiff.diffusion.names import resolve
 from latentdiff.diffusion.samplers import check_sampler_args
 from latentdiff.errors import SettingError
+from latentdiff.formats.dataclass_io import ValueEnum
 from latentdiff.models.concat import ConcatKind
 
 SEED_MAX = 2**63 - 1  # sample i draws its noise from a CPU generator seeded seed + i
@@ -23,16 +23,13 @@ DEFAULT_SAMPLER = "DPM++ 2M Karras"  # what web UIs start with: good images in 2
 REPLACE_SAMPLER = "DDIM"  # the default where only one-step samplers work: inpainting by replacement
 
 
-class Task(str, Enum):
+class Task(ValueEnum):
     """What a generation starts from: noise, an image, an image and a mask, or a low-resolution image."""
 
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
     UPSCALE = "upscale"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def default_strength(self) -> float:
@@ -141,10 +138,10 @@ class SampleSettings:
         """What PNGs and job records keep: the settings as run, with the sampler resolved, at size ``hw``."""
         sampler, spacing = self.resolved
         meta = {"task": task.value, "sampler": sampler, "spacing": spacing,
-                "sampler_name": self.sampler or DEFAULT_SAMPLER, "steps": self.steps, "seed": self.seed, "eta": self.eta, "guidance": self.guidance,
-                "class_label": _plain(self.class_label), "prompt": _plain(self.prompt),
-                "negative_prompt": _plain(self.negative_prompt), "n_samples": self.n_samples,
-                "batch_size": self.batch_size, "width": hw[1], "height": hw[0]}
+                "sampler_name": self.sampler or DEFAULT_SAMPLER, "steps": self.steps, "seed": self.seed,
+                "eta": self.eta, "guidance": self.guidance, "class_label": _plain(self.class_label),
+                "prompt": _plain(self.prompt), "negative_prompt": _plain(self.negative_prompt),
+                "n_samples": self.n_samples, "batch_size": self.batch_size, "width": hw[1], "height": hw[0]}
         if task in (Task.IMG2IMG, Task.INPAINT):
             meta["strength"] = self.strength
         if task is Task.INPAINT:

@@ -187,7 +187,8 @@ class Pipeline:
             result = torch.where(mask.to(torch.bool).expand_as(result), images.expand_as(result), result)
         return Generated(result, latents.nfe)
 
-    def generate(self, *args: Any, return_nfe: bool = False, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, float]:
+    def generate(self, *args: Any, return_nfe: bool = False,
+                 **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, float]:
         """:meth:`run` with the settings as arguments: SampleSettings' fields (positionally n_samples, batch_size,
         steps, sampler, seed), run's inputs by keyword, and further keywords as sampler options (``order``,
         ``rtol``, ...). Returns the images, with ``return_nfe`` also the network evaluations per image."""

@@ -30,7 +30,8 @@ class GenerateRequest(BaseModel):
                                 description="base64 image, inpaint only: white = redraw, black = keep")
     strength: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False,
                                       description="img2img: how far to noise the input (default 0.6)")
-    resample: int = Field(SampleSettings.resample, ge=1, le=MAX_RESAMPLE, description="inpaint (not inpainting models): RePaint repeats")
+    resample: int = Field(SampleSettings.resample, ge=1, le=MAX_RESAMPLE,
+                          description="inpaint (not inpainting models): RePaint repeats")
     prompt: Optional[str] = Field(None, max_length=2000)
     negative_prompt: Optional[str] = Field(None, max_length=2000)
     class_label: Optional[int] = Field(None, ge=0)
