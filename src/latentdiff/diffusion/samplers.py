@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Protocol
 
 import numpy as np
 from numpy.polynomial import polynomial as P
@@ -32,6 +32,12 @@ Hook = Optional[Callable[[int, float, float, Tensor, Tensor], None]]
 Model = Callable[[Tensor, float], Tensor]
 
 
+class NoiseSource(Protocol):
+    """Standard normal noise of a shape, from wherever the caller draws it (per-sample seeds, one generator)."""
+
+    def randn(self, shape: tuple[int, ...]) -> Tensor: ...
+
+
 class NonFiniteError(UserError):
     """The sampler produced NaN or inf values; the message names the step."""
 
@@ -43,15 +49,15 @@ def as_eps_fn(model_fn: Callable[[Tensor, Tensor], Tensor], schedule: Schedule, 
     return lambda x, t: schedule.to_eps(model_fn(x, t), x, t, prediction)
 
 
-def randn_cpu(shape: tuple[int, ...], generator: Optional[torch.Generator], like: Tensor) -> Tensor:
+def randn_cpu(shape: tuple[int, ...], generator: Optional[torch.Generator | NoiseSource], like: Tensor) -> Tensor:
     """Standard normal noise drawn on the CPU, so a seed gives the same image on any device.
 
     ``generator`` is a torch.Generator, None (global RNG), or any object with ``randn(shape)`` (such as
     the pipelines' per-sample noise, which keeps each image independent of the batch it is drawn in).
     """
-    if hasattr(generator, "randn"):
-        return generator.randn(shape).to(like.device, like.dtype)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+    return generator.randn(shape).to(like.device, like.dtype)
 
 
 def _check(x: Tensor, i: int, s: float, s_next: float, hook: Hook, x0: Tensor) -> None:
@@ -320,7 +326,7 @@ def check_sampler_args(sampler: str, options: Mapping[str, float], strength: flo
 
 
 def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddim", steps: int = 50,
-           generator: Optional[torch.Generator] = None, callback: Callback = None,
+           generator: Optional[torch.Generator | NoiseSource] = None, callback: Callback = None,
            spacing: str = "trailing", clip_x0: Optional[float] = None, return_nfe: bool = False,
            init: Optional[Tensor] = None, strength: float = 1.0, mask: Optional[Tensor] = None,
            resample: int = 1, **options: float) -> Tensor | tuple[Tensor, int]:
@@ -368,7 +374,7 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
 
 
 def _inpaint(fn: Callable[..., Tensor], model: Denoiser, x: Tensor, sigmas: list[float], known: Tensor,
-             mask: Tensor, generator: Optional[torch.Generator], hook: Hook, resample: int,
+             mask: Tensor, generator: Optional[torch.Generator | NoiseSource], hook: Hook, resample: int,
              options: dict) -> Tensor:
     """One sampler step at a time; after each, the known region is the known image at that noise level."""
     for i, s, s_next in _steps(sigmas):

@@ -86,8 +86,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to disk: enums as strings, tuples as lists, None fields left out."""
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in plain.items()
-                 if v is not None}
+        plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+                 for k, v in plain.items() if v is not None}
         return to_plain(plain)
 
     def check(self, where: str) -> "Manifest":

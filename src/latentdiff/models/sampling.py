@@ -9,26 +9,22 @@ training/, so the trainer can use it with its imports pointing down; pipelines c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from latentdiff.data.transforms import to_uint8_image
 from latentdiff.diffusion import Schedule, as_eps_fn, classifier_free_guidance, sample
 from latentdiff.diffusion.config import DiffusionConfig
+from latentdiff.diffusion.samplers import NoiseSource
 from latentdiff.diffusion.sigmas import check_grid
 from latentdiff.errors import SettingError
 from latentdiff.models.autoencoder import Autoencoder, IdentityAutoencoder
 from latentdiff.models.concat import with_concat
 from latentdiff.models.conditioning import CondKind, Conditioner
+from latentdiff.models.unet import UNet
 from latentdiff.models.settings import SampleSettings, per_sample
-
-
-class NoiseSource(Protocol):
-    """Standard normal noise for one chunk of samples: x_T and every draw the sampler makes."""
-
-    def randn(self, shape: tuple[int, ...]) -> Tensor: ...
 
 
 class PerSampleNoise:
@@ -92,7 +88,7 @@ class Latents:
 class LatentSampler:
     """A denoiser ready to sample: the UNet with its autoencoder (identity in pixel space) and conditioner."""
 
-    unet: nn.Module
+    unet: UNet
     autoencoder: Autoencoder | IdentityAutoencoder
     cond: Conditioner
     diffusion: DiffusionConfig
@@ -126,7 +122,7 @@ class LatentSampler:
         if s.class_label is not None:
             if kind is not CondKind.CLASS:
                 raise SettingError("class_label", "this model is not class-conditional; drop the class label")
-            classes = self.unet.config.num_classes
+            classes = self.unet.config.num_classes or 0
             bad = [c for c in per_sample(s.class_label, s.n_samples, "class_label") if c >= classes]
             if bad:
                 raise SettingError("class_label", f"{bad[0]} is out of range 0..{classes - 1}")

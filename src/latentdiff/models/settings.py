@@ -89,7 +89,7 @@ class SampleSettings:
         for k in ("prompt", "negative_prompt", "class_label"):  # lists are per-sample values
             if isinstance(kwargs.get(k), list):
                 kwargs[k] = tuple(kwargs[k])
-        return cls(*args, **kwargs, options=options)
+        return cls(*args, **kwargs | {"options": options})
 
     def replace(self, **changes: Any) -> "SampleSettings":
         """A copy with some fields changed."""
