@@ -54,9 +54,11 @@ def reference_image(pipe, seed: int, prompt: str = PROMPT, negative: str | None 
     return (out * 255).round().to(torch.uint8)
 
 
-def ours_image(pipe: Pipeline, seed: int, prompt: str = PROMPT, negative: str | None = None) -> torch.Tensor:
+def ours_image(pipe: Pipeline, seed: int, prompt: str = PROMPT, negative: str | None = None,
+               size: int | None = None) -> torch.Tensor:
+    """latentdiff's run of :func:`reference_image` (``size``: another side than the model's own)."""
     return pipe.generate(n_samples=1, steps=10, sampler="ddim", seed=seed, prompt=prompt, negative_prompt=negative,
-                         guidance=7.5, spacing="trailing")
+                         guidance=7.5, spacing="trailing", width=size, height=size)
 
 
 def single_file(text_state: dict[str, torch.Tensor], unet_cfg: UNetConfig, text_prefix: str,

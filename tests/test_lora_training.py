@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.diffusion import diffusion_loss, sample
+from latentdiff.diffusion import diffusion_loss
 from latentdiff.errors import UserError
 from latentdiff.pipelines.lora import load_lora
+from latentdiff.pipelines.generate import SampleSettings
 from latentdiff.pipelines.stable_diffusion import load_any
 from latentdiff.training.config import load_config
 from sd_helpers import TOL, diffusers, diffusers_pipeline, perturb, transformers
@@ -73,9 +74,7 @@ def _eval(pipe, data, n: int = 8):
         ctx = pipe.cond.prompts([CAPTION] * n)["context"]
         sched = pipe.diffusion.build_schedule()
         loss = float(diffusion_loss(lambda z, tt: pipe.unet(z, tt, context=ctx), z0, sched, "eps", t=t, eps=eps))
-        c, u, w = pipe.conditions(4, None, CAPTION, None, 1.0)
-        noise = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-        z = sample(pipe.eps_fn(c, u, w, sched), noise, sched, "ddim", 10)
+        z = pipe.sample_latents(SampleSettings(4, 4, 10, "ddim", 0, prompt=CAPTION, guidance=1.0)).z
     return loss, float((z - z0.mean(0)).pow(2).mean().sqrt())
 
 

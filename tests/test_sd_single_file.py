@@ -105,7 +105,7 @@ def test_written_file_loads_in_diffusers_from_single_file(sd_v1, tmp_path) -> No
         tmp_path / "sd.safetensors", config=str(root / "diffusers"), safety_checker=None, local_files_only=True)
     _same_modules(theirs, ref)
     ours = load_any(tmp_path / "sd.safetensors")  # the metadata gives the size and schedule back
-    assert ours.manifest["image_size"] == 16 and ours.diffusion == load_any(root / "diffusers").diffusion
+    assert ours.manifest.image_size == 16 and ours.diffusion == load_any(root / "diffusers").diffusion
     _same_modules(ours, ref)
 
 
@@ -198,7 +198,7 @@ model:
     pipe = load_single_file(tmp_path / "m.safetensors", config=tmp_path / "m.yaml")
     d = pipe.diffusion
     assert pipe.unet.config.num_heads == 2 and d.prediction == "v" and (d.beta_start, d.beta_end) == (0.001, 0.015)
-    assert pipe.autoencoder.config.scale_factor == 0.13025 and pipe.manifest["image_size"] == 8
+    assert pipe.autoencoder.config.scale_factor == 0.13025 and pipe.manifest.image_size == 8
     assert pipe.cond.text_encoder.text_model.config.layers == 2  # layer: penultimate
     ref = UNetConfig(**{**cfg.to_dict()})
     from latentdiff.models import UNet
@@ -227,3 +227,25 @@ def test_single_file_needs_a_clip_model(tmp_path, tiny_cfg) -> None:
     make_trainer(tiny_cfg, tmp_path / "run", device="cpu", progress=False).run()
     with pytest.raises(UserError, match="latent, text-conditional model"):
         save_single_file(load_any(tmp_path / "run"), tmp_path / "x.safetensors")
+
+
+def test_tokenizer_option_and_help(sd_v1, tmp_path) -> None:
+    """--tokenizer replaces the shipped vocabulary (here: the diffusers folder's, with another pad token);
+    --help shows no '[x<=None]' for an unbounded option."""
+    from click.testing import CliRunner
+
+    from latentdiff.cli import cli
+
+    root, _ = sd_v1
+    save_single_file(load_any(root / "diffusers"), tmp_path / "sd.safetensors")
+    tok = tmp_path / "tok"
+    import shutil
+    shutil.copytree(root / "diffusers" / "tokenizer", tok)
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps(config | {"pad_token": "!"}))
+    assert load_any(tmp_path / "sd.safetensors").cond.text_encoder.tokenizer.pad_id != 0
+    assert load_any(tmp_path / "sd.safetensors", tokenizer=tok).cond.text_encoder.tokenizer.pad_id == 0
+    for command in ("sample", "convert", "img2img"):
+        out = CliRunner().invoke(cli, [command, "--help"]).output
+        assert "--tokenizer" in out and "--config" in out and "None]" not in out, command
+    assert "--lora" in CliRunner().invoke(cli, ["sample", "--help"]).output

@@ -16,6 +16,7 @@ from pathlib import Path
 from latentdiff.errors import UserError
 from latentdiff.formats.lora import read_lora
 from latentdiff.models.clip import CLIPTextEncoder
+from latentdiff.models.conditioning import CondKind
 from latentdiff.models.lora import apply_lora, remove_lora, text_lora_names, unet_lora_names
 from latentdiff.pipelines.generate import Pipeline
 from latentdiff.pipelines.stable_diffusion import load_any, read_checkpoint
@@ -85,8 +86,8 @@ def make_lora_trainer(cfg: LoraRunConfig, out_dir: Path | str, resume: bool = Fa
     """The trainer of a LoRA run (training/lora_trainer.py) on the base model ``cfg.lora.base``, however stored."""
     lc = cfg.lora
     pipe = load_any(lc.base, "cpu", lc.prediction, lc.tokenizer, lc.config)
-    if pipe.cond.kind != "text":
+    if pipe.cond.kind is not CondKind.TEXT:
         raise UserError(f"lora.base {lc.base} is not a text-to-image model: a LoRA here learns from captions")
-    guidance = float(pipe.manifest.get("conditioning", {}).get("guidance", 1.0))
-    base = LoraBase(pipe.unet, pipe.autoencoder, pipe.cond.text_encoder, pipe.diffusion, guidance, str(lc.base))
+    base = LoraBase(pipe.unet, pipe.autoencoder, pipe.cond.text_encoder, pipe.diffusion, pipe.manifest.guidance,
+                    str(lc.base))
     return LoraTrainer(cfg, out_dir, base, resume=resume, device=device, progress=progress)

@@ -34,7 +34,7 @@ from latentdiff.models.tokenizer import CLIPTokenizer
 from latentdiff.models.unet import UNetConfig
 from latentdiff.pipelines.generate import Pipeline
 from latentdiff.pipelines.stable_diffusion import (EXTRAS, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Tensors,
-                                                   read_checkpoint)
+                                                   read_checkpoint, resized_manifest)
 
 DROPPED = ("model_ema.", VAE_PREFIX + "loss.")  # EMA duplicates and training-only losses: not carried along
 
@@ -87,12 +87,12 @@ def source_extras(pipe: Pipeline, written: set[str], made_up: set[str]) -> Tenso
     return {k: v for k, v in read_checkpoint(path)[0].items() if wanted(k)}
 
 
-def _metadata(pipe: Pipeline) -> dict[str, str]:
+def _metadata(pipe: Pipeline, image_size: int) -> dict[str, str]:
     """The configs a single file cannot hold, as JSON in the safetensors metadata."""
     text = pipe.cond.text_encoder.text_model.config
     configs = {"unet": pipe.unet.config.to_dict(), "autoencoder": pipe.autoencoder.config.to_dict(),
                "text": text.to_dict(), "diffusion": dataclasses.asdict(pipe.diffusion),
-               "latent_size": pipe.manifest["image_size"] // pipe.autoencoder.downsample_factor}
+               "latent_size": image_size // pipe.autoencoder.downsample_factor}
     return {"format": "pt", METADATA_KEY: json.dumps(configs, sort_keys=True)}
 
 
@@ -114,15 +114,17 @@ def _warn_if_unconventional(pipe: Pipeline, state: Tensors) -> None:
                       "file's metadata, other tools need the model's config beside the file", stacklevel=3)
 
 
-def save_single_file(pipe: Pipeline, path: Path | str, half: bool = False) -> Path:
-    """Write ``pipe`` as one SD single file (``.safetensors``); ``half``: floating tensors as float16."""
+def save_single_file(pipe: Pipeline, path: Path | str, half: bool = False, image_size: int | None = None) -> Path:
+    """Write ``pipe`` as one SD single file (``.safetensors``); ``half``: floating tensors as float16;
+    ``image_size``: the default side recorded in it (else the pipeline's own)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a single file is written as .safetensors (pickled .ckpt files are not written)")
+    size = resized_manifest(pipe, image_size).image_size
     state, made_up = single_file_state(pipe)
     _warn_if_unconventional(pipe, state)
     state |= source_extras(pipe, set(state), made_up)
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    save_tensors({k: v.to(torch.device("cpu")) for k, v in state.items()}, path, _metadata(pipe))
+    save_tensors({k: v.to(torch.device("cpu")) for k, v in state.items()}, path, _metadata(pipe, size))
     return path

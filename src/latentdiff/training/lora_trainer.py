@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from latentdiff.data.images import make_grid, save_png, upscale_nearest
-from latentdiff.data.transforms import to_uint8_image
-from latentdiff.diffusion import as_eps_fn, classifier_free_guidance, diffusion_loss, draw_t_eps, sample
+from latentdiff.diffusion import diffusion_loss, draw_t_eps
 from latentdiff.diffusion.config import DiffusionConfig
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import save_tensors
@@ -30,6 +29,8 @@ from latentdiff.models.autoencoder import Autoencoder
 from latentdiff.models.clip import CLIPTextEncoder
 from latentdiff.models.conditioning import Conditioner
 from latentdiff.models.lora import LoraAdapter
+from latentdiff.models.sampling import GeneratorNoise, LatentSampler
+from latentdiff.models.settings import SampleSettings
 from latentdiff.models.unet import UNet
 from latentdiff.training.loop import Batch, TrainingRun
 
@@ -177,16 +178,15 @@ class LoraTrainer(TrainingRun):
         """A grid of the data's first captions drawn by the adapted model, fixed seed (comparable over training)."""
         tc = self.cfg.train
         n = tc.grid_samples
-        prompts = list(dict.fromkeys(self.data.captions))[:n]
-        prompts = [prompts[i % len(prompts)] for i in range(n)]
-        g = torch.Generator().manual_seed(tc.seed)
-        shape = tuple(self.moments[False].shape[2:])
-        noise = torch.randn((n, *shape), generator=g).to(self.device)
+        distinct = list(dict.fromkeys(self.data.captions))
+        prompts = tuple(distinct[i % len(distinct)] for i in range(n))
         guidance = self.cfg.lora.guidance if self.cfg.lora.guidance is not None else self.base.guidance
-        model_fn = classifier_free_guidance(self.unet, self.cond.prompts(prompts), self.cond.null(n), guidance)
-        z = sample(as_eps_fn(model_fn, self.schedule, self.base.diffusion.prediction), noise, self.schedule,
-                   tc.grid_sampler, tc.grid_steps, generator=g)
-        images = to_uint8_image(self.autoencoder.decode_latents(z)).cpu()
+        settings = SampleSettings(n, n, tc.grid_steps, tc.grid_sampler, tc.seed, prompt=prompts, guidance=guidance)
+        core = LatentSampler(self.unet, self.autoencoder, self.cond, self.base.diffusion, self.cfg.data.image_size,
+                             guidance=guidance)
+        g = torch.Generator().manual_seed(tc.seed)
+        images = core.decode(core.sample_latents(settings, GeneratorNoise(g)).z)
         path = self.out / "samples" / f"step_{self.step:08d}.png"
-        save_png(make_grid(upscale_nearest(images)), path, {"step": self.step, "prompts": prompts, "guidance": guidance})
+        save_png(make_grid(upscale_nearest(images)), path, {"step": self.step, "prompts": list(prompts),
+                                                            "guidance": guidance})
         return path
