@@ -83,10 +83,10 @@ class DataConfig(ConfigMixin):
         if self.buckets is not None:
             from latentdiff.data.buckets import parse_buckets
 
-            parse_buckets(self.buckets, self.image_size, self.bucket_step)  # refuses a malformed spec here
             if self.is_embedded:
                 raise UserError(f"data.buckets: the embedded set {self.source!r} is square; buckets need a "
                                 "folder or shards of images of mixed aspect ratios")
+            parse_buckets(self.buckets, self.image_size, self.bucket_step)  # refuses a malformed spec here
             if self.stream is False:
                 raise bad("stream", "true or null with data.buckets (images of several sizes are read as needed)")
         if self.stream and self.is_embedded:

@@ -73,7 +73,9 @@ def pack_folder(folder: Path, out: Path, max_count: int, max_bytes: int | None =
                 writer.write(f"{i:09d}", data, ext, rel, w, h,
                              caption=listing.captions[i] if listing.captions is not None else None,
                              label=listing.labels[i] if listing.labels is not None else None)
-            log(f"{min(start + 512, len(listing.files))}/{len(listing.files)} images checked")
+            done = min(start + 512, len(listing.files))
+            if done == len(listing.files) or done // 10240 > start // 10240:  # a line per ~10 000 images
+                log(f"{done}/{len(listing.files)} images checked, {writer.written} packed")
     shards = writer.close()
     if not shards:
         raise UserError(f"{listing.root}: no decodable images ({n_bad} bad files, first: {first_bad})")

@@ -42,7 +42,8 @@ class ShardWriter:
     def __init__(self, out: Path, max_count: int, max_bytes: int | None = None) -> None:
         self.out, self.max_count, self.max_bytes = Path(out), max_count, max_bytes
         self.out.mkdir(parents=True, exist_ok=True)
-        self.records: list[dict[str, Any]] = []  # one per finished shard: name, samples, bytes
+        self.records: list[dict[str, Any]] = []  # one per finished shard: name, samples, bytes, sha256
+        self.written = 0  # samples so far
         self._tar: tarfile.TarFile | None = None
         self._rows: list[dict[str, Any]] = []
 
@@ -65,6 +66,7 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
             if i == 0:  # the data sits just before the padding that ends the member
                 offset = self._tar.offset - _blocks(len(data))
+        self.written += 1
         self._rows.append({"name": name, "offset": offset, "nbytes": len(image), "width": width, "height": height,
                            "label": -1 if label is None else label, "caption": caption or ""})
         if len(self._rows) >= self.max_count or (self.max_bytes and self._tar.offset >= self.max_bytes):
@@ -150,39 +152,38 @@ def read_index(shard: Path, tar_bytes: int) -> SampleIndex | None:
 
 def scan_shard(path: Path, caption_column: str) -> tuple[SampleIndex, list[str]]:
     """Index a shard by reading its tar headers and small text members; also the problems found, one line each
-    (a member cut off by truncation, a sample without an image, a bad .cls): those samples are left out."""
+    (a truncated tar, a sample without an image, a bad .cls): those samples are left out."""
     size = path.stat().st_size
-    rows: list[dict[str, Any]] = []
+    groups: list[tuple[str, list[tuple[str, tarfile.TarInfo]]]] = []  # (key, [(ext, member)]) in tar order
     problems: list[str] = []
     with open(path, "rb") as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except tarfile.ReadError as e:
             return index_from_rows([]), [f"{path.name}: not a tar file ({e})"]
-        group: list[tuple[str, tarfile.TarInfo]] = []
-        key = None
-        end = 0
+        end, whole = 0, True
         try:
             for m in tar:
-                if not m.isfile():
-                    continue
-                got = _KEY.match(m.name)
+                got = _KEY.match(m.name) if m.isfile() else None
                 if got is None:
                     continue
-                if got[1] != key and group:
-                    _add_sample(f, key, group, caption_column, size, rows, problems, path.name)
-                    group = []
-                key = got[1]
-                group.append((got[2].lower(), m))
+                if not groups or groups[-1][0] != got[1]:
+                    groups.append((got[1], []))
+                groups[-1][1].append((got[2].lower(), m))
                 end = m.offset_data + m.size
         except (tarfile.TarError, EOFError, OSError) as e:
-            problems.append(f"{path.name}: unreadable after byte {end} ({e})")
-        if group:
-            _add_sample(f, key, group, caption_column, size, rows, problems, path.name)
+            problems.append(f"{path.name}: unreadable after byte {end} ({e}); samples past it are lost")
+            whole = False
         f.seek(_blocks(end))
-        if end and f.read(1024) != bytes(1024):  # a complete tar ends with two zero blocks
-            problems.append(f"{path.name}: truncated (no end-of-archive marker after byte {end}; "
-                            "samples past it are lost)")
+        if whole and (end > size or f.read(1024) != bytes(1024)):  # a complete tar ends with two zero blocks
+            problems.append(f"{path.name}: truncated at byte {size}; samples past it are lost")
+            whole = False
+        if not whole and groups:  # the last sample may lack members that were cut off
+            problems.append(f"{path.name}: sample {groups[-1][0]!r} is cut off (the tar is truncated)")
+            groups.pop()
+        rows: list[dict[str, Any]] = []
+        for key, group in groups:
+            _add_sample(f, key, group, caption_column, size, rows, problems, path.name)
     return index_from_rows(rows), problems
 
 
