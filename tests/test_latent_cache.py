@@ -1,18 +1,20 @@
 """The sharded latent cache: parts split over processes (2 gloo processes under torchrun), memory-mapped reads,
-an encoding killed half-way resumed, and streamed images encoded through the DataLoader workers."""
+an encoding killed half-way resumed, and streamed images encoded through the DataLoader workers; and, in the
+same torchrun launch, training from shards with 2 processes equals one process."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import latent_cache_worker as worker
+import streams_worker as worker
 from latentdiff.data import DataConfig, open_dataset
 from latentdiff.training.distributed import DistEnv
 from latentdiff.training.latent_cache import MANIFEST, build_cache, plan_parts
 from latentdiff.training.latents import LatentData
-from test_distributed import torchrun
+from test_distributed import assert_same, initial, single_process, torchrun, weights
 
 TESTS = Path(__file__).parent
 
@@ -53,11 +55,39 @@ def test_cache_holds_the_encoders_moments_memory_mapped(one_process):
     assert torch.equal(one_process.used(idx), idx)
 
 
-def test_two_gloo_processes_build_the_same_cache_each_encoding_its_parts(one_process, tmp_path):
-    torchrun([str(TESTS / "latent_cache_worker.py"), str(tmp_path)], tmp_path)
-    (folder,) = [p.parent for p in tmp_path.glob(f"*/{MANIFEST}")]
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """tests/streams_worker.py under torchrun: the cache, and a run from shards of 40 digits."""
+    from PIL import Image
+
+    from latentdiff.data.pack import pack_folder
+
+    out = tmp_path_factory.mktemp("torchrun")
+    data, _ = worker.inputs()
+    for i in range(len(data)):
+        (out / "folder" / str(int(data.labels[i]))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.images[i, 0].numpy()).save(out / "folder" / str(int(data.labels[i])) / f"{i:03d}.png")
+    pack_folder(out / "folder", out / "shards", 16)
+    torchrun([str(TESTS / "streams_worker.py"), str(out)], out)
+    return out
+
+
+def test_two_gloo_processes_build_the_same_cache_each_encoding_its_parts(one_process, two_processes):
+    (folder,) = [p.parent for p in (two_processes / "cache").glob(f"*/{MANIFEST}")]
     assert folder.name == one_process.folder.name  # the same fingerprint
     same_parts(folder, one_process.folder)
+
+
+def test_two_processes_training_from_shards_equal_one_process(two_processes, tmp_path):
+    """Each rank decodes only its 4 rows of each batch of 8 (its DataLoader worker), and the step is the same."""
+    cfg = worker.shard_run(two_processes / "shards")
+    one = single_process(cfg, tmp_path / "one", threads=1)
+    for group in ("model", "ema"):
+        assert_same(weights(two_processes / "run", group), weights(one, group), initial(cfg, tmp_path, group))
+    rank0, rank1 = (json.loads((two_processes / f"decoded.rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["batches"] == rank1["batches"] and len(rank0["batches"]) == 3  # one global order
+    for batch, mine, theirs in zip(rank0["batches"], rank0["asked"], rank1["asked"]):
+        assert mine == batch[:4] and theirs == batch[4:]  # each rank decodes its half, no image twice
 
 
 def test_an_encoding_killed_half_way_resumes_with_the_missing_parts(one_process, tmp_path, monkeypatch, capsys):
