@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from latentdiff.data.sample_index import SampleIndex, TextColumn
-from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import TEMP_SUFFIX, fsync_dir, load_tensors, save_tensors
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")

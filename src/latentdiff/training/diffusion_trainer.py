@@ -23,7 +23,6 @@ from latentdiff.models.text_encoder import build_text_encoder
 from latentdiff.models.unet import UNet
 from latentdiff.training.ema import EMA
 from latentdiff.training.latents import LatentData, check_latent_shapes, file_fingerprint
-from latentdiff.training import distributed
 from latentdiff.training.loop import Batch, TrainingRun
 
 
