@@ -123,6 +123,7 @@ def measure_pipeline(shards: Path, workers: int, batches: int, buckets: str | No
             t = time.perf_counter()
         idx = order.next()
         stream.images(idx, idx, order)
+        [data.captions[i] for i in idx.tolist()]  # what a text-conditional step reads besides the pixels
     rate = batches * 64 / (time.perf_counter() - t)
     stream.close()
     rss = {who: resource.getrusage(w).ru_maxrss / 1024 for who, w in
@@ -201,6 +202,8 @@ def main() -> None:
     ap.add_argument("--cache-images", type=int, default=20000)
     ap.add_argument("--workdir", type=Path, default=None, help="where to generate (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the memory comparison (2 workers, both sizes): no other worker counts, training, cache")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--buckets", default=None, help=argparse.SUPPRESS)
@@ -229,6 +232,14 @@ def main() -> None:
         shards_mb = sum(p.stat().st_size for p in shards.iterdir()) / 2**20
         small = first_shards(shards, args.small, workdir / "small")
         print(f"generated {args.images} images in {gen_s:.0f} s, packed in {pack_s:.0f} s", file=sys.stderr)
+        if args.memory_only:
+            big, small_run = run_measure(shards, 2, args.batches), run_measure(small, 2, args.batches)
+            print(json.dumps({"machine": f"{cpu_name()}, load {load:.1f}", "pack_s": pack_s, "generate_s": gen_s,
+                              "big": big, "small": small_run,
+                              "rss_change": big["peak_rss_mb"] / small_run["peak_rss_mb"] - 1,
+                              "worker_rss_change": big["peak_worker_rss_mb"] / small_run["peak_worker_rss_mb"] - 1},
+                             indent=1))
+            return
         runs = [run_measure(shards, w, args.batches) for w in (0, 1, 2)]
         runs.append(run_measure(shards, 2, args.batches, "auto"))
         runs.append(run_measure(small, 2, args.batches))

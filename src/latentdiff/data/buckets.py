@@ -44,9 +44,12 @@ def parse_buckets(spec: str | None, image_size: int, step: int) -> list[tuple[in
 
 def nearest_buckets(widths: np.ndarray, heights: np.ndarray, buckets: list[tuple[int, int]]) -> np.ndarray:
     """For each image, the bucket whose aspect ratio is nearest its own (in log scale; ties: the first)."""
-    aspect = np.log(np.maximum(widths, 1) / np.maximum(heights, 1))[:, None]
     targets = np.log(np.array([w / h for h, w in buckets]))[None, :]
-    return np.abs(aspect - targets).argmin(axis=1)
+    out = np.empty(len(widths), np.int32)
+    for s in range(0, len(widths), 1 << 16):  # in blocks: (images x buckets) floats for millions of images add up
+        aspect = np.log(np.maximum(widths[s: s + (1 << 16)], 1) / np.maximum(heights[s: s + (1 << 16)], 1))
+        out[s: s + (1 << 16)] = np.abs(aspect[:, None] - targets).argmin(axis=1)
+    return out
 
 
 def assign_buckets(widths: np.ndarray, heights: np.ndarray, buckets: list[tuple[int, int]],

@@ -2,6 +2,7 @@
 
 Arrays, not lists of Python objects: 200 000 captions as Python strings take ~20 MB and are copied page by page
 into every DataLoader worker as their reference counts change; as one byte blob they take their UTF-8 length.
+Columns a data set does not need (labels of an unlabelled set, pixel sizes without buckets) are None.
 """
 
 from __future__ import annotations
@@ -38,21 +39,20 @@ class TextColumn:
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
 
+    def lengths(self) -> np.ndarray:
+        """Bytes of each string (0: empty)."""
+        return np.diff(self.ends, prepend=np.int64(0))
+
     def take(self, rows: np.ndarray) -> "TextColumn":
         """The strings at ``rows``, in that order."""
-        starts = np.concatenate([[0], self.ends[:-1]])[rows] if len(self) else np.zeros(0, np.int64)
-        lengths = self.ends[rows] - starts
+        lengths = self.lengths()[rows]
+        starts = self.ends[rows] - lengths
         pieces = [self.blob[s: s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
         blob = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
         return TextColumn(blob, np.cumsum(lengths, dtype=np.int64))
 
-    @staticmethod
-    def concat(columns: list["TextColumn"]) -> "TextColumn":
-        """One column holding the strings of ``columns`` one after another."""
-        offsets = np.cumsum([0] + [len(c.blob) for c in columns[:-1]], dtype=np.int64)
-        blob = np.concatenate([c.blob for c in columns]) if columns else np.zeros(0, np.uint8)
-        ends = np.concatenate([c.ends + o for c, o in zip(columns, offsets)]) if columns else np.zeros(0, np.int64)
-        return TextColumn(blob, ends)
+
+TEXT = ("names", "captions")
 
 
 @dataclass
@@ -63,11 +63,11 @@ class SampleIndex:
     shard: np.ndarray  # int32: which file of the source's list holds the bytes (folders: the image itself)
     offset: np.ndarray  # int64: byte offset of the image in that file
     nbytes: np.ndarray  # int64: length of the image's bytes
-    width: np.ndarray  # int32: pixels after EXIF rotation; 0 when not read yet (only buckets need it)
-    height: np.ndarray  # int32
-    label: np.ndarray  # int64: class index, -1 for none
-    captions: TextColumn  # "" for none
-    stamp: np.ndarray  # int64: modification time in ns (folders) or 0 (shards: their manifest is the identity)
+    width: np.ndarray | None = None  # int32: pixels after EXIF rotation, 0 unknown; None when not kept
+    height: np.ndarray | None = None  # int32
+    label: np.ndarray | None = None  # int64: class index, -1 for none; None: no labels
+    captions: TextColumn | None = None  # "" for none; None: no captions
+    stamp: np.ndarray | None = None  # int64: modification time in ns (folders; shards: their manifest's hash)
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -75,16 +75,12 @@ class SampleIndex:
     def take(self, rows: np.ndarray) -> "SampleIndex":
         """The images at ``rows``, in that order."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        return SampleIndex(**{k: v.take(rows) if isinstance(v, TextColumn) else v[rows] for k, v in out.items()})
+        return SampleIndex(**{k: None if v is None else v.take(rows) if isinstance(v, TextColumn) else v[rows]
+                              for k, v in out.items()})
 
-    @staticmethod
-    def concat(parts: list["SampleIndex"]) -> "SampleIndex":
-        """One index of the images of ``parts`` one after another."""
-        out = {}
-        for f in fields(SampleIndex):
-            values = [getattr(p, f.name) for p in parts]
-            out[f.name] = TextColumn.concat(values) if f.name in ("names", "captions") else np.concatenate(values)
-        return SampleIndex(**out)
+    def without(self, *columns: str) -> "SampleIndex":
+        """This index with ``columns`` dropped (set to None)."""
+        return replace(self, **{c: None for c in columns})
 
     def with_shard(self, shard: int) -> "SampleIndex":
         """This index with every image in file number ``shard``."""
@@ -92,5 +88,37 @@ class SampleIndex:
 
     def digest_arrays(self) -> list[np.ndarray]:
         """The arrays that identify these images (for a fingerprint)."""
-        return [self.names.blob, self.names.ends, self.shard, self.offset, self.nbytes, self.width, self.height,
-                self.label, self.captions.blob, self.captions.ends, self.stamp]
+        out = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out += [] if v is None else [v.blob, v.ends] if isinstance(v, TextColumn) else [v]
+        return out
+
+    @staticmethod
+    def gather(parts: Iterable[tuple["SampleIndex", np.ndarray]], n: int, text_bytes: dict[str, int]) -> "SampleIndex":
+        """One index of rows ``rows`` of each (part, rows), written straight into arrays of the final size (``n``
+        rows, ``text_bytes`` bytes per text column), so that at no time two copies of the index are in memory.
+        The parts must agree on which columns they have."""
+        out: dict[str, object] = {}
+        pos, text_pos = 0, dict.fromkeys(TEXT, 0)
+        for part, rows in parts:
+            part = part.take(rows)
+            for f in fields(SampleIndex):
+                v = getattr(part, f.name)
+                if v is None:
+                    out.setdefault(f.name, None)
+                    continue
+                if isinstance(v, TextColumn):
+                    if f.name not in out:
+                        out[f.name] = TextColumn(np.empty(text_bytes[f.name], np.uint8), np.empty(n, np.int64))
+                    col, start = out[f.name], text_pos[f.name]
+                    col.blob[start: start + len(v.blob)] = v.blob
+                    col.ends[pos: pos + len(part)] = v.ends + start
+                    text_pos[f.name] += len(v.blob)
+                else:
+                    if f.name not in out:
+                        out[f.name] = np.empty(n, v.dtype)
+                    out[f.name][pos: pos + len(part)] = v
+            pos += len(part)
+        assert pos == n, (pos, n)
+        return SampleIndex(**out)

@@ -33,7 +33,8 @@ from latentdiff.data.config import DataConfig
 from latentdiff.data.decode import decode_image, header_size
 from latentdiff.data.folders import list_folder
 from latentdiff.data.sample_index import SampleIndex, TextColumn
-from latentdiff.data.shard_set import is_shard_set, open_shard_set
+from latentdiff.data.pack import MANIFEST
+from latentdiff.data.shard_set import ShardSet, is_shard_set
 from latentdiff.data.source import fingerprint_settings, in_test
 from latentdiff.data.transforms import from_uint8_image
 from latentdiff.errors import UserError
@@ -48,11 +49,11 @@ class StreamedImages:
     """A data set whose images stay on disk; ``batch`` and ``rows`` decode the ones asked for."""
 
     def __init__(self, cfg: DataConfig, folder: Path | None, shards: list[Path], index: SampleIndex,
-                 class_names: list[str], labelled: bool, captioned: bool) -> None:
+                 class_names: list[str]) -> None:
         self.cfg, self.source, self.folder, self.shards, self.index = cfg, cfg.source, folder, shards, index
         self.class_names = class_names
-        self.labels = torch.from_numpy(index.label.copy()) if labelled else None
-        self.captions: TextColumn | None = index.captions if captioned else None
+        self.labels = torch.from_numpy(index.label) if index.label is not None else None
+        self.captions: TextColumn | None = index.captions
         self.sizes: list[tuple[int, int]] = [(cfg.image_size, cfg.image_size)]  # (h, w) of each bucket
         self.bucket: np.ndarray | None = None  # bucket of each image (data.buckets), else None
         self.fingerprint = ""
@@ -187,30 +188,44 @@ def open_streamed(cfg: DataConfig, min_bucket: int = 1) -> StreamedImages:
 
 
 def _open_shards(cfg: DataConfig, root: Path) -> StreamedImages:
-    shards = open_shard_set(root, cfg.caption_column)
+    shards = ShardSet(root, cfg.caption_column)
     if shards.problems or shards.lost:
         first = shards.problems[0] if shards.problems else "samples missing"
         if cfg.on_bad_file == "fail":
             raise UserError(f"{root}: {first} ({shards.lost} sample(s) lost; data.on_bad_file=skip leaves them out)")
         log.warning("%s: left out %d damaged sample(s); first: %s", root, shards.lost, first)
-    index = shards.index
-    if not len(index):
+    # Two passes over the shards' indexes, one shard in memory at a time: what the whole set holds (the
+    # caption and label rules look at both splits, as for folders) and which rows this split keeps; then
+    # those rows, written straight into arrays of the final size.
+    total = blank = labelled = kept = 0
+    lacking: list[str] = []
+    top, rows, text_bytes = -1, [], dict.fromkeys(("names", "captions"), 0)
+    for part in shards.parts():
+        empty = part.captions.lengths() == 0
+        total, blank, labelled = total + len(part), blank + int(empty.sum()), labelled + int((part.label >= 0).sum())
+        lacking += [part.names[i] for i in np.flatnonzero(empty)[: 5 - len(lacking)]]
+        top = max(top, int(part.label.max(initial=-1)))
+        keep = np.flatnonzero([in_test(n) == (cfg.split == "test") for n in part.names])
+        keep = keep[: max(0, cfg.limit - kept)] if cfg.limit else keep
+        rows.append(keep)
+        kept += len(keep)
+        text_bytes["names"] += int(part.names.lengths()[keep].sum())
+        text_bytes["captions"] += int(part.captions.lengths()[keep].sum())
+    if not total:
         raise UserError(f"{root}: no readable samples in {len(shards.paths)} shard(s)")
-    blank = np.diff(np.concatenate([[0], index.captions.ends])) == 0
-    lacking = [index.names[i] for i in np.flatnonzero(blank)[:5]]
-    captioned = use_captions(root, cfg.captions, len(index), lacking, n_lacking=int(blank.sum()))
-    labelled = bool((index.label >= 0).any())
-    if labelled and (index.label < 0).any():
-        raise UserError(f"{root}: {int((index.label < 0).sum())} of {len(index)} samples have no .cls class index; "
-                        "label all or none")
-    keep = np.array([in_test(n) == (cfg.split == "test") for n in index.names], dtype=bool)
-    rows = np.flatnonzero(keep)[: cfg.limit]
-    if not len(rows):
-        raise UserError(f"{root}: the {cfg.split!r} split is empty ({len(index)} images; 'test' holds ~10%)")
-    index = index.take(rows)
-    if not captioned:
-        index.captions = TextColumn.of([""] * len(index))
-    data = StreamedImages(cfg, None, shards.paths, index, shards.class_names, labelled, captioned)
+    captioned = use_captions(root, cfg.captions, total, lacking, n_lacking=blank)
+    if 0 < labelled < total:
+        raise UserError(f"{root}: {total - labelled} of {total} samples have no .cls class index; label all or none")
+    names = shards.class_names or [str(i) for i in range(top + 1)]  # .cls files without names: their numbers
+    if top >= len(names):
+        raise UserError(f"{root}: a sample's class index {top} is past the {len(names)} classes of {MANIFEST}")
+    if not kept:
+        raise UserError(f"{root}: the {cfg.split!r} split is empty ({total} images; 'test' holds ~10%)")
+    drop = ([] if labelled else ["label"]) + ([] if captioned else ["captions"]) + \
+        ([] if cfg.buckets else ["width", "height"])
+    index = SampleIndex.gather(((part.without(*drop), keep) for part, keep in zip(shards.parts(), rows)), kept,
+                               text_bytes)
+    data = StreamedImages(cfg, None, shards.paths, index, names if labelled else [])
     data.identity = shards.identity
     return data
 
@@ -220,14 +235,13 @@ def _open_folder(cfg: DataConfig) -> StreamedImages:
     files = listing.files[: cfg.limit]
     stats = [os.stat(listing.root / f) for f in files]
     n = len(files)
-    labels = np.array(listing.labels[:n] if listing.labels is not None else [-1] * n, dtype=np.int64)
+    sizes = (np.zeros(n, np.int32), np.zeros(n, np.int32)) if cfg.buckets else (None, None)
     index = SampleIndex(TextColumn.of(files), np.zeros(n, np.int32), np.zeros(n, np.int64),
-                        np.array([s.st_size for s in stats], np.int64), np.zeros(n, np.int32), np.zeros(n, np.int32),
-                        labels, TextColumn.of(listing.captions[:n] if listing.captions is not None else [""] * n),
+                        np.array([s.st_size for s in stats], np.int64), *sizes,
+                        np.array(listing.labels[:n], np.int64) if listing.labels is not None else None,
+                        TextColumn.of(listing.captions[:n]) if listing.captions is not None else None,
                         np.array([s.st_mtime_ns for s in stats], np.int64))
-    data = StreamedImages(cfg, listing.root, [], index, listing.class_names, listing.labels is not None,
-                          listing.captions is not None)
-    return data
+    return StreamedImages(cfg, listing.root, [], index, listing.class_names)
 
 
 def _fingerprint(data: StreamedImages, cfg: DataConfig) -> str:
@@ -236,5 +250,5 @@ def _fingerprint(data: StreamedImages, cfg: DataConfig) -> str:
     head = [fingerprint_settings(cfg), "streamed", data.class_names, len(data), data.identity, data.sizes]
     h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     for a in data.index.digest_arrays() + ([data.bucket.astype(np.int64)] if data.bucket is not None else []):
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # no copy of the arrays
     return h.hexdigest()

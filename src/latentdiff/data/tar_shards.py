@@ -120,7 +120,7 @@ def index_from_rows(rows: list[dict[str, Any]]) -> SampleIndex:
 
     return SampleIndex(TextColumn.of(r["name"] for r in rows), np.zeros(len(rows), np.int32), col("offset", np.int64),
                        col("nbytes", np.int64), col("width", np.int32), col("height", np.int32), col("label", np.int64),
-                       TextColumn.of(r["caption"] for r in rows), np.zeros(len(rows), np.int64))
+                       TextColumn.of(r["caption"] for r in rows))
 
 
 def write_index(index: SampleIndex, shard: Path, tar_bytes: int) -> None:
@@ -132,21 +132,25 @@ def write_index(index: SampleIndex, shard: Path, tar_bytes: int) -> None:
                  shard.with_name(shard.name + INDEX_SUFFIX), {"tar_bytes": str(tar_bytes)})
 
 
-def read_index(shard: Path, tar_bytes: int) -> SampleIndex | None:
-    """The index saved beside ``shard``, or None when there is none or it describes a tar of another size."""
+def index_matches(shard: Path, tar_bytes: int) -> bool:
+    """Whether ``shard`` has an index beside it that describes a tar of its size (reads the header only)."""
     path = shard.with_name(shard.name + INDEX_SUFFIX)
     if not path.is_file():
-        return None
-    from safetensors import safe_open
+        return False
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "np") as f:
-        if (f.metadata() or {}).get("tar_bytes") != str(tar_bytes):
-            return None
-    a = {k: v.numpy() for k, v in load_tensors(path).items()}
-    n = len(a["offset"])
-    return SampleIndex(TextColumn(a["names"], a["name_ends"]), np.zeros(n, np.int32), a["offset"], a["nbytes"],
-                       a["width"], a["height"], a["label"], TextColumn(a["captions"], a["caption_ends"]),
-                       np.zeros(n, np.int64))
+    try:
+        with safe_open(str(path), "np") as f:
+            return (f.metadata() or {}).get("tar_bytes") == str(tar_bytes)
+    except (SafetensorError, OSError):
+        return False  # unreadable: the tar is indexed again
+
+
+def read_index(shard: Path) -> SampleIndex:
+    """The index saved beside ``shard`` (check :func:`index_matches` first)."""
+    a = {k: v.numpy() for k, v in load_tensors(shard.with_name(shard.name + INDEX_SUFFIX)).items()}
+    return SampleIndex(TextColumn(a["names"], a["name_ends"]), np.zeros(len(a["offset"]), np.int32), a["offset"],
+                       a["nbytes"], a["width"], a["height"], a["label"], TextColumn(a["captions"], a["caption_ends"]))
 
 
 def scan_shard(path: Path, caption_column: str) -> tuple[SampleIndex, list[str]]:
