@@ -192,3 +192,24 @@ def test_a_shard_deleted_between_runs_is_one_line_and_the_checkpoint_stays(digit
         with pytest.raises(UserError, match=r"000002.tar: listed in shards.json but missing"):
             train(out if resume else tmp_path / "fresh", shards, 4, resume=resume)
     assert latest_checkpoint(out / "checkpoints") == before and (before / "model.safetensors").is_file()
+
+
+def test_data_pack_command_reports_and_refuses_in_one_line(digits, tmp_path, monkeypatch, capsys):
+    from test_kill_resume import run_cli
+
+    folder = digits[0]
+    code, err = run_cli(monkeypatch, capsys, "data", "pack", folder, tmp_path / "out", "--shard-size", "64KB")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["images"] == 48 and len(manifest["shards"]) > 1  # cut by bytes: 64 KB hold ~15 samples
+    # a shard closes at the first sample past the bound (one sample of 4 KB), padded to a tar record
+    assert all(s["bytes"] <= 64_000 + 4096 + tarfile.RECORDSIZE for s in manifest["shards"])
+    for args, says in [(["--shard-size", "1.5"], "--shard-size '1.5': give a number of images"),
+                       ([], "exists and is not an empty folder")]:
+        code, err = run_cli(monkeypatch, capsys, "data", "pack", folder, tmp_path / "out", *args)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+    partly = tmp_path / "partly"
+    shutil.copytree(folder, partly)
+    (partly / "metadata.jsonl").write_text("\n".join((folder / "metadata.jsonl").read_text().splitlines()[1:]))
+    code, err = run_cli(monkeypatch, capsys, "data", "pack", partly, tmp_path / "p")
+    assert code == 2 and "1 of 48 images have no caption" in err and not (tmp_path / "p" / MANIFEST).exists()
