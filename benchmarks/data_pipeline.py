@@ -126,17 +126,36 @@ def measure_pipeline(shards: Path, workers: int, batches: int, buckets: str | No
         [data.captions[i] for i in idx.tolist()]  # what a text-conditional step reads besides the pixels
     rate = batches * 64 / (time.perf_counter() - t)
     stream.close()
-    rss = {who: resource.getrusage(w).ru_maxrss / 1024 for who, w in
-           (("main", resource.RUSAGE_SELF), ("workers", resource.RUSAGE_CHILDREN))}
+    rss = {"main": peak_rss_mb(), "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     return {"images": len(data), "workers": workers, "buckets": buckets, "images_per_s": rate, "open_s": opened,
             "peak_rss_mb": rss["main"], "peak_worker_rss_mb": rss["workers"] if workers else 0.0}
 
 
-def run_measure(shards: Path, workers: int, batches: int, buckets: str | None = None) -> dict:
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: on Linux that keeps the parent's
+    resident set at fork across exec, so a process started by a big one would report the big one's size."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_measure(shards: Path, workers: int, batches: int, buckets: str | None = None, repeats: int = 1) -> dict:
+    """measure_pipeline in ``repeats`` fresh processes: the run of median peak RSS, with every run's peak.
+
+    Repeated for the memory comparison: glibc's malloc raises its mmap threshold after freeing a large block,
+    and in some processes the per-batch tensors then stay in fragmented heap (we saw +100-180 MB in about
+    one process in three; none with MALLOC_MMAP_THRESHOLD_ fixed), whatever the data set's size.
+    """
     cmd = [sys.executable, __file__, "--measure", str(shards), "--workers", str(workers), "--batches", str(batches)]
     cmd += ["--buckets", buckets] if buckets else []
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            for _ in range(repeats)]
+    runs.sort(key=lambda r: r["peak_rss_mb"])
+    return runs[len(runs) // 2] | {"peak_rss_runs_mb": [r["peak_rss_mb"] for r in runs]}
 
 
 def train_rate(shards: Path, workdir: Path, steps: int) -> dict:
@@ -233,16 +252,17 @@ def main() -> None:
         small = first_shards(shards, args.small, workdir / "small")
         print(f"generated {args.images} images in {gen_s:.0f} s, packed in {pack_s:.0f} s", file=sys.stderr)
         if args.memory_only:
-            big, small_run = run_measure(shards, 2, args.batches), run_measure(small, 2, args.batches)
+            big = run_measure(shards, 2, args.batches, repeats=5)
+            small_run = run_measure(small, 2, args.batches, repeats=5)
             print(json.dumps({"machine": f"{cpu_name()}, load {load:.1f}", "pack_s": pack_s, "generate_s": gen_s,
                               "big": big, "small": small_run,
                               "rss_change": big["peak_rss_mb"] / small_run["peak_rss_mb"] - 1,
                               "worker_rss_change": big["peak_worker_rss_mb"] / small_run["peak_worker_rss_mb"] - 1},
                              indent=1))
             return
-        runs = [run_measure(shards, w, args.batches) for w in (0, 1, 2)]
+        runs = [run_measure(shards, w, args.batches, repeats=5 if w == 2 else 1) for w in (0, 1, 2)]
         runs.append(run_measure(shards, 2, args.batches, "auto"))
-        runs.append(run_measure(small, 2, args.batches))
+        runs.append(run_measure(small, 2, args.batches, repeats=5))
         train = train_rate(shards, workdir, args.train_steps)
         caches = [run_cache(shards, workdir, args.cache_images, p) for p in (1, 2)]
         import torch
@@ -258,7 +278,8 @@ def main() -> None:
     worker_change = big["peak_worker_rss_mb"] / small_run["peak_worker_rss_mb"] - 1
     machine = f"{cpu_name()}, {os.cpu_count()} cores, load average {load:.1f} at start"
     cmd = f"python benchmarks/data_pipeline.py --images {args.images} --small {args.small} --shard-size " \
-          f"{args.shard_size} --batches {args.batches} --train-steps {args.train_steps} --cache-images {args.cache_images}"
+          f"{args.shard_size} --batches {args.batches} --train-steps {args.train_steps} " \
+          f"--cache-images {args.cache_images}"
     lines = ["# The streamed input pipeline", "", f"Machine: {machine}", "", f"`{cmd}` ({total_s / 60:.0f} min)", "",
              f"{args.images} generated PNGs (64-128 px a side, mixed aspects; {folder_mb:.0f} MB) packed into "
              f"{len(manifest['shards'])} shards ({shards_mb:.0f} MB) in {pack_s:.0f} s "
@@ -269,8 +290,11 @@ def main() -> None:
              "peak RSS, a worker (MB) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['images']} | {r['workers']} | {r['buckets'] or '-'} | {r['open_s']:.2f} | "
               f"{r['images_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['peak_worker_rss_mb']:.0f} |" for r in runs]
-    lines += ["", f"Peak RSS from {small_run['images']} to {big['images']} images (2 workers): process "
-              f"{rss_change:+.1%}, workers {worker_change:+.1%}.", "",
+    lines += ["", f"Peak RSS from {small_run['images']} to {big['images']} images (2 workers, the median of 5 "
+              f"processes each): process {rss_change:+.1%}, workers {worker_change:+.1%}. The 5 processes' peaks: "
+              f"{', '.join(f'{v:.0f}' for v in small_run['peak_rss_runs_mb'])} MB and "
+              f"{', '.join(f'{v:.0f}' for v in big['peak_rss_runs_mb'])} MB (the process's peak is /proc's VmHWM; a "
+              "peak far above the others is glibc keeping freed batch memory, see run_measure).", "",
               f"Training step it has to keep up with: `{train['command']}`: "
               f"{train['images_per_s']:.0f} images/s.", "",
               "Latent cache of the first {0} images (ae-shapes autoencoder, untrained: the cost is the "

@@ -96,7 +96,8 @@ class ShardWriter:
         write_index(index, path, size)  # the index first: a shard is never found without it
         os.replace(self._tmp, path)
         fsync_dir(self.out)
-        self.records.append({"name": self._name, "samples": len(self._rows), "bytes": size, "sha256": file_sha256(path)})
+        self.records.append({"name": self._name, "samples": len(self._rows), "bytes": size,
+                             "sha256": file_sha256(path)})
         self._tar, self._rows = None, []
 
 
