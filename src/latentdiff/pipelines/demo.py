@@ -25,6 +25,7 @@ from latentdiff.data.shapes import make_shapes
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.eval.adherence import format_table, score
 from latentdiff.models.folder import load_autoencoder
+from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.evaluate import adherence_prompt_sets, evaluate_adherence
 from latentdiff.pipelines.generate import Pipeline
 from latentdiff.training import make_trainer
@@ -80,7 +81,7 @@ def run_demo(out: Path, ae_minutes: float = 2.7, ldm_minutes: float = 6.0, n_eva
                         [f"latent.autoencoder={ae_dir}", f"train.time_limit={ldm_minutes}", *overrides], log)
     pipe = Pipeline.load(ldm_dir)
     seeds = 6
-    images = torch.cat([pipe.generate(seeds, seeds, 25, "ddim", seed=0, prompt=p, guidance=guidance)
+    images = torch.cat([pipe.run(SampleSettings(seeds, seeds, 25, "ddim", 0, prompt=p, guidance=guidance)).images
                         for p in GRID_PROMPTS])
     grid = out / "prompts.png"
     save_png(captioned_rows(upscale_nearest(images), GRID_PROMPTS, seeds), grid,
@@ -92,7 +93,7 @@ def run_demo(out: Path, ae_minutes: float = 2.7, ldm_minutes: float = 6.0, n_eva
     log(f"autoencoder ceiling: the scorer reads {100 * ceiling:.1f} % of decoded one-object training scenes right")
     summary = {"autoencoder_seconds": t_ae, "ldm_seconds": t_ldm, "grid": str(grid), "n_per_set": n_eval,
                "autoencoder_ceiling": ceiling,
-               "guidance": pipe.manifest["conditioning"]["guidance"] if guidance is None else guidance,
+               "guidance": pipe.manifest.guidance if guidance is None else guidance,
                "accuracy": report["accuracy"], "groups": report["groups"]}
     (out / "adherence.md").write_text(f"# Prompt adherence of {ldm_dir}\n\n{table}\n\nAutoencoder ceiling: the scorer "
                                       f"reads {100 * ceiling:.1f} % of decoded one-object training scenes right.\n")
