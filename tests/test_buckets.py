@@ -104,8 +104,8 @@ def test_a_model_trained_on_buckets_samples_at_its_trained_sizes(mixed, tmp_path
     trainer.run()
     assert set(shapes) <= {(24, 12), (16, 16), (12, 24)} and len(set(shapes)) >= 2  # batches of several sizes
     assert load_json(tmp_path / "model_index.json")["buckets"] == [[12, 24], [16, 16], [24, 12]]
-    pipe = Pipeline.load(tmp_path).configure(size=(12, 24))  # a trained wide size: (height, width)
-    assert pipe.generate(n_samples=2, batch_size=2, steps=2).shape == (2, 3, 12, 24)
+    pipe = Pipeline.load(tmp_path)  # at a trained wide size: 24 wide, 12 high
+    assert pipe.generate(n_samples=2, batch_size=2, steps=2, width=24, height=12).shape == (2, 3, 12, 24)
     with pytest.raises(UserError, match="data.buckets: 12x24, 24x12 must have sides divisible by 8"):
         make_trainer(load_config("digits-tiny", [f"data.source={mixed}", f"data.buckets={SIZES}",
                                                  "unet.channel_mult=[1,2,2,2]", "unet.attention_resolutions=[]"]),
