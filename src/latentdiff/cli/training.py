@@ -63,13 +63,14 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
 
 
 def _resumed_config(out: Path, preset: str, overrides: list[str]):
-    """On --resume the run's own config.yaml is authoritative; only train.* may be overridden.
+    """On --resume the run's own config.yaml is authoritative; only train.* and data.workers (how many processes
+    decode, never what they decode) may be overridden.
 
     Other overrides must repeat the run's values, so the command that started a run also resumes it.
     """
     from latentdiff.training.config import load_config
 
-    train = [o for o in overrides if o.startswith("train.")]
+    train = [o for o in overrides if o.startswith(("train.", "data.workers="))]
     saved = load_config(str(out / "config.yaml"), train)
     asked = load_config(str(out / "config.yaml"), overrides)
     bad = [o for o in overrides if o not in train and _setting(asked, o) != _setting(saved, o)]

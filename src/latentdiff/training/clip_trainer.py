@@ -110,9 +110,10 @@ class CLIPTrainer(TrainingRun):
 
     def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """clip_loss of this micro-step's pairs over all processes, the in-batch accuracy and e^τ."""
+        x = self.images(part)  # first: an unreadable streamed image's stand-in brings its caption (part["idx"])
         ids = self.ids[part["idx"]].to(self.device)
         with self.autocast():
-            image, text, scale = self.train_model(self.images(part), ids)
+            image, text, scale = self.train_model(x, ids)
         image, text = distributed.gather_with_grad(image.float()), distributed.gather_with_grad(text.float())
         logits = clip_logits(image, text, scale.float())
         loss = clip_loss(logits)

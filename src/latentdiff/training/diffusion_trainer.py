@@ -24,7 +24,6 @@ from latentdiff.models.text_encoder import build_text_encoder
 from latentdiff.models.unet import UNet
 from latentdiff.training.ema import EMA
 from latentdiff.training.latents import LatentData, check_latent_shapes, file_fingerprint
-from latentdiff.training import distributed
 from latentdiff.training.loop import Batch, TrainingRun
 
 
@@ -35,6 +34,7 @@ class DiffusionTrainer(TrainingRun):
     """Trains a UNet to predict ε, x0 or v; samples and exports its EMA copy."""
 
     kind = "UNet"
+    takes_buckets = True
 
     def build(self) -> None:
         """Autoencoder (or identity) and latent cache, UNet, its EMA copy, AdamW and the noise schedule."""
@@ -46,14 +46,15 @@ class DiffusionTrainer(TrainingRun):
             check_latent_shapes(d.image_size, self.autoencoder, self.cfg.unet.in_channels,
                                 self.cfg.unet.out_channels, d.channels, self.cfg.cond.concat)
             ae_fp = file_fingerprint(ae_dir / "autoencoder" / "model.safetensors")
-            with distributed.main_first(self.dist):  # rank 0 encodes and writes the cache, the others read it
-                self.latents = LatentData(self.data, self.autoencoder, ae_fp, ae_dir / "latent_cache", d.hflip,
-                                          self.device)
+            # every process encodes its share of the parts; all then read the whole cache, memory-mapped
+            self.latents = LatentData(self.data, self.autoencoder, ae_fp, ae_dir / "latent_cache", d.hflip,
+                                      self.device, dist=self.dist, workers=d.workers)
         else:
             self.autoencoder = IdentityAutoencoder(d.channels)
             check_latent_shapes(d.image_size, None, self.cfg.unet.in_channels, self.cfg.unet.out_channels, d.channels,
                                 self.cfg.cond.concat)
         self._check_low_res()
+        self._check_buckets()
         self._check_conditioning()
         self.schedule = self.cfg.diffusion.build_schedule()
         self.model = UNet(self.cfg.unet).to(self.device)
@@ -78,9 +79,16 @@ class DiffusionTrainer(TrainingRun):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of what the UNet denoises."""
+        """(C, h, w) of what the UNet denoises (at data.image_size; see :meth:`latent_shape_of` for buckets)."""
         f, size = self.autoencoder.downsample_factor, self.cfg.data.image_size
         return (self.autoencoder.latent_channels, size // f, size // f)
+
+    def latent_shape_of(self, idx: torch.Tensor) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a batch of images ``idx`` (one aspect bucket with data.buckets)."""
+        if getattr(self.data, "bucket", None) is None:
+            return self.latent_shape
+        (h, w), f = self.data.size_of(int(idx[0])), self.autoencoder.downsample_factor
+        return (self.autoencoder.latent_channels, h // f, w // f)
 
     def draw(self) -> Batch:
         """The global batch: indices with flips (pixels) or cached latents drawn from q(z|x), the condition's
@@ -91,13 +99,15 @@ class DiffusionTrainer(TrainingRun):
             idx = self.next_indices()
             z, mirrored = self.latents.batch(idx, self.batches.generator, self.cfg.data.hflip,
                                              self.cfg.latent.sample_posterior, return_flips=True)
-            batch = {"idx": idx, "x0": z, "flip": mirrored}  # the flips, for concat inputs made from the pixels
+            # the flips, for concat inputs made from the pixels; "idx" the images encoded (one unreadable when the
+            # cache was built is stood in for by another, whose label and caption then go with it)
+            batch = {"idx": self.latents.used(idx), "x0": z, "flip": mirrored}
         n, c = len(batch["idx"]), self.cfg.cond
         if self.cond.kind is not CondKind.NONE:
             batch["drop"] = self.drop_coins(n)
         if ConcatKind.of(c.concat) is ConcatKind.INPAINT:
             batch["repaint"] = random_masks(n, self.cfg.data.image_size, self.noise_gen, c.mask_full_prob)
-        batch["t"], batch["eps"] = draw_t_eps(self.schedule, (n, *self.latent_shape), self.noise_gen)
+        batch["t"], batch["eps"] = draw_t_eps(self.schedule, (n, *self.latent_shape_of(batch["idx"])), self.noise_gen)
         return batch
 
     def _check_low_res(self) -> None:
@@ -105,6 +115,18 @@ class DiffusionTrainer(TrainingRun):
         c, size = self.cfg.cond, self.cfg.data.image_size
         if ConcatKind.of(c.concat) is ConcatKind.LOW_RES and not c.low_res_size < size:
             raise UserError(f"cond.low_res_size ({c.low_res_size}) must be smaller than data.image_size ({size})")
+
+    def _check_buckets(self) -> None:
+        """Every aspect bucket's sides must divide by the autoencoder's factor times the UNet's downsamplings."""
+        sizes = self.data.sizes if getattr(self.data, "bucket", None) is not None else []
+        if sizes and self.cfg.cond.concat:
+            raise UserError(f"data.buckets: not with cond.concat={self.cfg.cond.concat} (its masks and low-resolution "
+                            "inputs are square)")
+        m = self.autoencoder.downsample_factor * 2 ** (len(self.cfg.unet.channel_mult) - 1)
+        bad = [f"{w}x{h}" for h, w in sizes if h % m or w % m]
+        if bad:
+            raise UserError(f"data.buckets: {', '.join(bad)} must have sides divisible by {m} (the autoencoder's "
+                            f"factor times the UNet's downsamplings); set data.bucket_step={m} or list other sizes")
 
     def concat_inputs(self, images: torch.Tensor, generator: torch.Generator | None = None,
                       repaint: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,7 +212,9 @@ class DiffusionTrainer(TrainingRun):
                         conditioning=Conditioning(self.cond.kind, c.guidance), concat=concat,
                         low_res_size=c.low_res_size if concat is ConcatKind.LOW_RES else None,
                         class_names=tuple(self.data.class_names or ()),
-                        data=DataInfo(d.source, self.data.fingerprint, len(self.data)))
+                        data=DataInfo(d.source, self.data.fingerprint, len(self.data)),
+                        buckets=tuple((w, h) for h, w in self.data.sizes)  # sample at any with --size WxH
+                        if getattr(self.data, "bucket", None) is not None else None)
 
     def export(self) -> None:
         """The model folder holds the EMA UNet and, for latent diffusion, a copy of the autoencoder."""

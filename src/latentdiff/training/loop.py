@@ -26,11 +26,12 @@ from torch import nn
 from tqdm import tqdm
 
 from latentdiff.training.config import RunConfig, TrainConfig
-from latentdiff.data import ImageData, load_dataset
+from latentdiff.data import ImageData, StreamedImages, open_dataset
 from latentdiff.data.transforms import apply_hflip, hflip_coins
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import atomic_write
 from latentdiff.training import distributed
+from latentdiff.training.batches import Batches, StreamedBatch
 from latentdiff.training.checkpoints import (latest_checkpoint, load_training_state, remove_interrupted_writes,
                                              rng_tensors, save_training_state, split_rng_tensors)
 from latentdiff.training.metrics_log import CsvLog
@@ -58,36 +59,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-class Batches:
-    """Shuffled epochs over an in-memory dataset; its position is part of the checkpoint."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size = n, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(n, generator=self.generator), 0
-
-    def next(self) -> torch.Tensor:
-        """Indices of the next batch (a batch never straddles two epochs)."""
-        if self.pos + self.batch_size > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-        idx = self.perm[self.pos: self.pos + min(self.batch_size, self.n)]
-        self.pos += len(idx)
-        return idx
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """Tensors that restore the exact position."""
-        return {"perm": self.perm, "pos": torch.tensor(self.pos), "generator": self.generator.get_state()}
-
-    def load(self, s: dict[str, torch.Tensor]) -> None:
-        """Restore from :meth:`state`."""
-        self.perm, self.pos = s["perm"], int(s["pos"])
-        self.generator.set_state(s["generator"])
-
-
 class TrainingRun:
     """One training run in one folder: build, optionally resume, loop, checkpoint, export."""
 
     kind = "model"  # what is trained, for messages
+    takes_buckets = False  # whether batches of several image sizes (data.buckets) can be trained
 
     def __init__(self, cfg: RunConfig, out_dir: Path | str, resume: bool = False,
                  device: str = "auto", progress: bool | None = None) -> None:
@@ -98,8 +74,13 @@ class TrainingRun:
             torch.set_num_threads(tc.threads)
         self._check_out_dir(resume)
         torch.manual_seed(tc.seed)  # weight init (identical on every rank) and dropout
-        self.data: ImageData = load_dataset(cfg.data)
+        # in memory, or streamed from disk (data.stream; buckets of fewer than one batch merge into others)
+        self.data: ImageData | StreamedImages = open_dataset(cfg.data, min_bucket=tc.batch_size)
+        self._drawn: torch.Tensor | None = None  # the global batch drawn last (streamed data fetches it)
+        self._streamed: StreamedBatch | None = None  # started at the first streamed images() call
         self._check_batch_split()
+        if cfg.data.buckets is not None and not self.takes_buckets:
+            raise UserError(f"data.buckets: {self.kind} training takes one image size; buckets are for diffusion")
         self._ddp: list[nn.Module] = []  # DistributedDataParallel wrappers (see parallel())
         self._synced: set[int] = set()  # ids of the parameters whose gradients DDP averages
         self.build()
@@ -107,7 +88,8 @@ class TrainingRun:
             torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)
         # fp16's narrow range needs loss scaling (meant for GPUs; works on the CPU too, where bf16 is the better choice)
         self.scaler = torch.amp.GradScaler(self.device.type) if tc.precision == "fp16" else None
-        self.batches = Batches(len(self.data), tc.batch_size, tc.seed + 1)
+        buckets = self.data.bucket if isinstance(self.data, StreamedImages) else None
+        self.batches = Batches(len(self.data), tc.batch_size, tc.seed + 1, buckets)
         self.noise_gen = torch.Generator().manual_seed(tc.seed + 2)  # t and ε of the objective, posterior samples
         self.step, self.bad_steps, self.images_seen = 0, 0, 0
         if resume:
@@ -154,6 +136,7 @@ class TrainingRun:
         """Dataset indices of the next global batch (the same on every rank)."""
         idx = self.batches.next()
         self.images_seen += len(idx)
+        self._drawn = idx
         return idx
 
     def draw(self) -> Batch:
@@ -166,11 +149,30 @@ class TrainingRun:
         return {"idx": idx} | ({"flip": hflip_coins(len(idx), self.batches.generator)} if self.cfg.data.hflip else {})
 
     def images(self, part: Batch) -> torch.Tensor:
-        """The images of (a part of) a batch, in [-1, 1], mirrored where drawn, on the device."""
-        x = self.data.batch(part["idx"])
+        """The images of (a part of) a batch, in [-1, 1], mirrored where drawn, on the device.
+
+        Streamed data is decoded ahead by data.workers processes; an unreadable image is replaced by the next
+        readable one (data.on_bad_file=skip) and ``part["idx"]`` then names it, so its label and caption follow.
+        """
+        if isinstance(self.data, StreamedImages):
+            if self._streamed is None:
+                self._streamed = StreamedBatch(self.data, self.cfg.data.workers, self.own_rows)
+            x, part["idx"] = self._streamed.images(part["idx"], self._drawn, self.batches)
+        else:
+            x = self.data.batch(part["idx"])
         if "flip" in part:
             x = apply_hflip(x, part["flip"])
         return x.to(self.device)
+
+    def own_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a global batch: its slice of every micro-step, in order."""
+        return torch.cat([idx[s] for s in distributed.shard(len(idx), self.cfg.train.grad_accum, self.dist)])
+
+    def close_streams(self) -> None:
+        """Stop the processes that decode streamed images (started again when needed)."""
+        if self._streamed is not None:
+            self._streamed.close()
+            self._streamed = None
 
     def parallel(self, module: nn.Module) -> nn.Module:
         """``module`` as the training forward calls it: in DDP under torchrun, compiled with train.compile.
@@ -379,6 +381,7 @@ class TrainingRun:
             if main and tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                 grid = self.preview()
         bar.close()
+        self.close_streams()
         self.save()
         if not main:
             return None
