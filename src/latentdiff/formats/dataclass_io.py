@@ -48,7 +48,12 @@ def check_type(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return check_type(value, inner[0], key)
+        for alternative in inner[:-1]:  # e.g. int | str: the first that takes the value
+            try:
+                return check_type(value, alternative, key)
+            except UserError:
+                pass
+        return check_type(value, inner[-1], key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}: expected a list, got {value!r}")

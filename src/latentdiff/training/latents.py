@@ -71,19 +71,28 @@ class LatentData:
     def __len__(self) -> int:
         return self.mean.shape[0]
 
+    def to(self, device: torch.device) -> "LatentData":
+        """Move the cached moments to ``device`` (a trainer on a GPU draws its batches there)."""
+        for name in ("mean", "std", "mean_flip", "std_flip"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def batch(self, idx: torch.Tensor, generator: torch.Generator, flip: bool, sample: bool,
               return_flips: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents of images ``idx``: z = s · (μ + σ ε − shift), mirrored at random when ``flip``.
 
         With ``return_flips`` also which images were mirrored (bool (B,)), for inputs made from the pixels.
         """
+        on = self.mean.device  # the generator's too (training/batches.py)
+        idx = idx.to(on, non_blocking=True)
         mean, std = self.mean[idx], self.std[idx]
-        mirrored = torch.zeros(len(idx), dtype=torch.bool)
+        mirrored = torch.zeros(len(idx), dtype=torch.bool, device=on)
         if flip:
-            mirrored = torch.rand(len(idx), generator=generator) < 0.5
+            mirrored = torch.rand(len(idx), generator=generator, device=on) < 0.5
             mean = torch.where(mirrored[:, None, None, None], self.mean_flip[idx], mean)
             std = torch.where(mirrored[:, None, None, None], self.std_flip[idx], std)
-        z = mean + std * torch.randn(mean.shape, generator=generator) if sample else mean
+        z = mean + std * torch.randn(mean.shape, generator=generator, device=on) if sample else mean
         z = self.scale * (z - self.shift)
         return (z, mirrored) if return_flips else z
 
