@@ -222,3 +222,25 @@ def test_budgeted_recipe_splits_ends_on_time_and_continues(tmp_path):
     again = json.loads((tmp_path / "run" / "recipe.json").read_text())["stages"]
     assert again["ae"] == stages["ae"] and latest_checkpoint(tmp_path / "run" / "ae" / "checkpoints") == ae_ckpt
     assert again["ldm"]["steps"] > stages["ldm"]["steps"]
+
+
+def test_recipe_picks_pixel_space_when_the_budget_buys_enough_images(tmp_path):
+    """The pixel preset is timed at its batch (no weights change, nothing written); pixel space is chosen
+    exactly when the images it would train in the time left reach the recipe's threshold."""
+    from latentdiff.training.recipe import _pick_space
+
+    def recipe_with(threshold):
+        path = tmp_path / f"r{threshold}.yaml"
+        path.write_text("stages:\n  - {name: ae, preset: ae-mnist, share: 0.3}\n  - {name: ldm, preset: ldm-mnist}\n"
+                        f"pixel: {{preset: digits-tiny, min_images: {threshold}}}\n")
+        return load_recipe(str(path))
+
+    said = []
+    deadline = time.perf_counter() + 60
+    assert _pick_space(recipe_with(1), tmp_path / "p", ["data.limit=64"], "cpu", deadline, said.append) == "pixel"
+    assert _pick_space(recipe_with(10**12), tmp_path / "p", ["data.limit=64"], "cpu", deadline, said.append) == "latent"
+    assert "fewer than the 1,000,000,000,000 where it beats the latent route: latent" in said[1]
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(UserError, match="'pixel' must be"):
+        (tmp_path / "bad.yaml").write_text("stages:\n  - {name: a, preset: ldm-mnist}\npixel: {preset: x}\n")
+        load_recipe(str(tmp_path / "bad.yaml"))

@@ -51,10 +51,13 @@ class Stage:
 
 @dataclass
 class Recipe:
-    """A named list of stages."""
+    """A named list of stages, and optionally a pixel-space preset to train instead when the budget buys it
+    ``pixel_images`` training images (small images on a fast device: no autoencoder to train and encode)."""
 
     name: str
     stages: list[Stage]
+    pixel: Stage | None = None
+    pixel_images: int = 0
 
 
 def list_recipes() -> list[str]:
@@ -100,7 +103,12 @@ def load_recipe(name_or_path: str) -> Recipe:
         out.append(stage)
     if len({s.name for s in out}) != len(out):
         raise UserError(f"{where}: stage names must differ")
-    return Recipe(name, out)
+    pixel = d.get("pixel")
+    if pixel is None:
+        return Recipe(name, out)
+    if not isinstance(pixel, dict) or set(pixel) != {"preset", "min_images"} or not isinstance(pixel["min_images"], int):
+        raise UserError(f"{where}: 'pixel' must be {{preset: NAME, min_images: N}}, got {pixel!r}")
+    return Recipe(name, out, Stage("pixel", str(pixel["preset"])), pixel["min_images"])
 
 
 def describe(recipe: Recipe, minutes: float | None) -> str:
@@ -113,7 +121,9 @@ def describe(recipe: Recipe, minutes: float | None) -> str:
             parts.append(f"{s.name} ({s.preset}) {100 * s.share:.0f} % of the time left, at most its preset's steps"
                          if minutes else f"{s.name} ({s.preset})")
     budget = f"{minutes:g}-minute budget, everything included" if minutes else "each stage's preset steps"
-    return f"recipe {recipe.name} ({budget}): " + "; then ".join(parts)
+    pixel = (f"; or, if the budget buys it {recipe.pixel_images:,} images, {recipe.pixel.preset} in pixel space alone"
+             if recipe.pixel and minutes else "")
+    return f"recipe {recipe.name} ({budget}): " + "; then ".join(parts) + pixel
 
 
 def run_recipe(name_or_path: str, out: Path | str, minutes: float | None = None, overrides: list[str] = (),
@@ -130,9 +140,14 @@ def run_recipe(name_or_path: str, out: Path | str, minutes: float | None = None,
     if resume and state.get("recipe") not in (None, recipe.name):
         raise UserError(f"{out} holds a {state['recipe']} run, not {recipe.name}")
     log(describe(recipe, minutes))
-    folders = {s.name: out / s.name for s in recipe.stages}
-    for i, stage in enumerate(recipe.stages):
-        last, record = i == len(recipe.stages) - 1, state["stages"].setdefault(stage.name, {"done": False, "seconds": 0.0})
+    stages = recipe.stages
+    if deadline is not None and recipe.pixel is not None:
+        if "space" not in state:
+            state["space"] = _pick_space(recipe, out / "pixel", list(overrides), device, deadline, log)
+        stages = [recipe.pixel] if state["space"] == "pixel" else stages
+    folders = {s.name: out / s.name for s in stages}
+    for i, stage in enumerate(stages):
+        last, record = i == len(stages) - 1, state["stages"].setdefault(stage.name, {"done": False, "seconds": 0.0})
         if record["done"] and not last:
             log(f"{stage.name}: done in an earlier run ({record['steps']} steps); kept")
             continue
@@ -157,7 +172,28 @@ def run_recipe(name_or_path: str, out: Path | str, minutes: float | None = None,
         trainer.run()
         record.update(done=True, steps=trainer.step, seconds=record["seconds"] + time.perf_counter() - t_stage)
         save_json(state, out / STATE)
-    return folders[recipe.stages[-1].name]
+    return folders[stages[-1].name]
+
+
+def _pick_space(recipe: Recipe, folder: Path, overrides: list[str], device: str, deadline: float,
+                log: Callable[[str], None]) -> str:
+    """'pixel' when the pixel preset, timed here at its batch (one warm-up and one timed forward + backward,
+    no weights changed), would see at least ``pixel_images`` images before the deadline; else 'latent'."""
+    t = time.perf_counter()
+    trainer = make_trainer(load_config(recipe.pixel.preset, overrides), folder, device=device, progress=False)
+    batch = trainer.cfg.train.batch_size if trainer.cfg.train.batch_size != "auto" else trainer.cfg.train.lr_batch
+    trainer.probe_step(batch)
+    trainer._sync()
+    t1 = time.perf_counter()
+    trainer.probe_step(batch)
+    trainer._sync()
+    rate = batch / (time.perf_counter() - t1)
+    images = rate * max(0.0, deadline - time.perf_counter())
+    space = "pixel" if images >= recipe.pixel_images else "latent"
+    log(f"pixel space ({recipe.pixel.preset}) trains {rate:,.0f} images/s here: {images:,.0f} images in the budget, "
+        f"{'at least' if space == 'pixel' else 'fewer than'} the {recipe.pixel_images:,} where it beats the latent "
+        f"route: {space} (decided in {time.perf_counter() - t:.1f} s)")
+    return space
 
 
 def _stage_config(stage: Stage, folder: Path, overrides: list[str], resume: bool) -> Any:
