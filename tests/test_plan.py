@@ -16,8 +16,8 @@ from latentdiff.training import make_trainer
 from latentdiff.training.checkpoints import latest_checkpoint
 from latentdiff.training.config import load_config
 from latentdiff.training.loop import lr_at
-from latentdiff.training.plan import (CALIBRATION_STEPS, BudgetPlanner, Reference, check_minutes, choose_batch,
-                                      ema_decay_for, lr_for_batch, scaled_settings, steps_to_deadline)
+from latentdiff.training.plan import (CALIBRATION_STEPS, BudgetPlanner, Reference, ThreadTrial, check_minutes,
+                                      choose_batch, ema_decay_for, lr_for_batch, scaled_settings, steps_to_deadline)
 from latentdiff.training.recipe import load_recipe
 
 
@@ -119,6 +119,25 @@ def test_budget_smaller_than_one_step_is_an_error():
     assert step == 1 + CALIBRATION_STEPS and planned == [step]
 
 
+@pytest.mark.parametrize("busy", [False, True])
+def test_thread_trial_keeps_the_faster_count(busy):
+    """After a warm-up step (1 thread), two steps with 1 thread and two with 2 are timed and the faster count
+    kept; on a busy machine, where 2 threads can be far slower, one slow step is enough to drop them."""
+    clock, threads = [0.0], []
+    per_step = {1: 0.15, 2: 0.1} if not busy else {1: 0.2, 2: 0.6}
+    trial = ThreadTrial(0, [1, 2], threads.append, clock=lambda: clock[0])
+    step = 0
+    while True:
+        clock[0] += per_step[threads[-1]]
+        step += 1
+        if not trial.after_step(step):
+            break
+    assert threads[0] == 1 and threads[-1] == trial.choice == (1 if busy else 2)
+    assert step == (4 if busy else 5)
+    assert trial.times == [[pytest.approx(per_step[1])] * 2, [pytest.approx(per_step[2])] * (1 if busy else 2)]
+    assert trial.describe().endswith(f"keeping {trial.choice}")
+
+
 def test_choose_batch_fills_the_device():
     # images/s grow with the batch until 256 (the device is full), then flatten; 1024 does not fit
     def seconds(n):
@@ -164,7 +183,7 @@ def test_budgeted_run_ends_on_time_annealed_and_continues(tmp_path):
     trainer = make_trainer(cfg, tmp_path, device="cpu", progress=False, started=t)
     trainer.run()
     took = time.perf_counter() - t
-    assert took <= 0.4 * 60 + 2.0  # on time (a loaded machine may be a step late)
+    assert took <= 0.4 * 60 + 5.0  # on time (give or take a step and a save on a loaded machine)
     steps = trainer.step
     assert steps == trainer.cfg.train.steps >= 1 + CALIBRATION_STEPS  # ended where it planned to
     assert lr_at(steps, trainer.cfg.train) == pytest.approx(0, abs=1e-12)  # annealed at the end
@@ -210,7 +229,7 @@ def test_budgeted_recipe_splits_ends_on_time_and_continues(tmp_path):
     t = time.perf_counter()
     model = run_recipe(str(recipe), tmp_path / "run", 0.75, common, device="cpu", started=t, log=lambda m: None)
     took = time.perf_counter() - t
-    assert took <= 0.75 * 60 + 3.0 and model == tmp_path / "run" / "ldm"
+    assert took <= 0.75 * 60 + 5.0 and model == tmp_path / "run" / "ldm"
     stages = json.loads((tmp_path / "run" / "recipe.json").read_text())["stages"]
     assert stages["ae"]["done"] and 1 <= stages["ae"]["steps"] <= 40
     assert stages["ldm"]["done"] and stages["ldm"]["steps"] == load_config(str(model / "config.yaml")).train.steps

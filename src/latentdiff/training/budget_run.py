@@ -10,7 +10,8 @@ import torch
 
 from latentdiff.training import distributed
 from latentdiff.errors import UserError
-from latentdiff.training.plan import CALIBRATION_STEPS, BudgetPlanner, Reference, choose_batch, lr_for_batch
+from latentdiff.training.plan import (CALIBRATION_STEPS, BudgetPlanner, Reference, ThreadTrial, choose_batch,
+                                      lr_for_batch)
 
 UNPLANNED_STEPS = 10**9  # the loop's bound while a budgeted run calibrates (the plan replaces it)
 
@@ -19,6 +20,7 @@ class BudgetedRun:
     """Mixed into TrainingRun: everything a run with a deadline does beyond a run with a step count."""
 
     planner: BudgetPlanner | None = None
+    _trial: ThreadTrial | None = None  # a budgeted CPU run's choice of thread count (training/plan.py)
 
     def plan_to(self, deadline: float, max_steps: int | None = None, strict: bool = True) -> None:
         """Plan this run to end (saved and exported) by ``deadline`` (a time.perf_counter() value), in at most
@@ -88,13 +90,26 @@ class BudgetedRun:
                                 strict=self.strict_budget, spent_seconds=saved["spent_seconds"] if saved else 0.0,
                                 sync=self._sync)
         tc.steps = self.max_steps or UNPLANNED_STEPS  # until the calibration steps give the plan
+        n = torch.get_num_threads()
+        self._trial = (ThreadTrial(self.step, [1, n], torch.set_num_threads)
+                       if self.device.type == "cpu" and not tc.threads and n > 1 else None)
         if self.dist.is_main and (self.max_steps or UNPLANNED_STEPS) > self.step + 1 + CALIBRATION_STEPS:
+            trial = f" (and up to 4 before them comparing 1 thread with {n})" if self._trial else ""
             print(f"budget: {(self.deadline - time.perf_counter()) / 60:.2f} min left; calibrating with "
-                  f"{1 + CALIBRATION_STEPS} real steps", file=sys.stderr)
+                  f"{1 + CALIBRATION_STEPS} real steps{trial}", file=sys.stderr)
         return planner
 
     def _replan(self) -> bool:
         """After a step: apply a new plan when the planner makes one (rank 0's, on every process)."""
+        trial = self._trial
+        if trial is not None and trial.choice is None:  # first: which thread count is faster here, now
+            if self.step == self.planner.start_step + 1:
+                self.planner.after_step(self.step, self._timed_save, self.preview_seconds)  # the budget check
+            if not trial.after_step(self.step):
+                if self.dist.is_main:
+                    print(trial.describe(), file=sys.stderr)
+                self.planner.restart_window(self.step)
+            return False
         first = self.planner.planned is None
         new = self.planner.after_step(self.step, self._timed_save, self.preview_seconds)
         if new is None:

@@ -202,6 +202,13 @@ class BudgetPlanner:
         """The loop spent ``seconds`` on a periodic checkpoint or grid: not step time (the reserve covers it)."""
         self.excluded += seconds
 
+    def restart_window(self, step: int) -> None:
+        """Measure the step time afresh from ``step`` (the settings changed, e.g. the thread count), planning
+        after CALIBRATION_STEPS more steps."""
+        self.sync()
+        self.mark, self.excluded = (step, self.clock()), 0.0
+        self.next_replan = step + CALIBRATION_STEPS
+
     def out_of_time(self) -> bool:
         """True once the time left is only the reserve for the finish (the run stops early, saying so)."""
         return self.planned is not None and self.clock() > self.deadline - self.reserve
@@ -243,6 +250,47 @@ class BudgetPlanner:
             raise UserError(f"the time budget of {total:.3g} min is smaller than setting up ({self.loop_started - self.started:.1f} s) "
                             f"and {CALIBRATION_STEPS + 1} training steps ({step_s:.2f} s each); give at least "
                             f"{need:.2g} min")
+
+
+class ThreadTrial:
+    """A budgeted run on the CPU times its first steps with each candidate thread count and keeps the fastest:
+    on a busy machine one thread can beat all cores many times over (OpenMP threads wait for each other
+    while other processes hold the cores; benchmarks/results/cpu_step_options.md), on a quiet one all cores
+    win. One warm-up step, then ``steps_each`` steps per candidate, in order (1 first: the safe one), a
+    candidate dropped after one step that took over twice the best so far. The steps are real training
+    steps."""
+
+    def __init__(self, start_step: int, candidates: list[int], set_threads: Callable[[int], None],
+                 clock: Callable[[], float] = time.perf_counter, steps_each: int = 2) -> None:
+        self.candidates, self.set_threads, self.clock, self.steps_each = candidates, set_threads, clock, steps_each
+        self.warm_up = start_step + 1
+        self.times: list[list[float]] = [[] for _ in candidates]
+        self.current, self.t = 0, 0.0
+        self.choice: int | None = None
+        set_threads(candidates[0])
+
+    def after_step(self, step: int) -> bool:
+        """Record the time after ``step``; True while the trial goes on (False once the choice is set)."""
+        now = self.clock()
+        if step > self.warm_up:
+            self.times[self.current].append(now - self.t)
+            mine = self.times[self.current]
+            best = min((sum(t) / len(t) for t in self.times[:self.current]), default=math.inf)
+            if len(mine) >= self.steps_each or mine[-1] > 2 * best:
+                self.current += 1
+                if self.current == len(self.candidates):
+                    means = [sum(t) / len(t) for t in self.times]
+                    self.choice = self.candidates[means.index(min(means))]
+                    self.set_threads(self.choice)
+                    return False
+                self.set_threads(self.candidates[self.current])
+        self.t = self.clock()
+        return True
+
+    def describe(self) -> str:
+        """The trial's outcome in one line."""
+        timings = ", ".join(f"{n} thread(s) {1000 * sum(t) / len(t):.0f} ms" for n, t in zip(self.candidates, self.times))
+        return f"threads: {timings} per step: keeping {self.choice}"
 
 
 def choose_batch(seconds_per_step: Callable[[int], float], base: int, max_batch: int, gain: float = 1.3) -> int:
