@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps timed per combination and round")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
-    rows = []
+    rows, load0 = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             trainers = {cl: build(preset, Path(tmp) / preset, cl) for cl in (False, True)}
@@ -86,7 +87,9 @@ def main() -> None:
     lines = ["# CPU training-step options", "", f"machine: {machine}  ",
              f"command: `python {' '.join(sys.argv)}`  ",
              f"median of {args.rounds} interleaved rounds of {args.steps} steps; default = fp32, contiguous, "
-             f"{max(args.threads)} threads", "",
+             f"{max(args.threads)} threads  ",
+             f"load average at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+             "(other processes: with more runnable threads than cores, several torch threads wait on each other)", "",
              "| preset | batch | threads | channels_last | precision | ms/step | images/s | vs default |",
              "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {r['preset']} | {r['batch']} | {r['threads']} | {'yes' if r['channels_last'] else 'no'} | "
