@@ -82,7 +82,7 @@ class TrainingRun(StepHelpers, BudgetedRun):
         self.build()
         if tc.batch_size == "auto":  # needs the networks; before the data order, which depends on the batch
             self._choose_batch()
-        self._check_batch_split()
+            self._check_batch_split()
         if self.dist.rank:  # dropout differs between ranks, as it does between the images of one batch
             torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)
         # fp16's narrow range needs loss scaling (meant for GPUs; works on the CPU too, where bf16 is the better choice)
