@@ -2,6 +2,7 @@
 would do better, on Fashion-MNIST 32x32: measured in steps, so a busy machine gives the same answer.
 
     python benchmarks/recipe_split.py --minutes 10 --shares 0.15 0.3 0.5 --pixel [--n-eval 1000]
+    (or one run per process, e.g. --shares 0.3, and --shares --pixel: the rows are merged)
 
 A budget of ``--minutes`` on a quiet machine is turned into step counts with step times measured there
 (``--ldm-step``: seconds per ldm-fashion step; the autoencoder's, the pixel UNet's and the latent
@@ -72,7 +73,7 @@ def main() -> None:
     """Train the splits (and pixel), score them, write the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--shares", type=float, nargs="+", default=[0.15, 0.3, 0.5])
+    ap.add_argument("--shares", type=float, nargs="*", default=[0.15, 0.3, 0.5])
     ap.add_argument("--pixel", action="store_true", help="also pixel-fashion on the whole budget")
     ap.add_argument("--ldm-step", type=float, default=64 / 386, help="quiet seconds per ldm-fashion step "
                     "(default: 386 img/s, benchmarks/results/latent_vs_pixel.md, 2 quiet cores)")
@@ -116,22 +117,50 @@ def main() -> None:
         rows[name] = {"ae_steps": ae_steps, "steps": steps, "fid": q["fid"], "precision": q["precision"],
                       "recall": q["recall"], "wall_minutes": (time.perf_counter() - t) / 60}
         print(name, rows[name], flush=True)
-    lines = [f"# Splitting a {args.minutes:g}-minute budget: autoencoder vs latent diffusion, and pixel space", "",
-             f"machine: {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}; load average now "
-             f"{os.getloadavg()[0]:.1f}  ", f"command: `python {' '.join(sys.argv)}`  ",
-             f"step times (quiet machine, as ratios to ldm-fashion's {s_ldm:.3f} s): "
+        rows = merge_rows(args, rows, r, s_ldm, encode, train)  # several processes may share the results file
+    write(rows)
+
+
+def merge_rows(args: argparse.Namespace, rows: dict, ratios: dict, s_ldm: float, encode: float, train: float) -> dict:
+    """Add this process's rows to benchmarks/results/recipe_split.json (locked: runs of one budget may be
+    split over processes; rows of another budget or other step times are replaced)."""
+    import fcntl
+
+    RESULTS.mkdir(exist_ok=True)
+    setup = {"minutes": args.minutes, "ratios": ratios, "ldm_step": s_ldm, "encode_seconds": encode,
+             "train_seconds": train, "n_eval": args.n_eval, "threads": args.threads}
+    with open(RESULTS / "recipe_split.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = RESULTS / "recipe_split.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        merged = old.get("rows", {}) if old.get("setup") == setup else {}
+        merged |= {k: v | {"command": f"python {' '.join(sys.argv)}"} for k, v in rows.items()}
+        path.write_text(json.dumps({"setup": setup, "rows": merged}, indent=2))
+    (RESULTS / "recipe_split.lock").unlink(missing_ok=True)
+    return {"setup": setup, "rows": merged}
+
+
+def write(results: dict) -> None:
+    """benchmarks/results/recipe_split.md from the merged rows."""
+    setup, rows = results["setup"], results["rows"]
+    r, order = setup["ratios"], sorted(results["rows"], key=lambda k: (k == "pixel", k))
+    lines = [f"# Splitting a {setup['minutes']:g}-minute budget: autoencoder vs latent diffusion, and pixel space", "",
+             f"machine: {cpu_name()}, {setup['threads']} thread(s) per run, torch {torch.__version__}; runs in parallel "
+             f"on a machine shared with other jobs (load average {os.getloadavg()[0]:.1f} at the last write): step "
+             "counts are fixed, so the numbers do not depend on the load  ",
+             f"step times (as ratios to ldm-fashion's {setup['ldm_step']:.3f} s on 2 quiet cores): "
              + ", ".join(f"{k} {v:.2f}x" for k, v in r.items())
-             + f"; latent encoding of 60 000 images {encode:.0f} s; {train:.0f} s left to train", "",
-             "| run | autoencoder steps | diffusion steps | FID | precision | recall |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {k} | {v['ae_steps']} | {v['steps']} | {v['fid']:.1f} | {v['precision']:.2f} | {v['recall']:.2f} |"
-              for k, v in rows.items()]
-    lines += ["", f"FID etc.: {args.n_eval} DDIM-50 samples vs {args.n_eval} test images, shipped Fashion-MNIST "
-              "classifier features. Step counts are fixed, so the numbers do not depend on the machine's load."]
+             + f"; latent encoding of 60 000 images {setup['encode_seconds']:.0f} s; {setup['train_seconds']:.0f} s "
+             "left to train", "",
+             "| run | autoencoder steps | diffusion steps | FID | precision | recall | command |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [f"| {k} | {rows[k]['ae_steps']} | {rows[k]['steps']} | {rows[k]['fid']:.1f} | {rows[k]['precision']:.2f} | "
+              f"{rows[k]['recall']:.2f} | `{rows[k]['command']}` |" for k in order]
+    lines += ["", f"FID etc.: {setup['n_eval']} DDIM-50 samples vs {setup['n_eval']} test images, shipped Fashion-MNIST "
+              "classifier features."]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / "recipe_split.md").write_text(text)
-    (RESULTS / "recipe_split.json").write_text(json.dumps({"rows": rows, "ratios": r, "argv": sys.argv}, indent=2))
 
 
 if __name__ == "__main__":

@@ -210,3 +210,26 @@ def test_trainer_applies_the_configured_loss_weighting(tiny_cfg, tmp_path):
         losses[name] = float(Trainer(tiny_cfg, tmp_path / name, progress=False).train_step()["loss"])
     assert losses["capped_v"] == pytest.approx(losses["plain"], rel=1e-6)
     assert abs(losses["paper"] - losses["plain"]) > 1e-3 * losses["plain"]
+
+
+def test_deferred_loss_reads_log_the_per_step_means(tiny_cfg, tmp_path):
+    """The loop reads the losses only when it writes a row (every log_every steps), summed on the device in
+    float64: each metrics.csv row is exactly the mean of the losses the steps returned, as when every step
+    was read on the host (with gradient accumulation, whose micro-step losses are averaged too)."""
+    tiny_cfg.train.grad_accum = 2
+    tiny_cfg.train.log_every = 3
+    tiny_cfg.train.steps = 7
+    trainer = Trainer(tiny_cfg, tmp_path, progress=False)
+    seen, step = [], trainer.train_step
+
+    def recorded():
+        logs = step()
+        seen.append(float(logs["loss"]))
+        return logs
+
+    trainer.train_step = recorded
+    trainer.run()
+    rows = [r.split(",") for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [3, 6, 7]
+    for (first, last), row in zip(((0, 3), (3, 6), (6, 7)), rows):
+        assert float(row[1]) == sum(seen[first:last]) / (last - first)  # bit for bit
