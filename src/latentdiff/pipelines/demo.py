@@ -25,6 +25,7 @@ from latentdiff.data.shapes import make_shapes
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.eval.adherence import format_table, score
 from latentdiff.models.folder import load_autoencoder
+from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.evaluate import adherence_prompt_sets, evaluate_adherence
 from latentdiff.pipelines.generate import Pipeline
 from latentdiff.training.recipe import STATE, run_recipe
@@ -72,7 +73,7 @@ def run_demo(out: Path, minutes: float | None = 8.5, n_eval: int = 100, guidance
     log(f"trained in {(time.perf_counter() - t0) / 60:.1f} min (budget {minutes} min)")
     pipe = Pipeline.load(ldm_dir)
     seeds = 6
-    images = torch.cat([pipe.generate(seeds, seeds, 25, "ddim", seed=0, prompt=p, guidance=guidance)
+    images = torch.cat([pipe.run(SampleSettings(seeds, seeds, 25, "ddim", 0, prompt=p, guidance=guidance)).images
                         for p in GRID_PROMPTS])
     grid = out / "prompts.png"
     save_png(captioned_rows(upscale_nearest(images), GRID_PROMPTS, seeds), grid,
@@ -84,7 +85,7 @@ def run_demo(out: Path, minutes: float | None = 8.5, n_eval: int = 100, guidance
     log(f"autoencoder ceiling: the scorer reads {100 * ceiling:.1f} % of decoded one-object training scenes right")
     summary = {"autoencoder_seconds": t_ae, "ldm_seconds": t_ldm, "grid": str(grid), "n_per_set": n_eval,
                "autoencoder_ceiling": ceiling,
-               "guidance": pipe.manifest["conditioning"]["guidance"] if guidance is None else guidance,
+               "guidance": pipe.manifest.guidance if guidance is None else guidance,
                "accuracy": report["accuracy"], "groups": report["groups"]}
     (out / "adherence.md").write_text(f"# Prompt adherence of {ldm_dir}\n\n{table}\n\nAutoencoder ceiling: the scorer "
                                       f"reads {100 * ceiling:.1f} % of decoded one-object training scenes right.\n")
