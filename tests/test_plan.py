@@ -263,3 +263,28 @@ def test_recipe_picks_pixel_space_when_the_budget_buys_enough_images(tmp_path):
     with pytest.raises(UserError, match="'pixel' must be"):
         (tmp_path / "bad.yaml").write_text("stages:\n  - {name: a, preset: ldm-mnist}\npixel: {preset: x}\n")
         load_recipe(str(tmp_path / "bad.yaml"))
+
+
+@pytest.mark.parametrize("preset", ["digits-tiny", "ae-mnist"])
+def test_batch_size_auto_probes_without_training(preset, tmp_path):
+    """train.batch_size=auto times real forward + backward passes at doubling batches (probe_step): the
+    batch is the preset's times a power of two, lr scaled by √, steps by the ratio (the same images),
+    config.yaml holds the choice; the probes change no weight and no random stream."""
+    small = ["data.limit=512", "train.grid_samples=4", "train.steps=64", "train.warmup_steps=8"]
+    if preset == "ae-mnist":
+        small += ["autoencoder.base_channels=8", "ae_loss.perceptual_weight=0"]
+    fixed = make_trainer(load_config(preset, small), tmp_path / "fixed", device="cpu", progress=False)
+    rng_fixed = torch.get_rng_state()  # the constructor seeds torch, then builds
+    cfg = load_config(preset, small + ["train.batch_size=auto"])
+    assert cfg.train.lr_batch == fixed.cfg.train.batch_size
+    auto = make_trainer(cfg, tmp_path / "auto", device="cpu", progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_fixed)
+    tc, base = auto.cfg.train, fixed.cfg.train
+    ratio = tc.batch_size // base.batch_size
+    assert tc.batch_size == base.batch_size * ratio and ratio in (1, 2, 4) and tc.lr_batch == tc.batch_size
+    assert tc.lr == pytest.approx(base.lr * math.sqrt(ratio)) and tc.steps == round(64 / ratio)
+    for (k, a), b in zip(auto.model.state_dict().items(), fixed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    auto.cfg.train.steps = 1
+    auto.run()
+    assert load_config(str(tmp_path / "auto" / "config.yaml")).train.batch_size == tc.batch_size

@@ -100,7 +100,8 @@ class AutoencoderTrainer(TrainingRun):
             x = torch.rand(n, c, size, size, generator=torch.Generator().manual_seed(0)).to(self.device) * 2 - 1
             with self.autocast():
                 recon, posterior = self.train_model(x, sample_posterior=True)
-            self.loss.generator_loss(x, recon.float(), posterior, self.step, self.model.last_layer)[0].backward()
+            step = getattr(self, "step", 0)  # probed while the trainer is built: before the step counter exists
+            self.loss.generator_loss(x, recon.float(), posterior, step, self.model.last_layer)[0].backward()
         self.opt_g.zero_grad(set_to_none=True)
 
     def schedule_extra(self) -> dict[str, int]:
