@@ -1,23 +1,34 @@
-"""The data order of a run (part of every checkpoint) and, for streamed data, the images of each batch.
+"""What a training step draws: the data order, the images of each batch, and the random streams that live
+on the training device.
 
-:class:`Batches` draws the order from a seeded generator whose state is checkpointed, so ``--resume``
-continues the exact order, mid-epoch too. The order is the same whether the images sit in memory or are
-streamed (from a folder or WebDataset shards): the same seed gives the same model from either.
-:class:`StreamedBatch` hands this process's rows of each batch to DataLoader workers ahead of time
+:class:`Batches` draws the order from a seeded generator whose state is checkpointed (always on the CPU: it
+is tiny), so ``--resume`` continues the exact order, mid-epoch too. The order is the same whether the images
+sit in memory or are streamed (from a folder or WebDataset shards): the same seed gives the same model from
+either. :class:`StreamedBatch` hands this process's rows of each batch to DataLoader workers ahead of time
 (data/loader.py) and serves them to the trainer.
+
+On a GPU an in-memory data set is held there as uint8 and the objective's noise ε and the augmentation
+(flips, posterior samples of the latent cache) are drawn there by device generators, so a step never waits
+for the host (DESIGN.md, performance habits). On the CPU the "device" streams *are* the CPU generators the
+trainers always used, and the images are the data set's own tensor: the same code path, the same numbers
+as before, and nothing extra in the checkpoint.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from latentdiff.data import ImageData
 from latentdiff.data.loader import Prefetcher
 from latentdiff.data.streamed import StreamedImages
 from latentdiff.data.transforms import from_uint8_image
 from latentdiff.errors import UserError
+
+DEVICE_DATA_SHARE = 0.25  # hold the data set on a GPU when it takes at most this share of its free memory
 
 
 class Batches:
@@ -110,3 +121,44 @@ class StreamedBatch:
     def close(self) -> None:
         """Stop the workers."""
         self.loader.close()
+
+
+class DeviceStreams:
+    """The data set's images and the ε / augmentation generators, on the training device (module docstring)."""
+
+    def __init__(self, data: ImageData | StreamedImages, device: torch.device, noise_gen: torch.Generator,
+                 batch_gen: torch.Generator, seed: int) -> None:
+        self.data, self.device = data, device
+        self.on_host = device.type == "cpu"
+        self.noise = noise_gen if self.on_host else torch.Generator(device).manual_seed(seed + 3)
+        self.aug = batch_gen if self.on_host else torch.Generator(device).manual_seed(seed + 4)
+        self.images: torch.Tensor | None = None  # the uint8 images on a GPU, when they fit
+        if not self.on_host and device.type == "cuda" and isinstance(data, ImageData):  # streamed: decoded per batch
+            free, _ = torch.cuda.mem_get_info(device)
+            if data.images.numel() <= DEVICE_DATA_SHARE * free:
+                self.images = data.images.to(device)
+            else:
+                print(f"note: the data set ({data.images.numel() / 2**30:.1f} GiB as uint8) stays in host memory",
+                      file=sys.stderr)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, without waiting for the device (small tensors: indices, t, coins)."""
+        return x if self.on_host else x.to(self.device, non_blocking=True)
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """Images ``idx`` as floats in [-1, 1] on the device."""
+        if self.images is not None:
+            return from_uint8_image(self.images[self.to_device(idx)])
+        if self.on_host:
+            return from_uint8_image(self.data.images[idx])
+        return from_uint8_image(self.data.images[idx].to(self.device, non_blocking=True))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The device generators' states (none on the CPU: they are the checkpointed CPU generators)."""
+        return {} if self.on_host else {"device.noise": self.noise.get_state(), "device.aug": self.aug.get_state()}
+
+    def load(self, rng: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state` saved (a checkpoint written on the CPU has none: fresh streams)."""
+        if "device.noise" in rng and not self.on_host:
+            self.noise.set_state(rng["device.noise"])
+            self.aug.set_state(rng["device.aug"])

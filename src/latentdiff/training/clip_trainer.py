@@ -94,7 +94,7 @@ class CLIPTrainer(TrainingRun):
         h.update(self.ids.numpy().tobytes())
         return h.hexdigest()
 
-    def train_step(self) -> dict[str, float] | None:
+    def train_step(self) -> dict[str, float]:
         """One AdamW step on a batch of (image, caption) pairs.
 
         Under torchrun the embeddings of all processes are gathered, so the contrastive loss sees the
@@ -103,9 +103,7 @@ class CLIPTrainer(TrainingRun):
         """
         batch = self.draw()
         logs = self.accumulate(batch, self.micro_loss, self.opt)
-        if self.skip_nonfinite(logs["loss"]):
-            return None
-        self.optimizer_step(self.opt, self.model.parameters())
+        self.optimizer_step(self.opt, self.model.parameters(), skip=self.check_finite(logs["loss"]))
         return logs
 
     def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ class DiffusionTrainer(TrainingRun):
         self._check_buckets()
         self._check_conditioning()
         self.schedule = self.cfg.diffusion.build_schedule()
+        self.train_schedule = self.schedule.to(self.device)  # the loss indexes it on the device
         self.model = UNet(self.cfg.unet).to(self.device)
         if tc.init_unet:  # fine-tuning; a resume then loads its own checkpoint over these weights
             path = Path(tc.init_unet) / "unet" / "model.safetensors"
@@ -97,7 +99,7 @@ class DiffusionTrainer(TrainingRun):
             batch = super().draw()
         else:
             idx = self.next_indices()
-            z, mirrored = self.latents.batch(idx, self.batches.generator, self.cfg.data.hflip,
+            z, mirrored = self.latents.batch(idx, self.streams.aug, self.cfg.data.hflip,
                                              self.cfg.latent.sample_posterior, return_flips=True)
             # the flips, for concat inputs made from the pixels; "idx" the images encoded (one unreadable when the
             # cache was built is stood in for by another, whose label and caption then go with it)
@@ -107,7 +109,9 @@ class DiffusionTrainer(TrainingRun):
             batch["drop"] = self.drop_coins(n)
         if ConcatKind.of(c.concat) is ConcatKind.INPAINT:
             batch["repaint"] = random_masks(n, self.cfg.data.image_size, self.noise_gen, c.mask_full_prob)
-        batch["t"], batch["eps"] = draw_t_eps(self.schedule, (n, *self.latent_shape_of(batch["idx"])), self.noise_gen)
+        t, batch["eps"] = draw_t_eps(self.schedule, (n, *self.latent_shape_of(batch["idx"])), self.noise_gen,
+                                     self.streams.noise)
+        batch["t"] = self.streams.to_device(t)
         return batch
 
     def _check_low_res(self) -> None:
@@ -175,16 +179,14 @@ class DiffusionTrainer(TrainingRun):
         captions = [self.data.captions[i] for i in idx.tolist()] if self.cond.kind is CondKind.TEXT else None
         return self.cond.dropped(labels, captions, drop)
 
-    def train_step(self) -> dict[str, float] | None:
-        """One AdamW step on the global batch; skipped (None) when the loss is not finite."""
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One AdamW step on the global batch (skipped on the device when the loss is not finite)."""
         logs = self.accumulate(self.draw(), self.micro_loss, self.opt)
-        if self.skip_nonfinite(logs["loss"]):
-            return None
-        self.optimizer_step(self.opt, self.model.parameters())
-        self.ema.update(self.model, self.step + 1)
+        self.optimizer_step(self.opt, self.model.parameters(), skip=self.check_finite(logs["loss"]))
+        self.ema.update(self.model, self.step + 1, skip=self.bad_flag)
         return logs
 
-    def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The diffusion loss of some rows of the batch, with the t and ε drawn for them in :meth:`draw`."""
         concat = self.cfg.cond.concat
         images = self.images(part) if self.latents is None or concat else None
@@ -199,9 +201,47 @@ class DiffusionTrainer(TrainingRun):
                 return unet(z_t, t, **cond)
 
         d = self.cfg.diffusion
-        loss = diffusion_loss(model_fn, x0, self.schedule, d.prediction, d.weighting, d.min_snr_gamma,
+        loss = diffusion_loss(model_fn, x0, self.train_schedule, d.prediction, d.weighting, d.min_snr_gamma,
                               d.min_snr_offset, t=part["t"], eps=part["eps"])
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}  # read by the loop every train.log_every steps, not here
+
+    def probe_step(self, n: int) -> None:
+        """Forward + backward of n random latents with null conditions (train.batch_size=auto); the
+        gradients are dropped and every random stream is left as it was."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            g = torch.Generator().manual_seed(0)
+            x0 = torch.randn(n, *self.latent_shape, generator=g).to(self.device)
+            cond = self.cond.null(n)
+            extra = self.cfg.unet.in_channels - self.latent_shape[0]
+            if extra:
+                cond["concat"] = torch.zeros(n, extra, *self.latent_shape[1:], device=self.device)
+            unet = with_concat(self.train_model)
+
+            def model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                with self.autocast():
+                    return unet(z_t, t, **cond)
+
+            t = torch.randint(0, self.schedule.num_timesteps, (n,), generator=g).to(self.device)
+            d = self.cfg.diffusion
+            diffusion_loss(model_fn, x0, self.train_schedule, d.prediction, d.weighting, d.min_snr_gamma,
+                           d.min_snr_offset, t=t, eps=torch.randn_like(x0)).backward()
+        self.opt.zero_grad(set_to_none=True)
+
+    def preview_seconds(self) -> float:
+        """What the final grid will cost: grids of 1 and 2 sampler steps timed (then deleted), extrapolated to
+        train.grid_steps (rank 0)."""
+        if not self.dist.is_main:
+            return 0.0
+        tc, steps, times = self.cfg.train, self.cfg.train.grid_steps, []
+        try:
+            for k in (1, 2):
+                tc.grid_steps = k
+                t = time.perf_counter()
+                self.preview().unlink()
+                times.append(time.perf_counter() - t)
+        finally:
+            tc.grid_steps = steps
+        return times[0] + (steps - 1) * max(times[1] - times[0], 0.0)
 
     def manifest(self) -> Manifest:
         """What a pipeline needs beside the weights."""

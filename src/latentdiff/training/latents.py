@@ -78,14 +78,15 @@ class LatentData:
 
         With ``return_flips`` also which images were mirrored (bool (B,)), for inputs made from the pixels.
         """
-        mean, std = self.moments(idx)
-        mirrored = torch.zeros(len(idx), dtype=torch.bool)
+        on = generator.device  # the trainer's device (training/batches.py): the moments are gathered on the host
+        mean, std = (m.to(on, non_blocking=True) for m in self.moments(idx))
+        mirrored = torch.zeros(len(idx), dtype=torch.bool, device=on)
         if flip:
-            mirrored = torch.rand(len(idx), generator=generator) < 0.5
-            mean_flip, std_flip = self.moments(idx, mirrored=True)
+            mirrored = torch.rand(len(idx), generator=generator, device=on) < 0.5
+            mean_flip, std_flip = (m.to(on, non_blocking=True) for m in self.moments(idx, mirrored=True))
             mean = torch.where(mirrored[:, None, None, None], mean_flip, mean)
             std = torch.where(mirrored[:, None, None, None], std_flip, std)
-        z = mean + std * torch.randn(mean.shape, generator=generator) if sample else mean
+        z = mean + std * torch.randn(mean.shape, generator=generator, device=on) if sample else mean
         z = self.scale * (z - self.shift)
         return (z, mirrored) if return_flips else z
 
