@@ -70,7 +70,7 @@ def main() -> None:
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             for layer, fn in layers(dtype).items():
                 rows.setdefault(layer, {})[name] = cpu_seconds(fn, args.repeats)
-    load = open("/proc/loadavg").read().split()[0]
+    load = Path("/proc/loadavg").read_text().split()[0]
     result = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads, CPU capability "
                          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, load average {load} "
                          "at the end",

@@ -167,14 +167,14 @@ def markdown(result: dict, steps: int) -> list[str]:
     """The results page."""
     u = result["unet"]
     lines = ["# SD v1 UNet (859.5M parameters, random weights): latentdiff vs diffusers\n",
-             f"Machine: {result['machine']}. Command: `{result['command']}`. Same weights in every model, calls "
+             (f"Machine: {result['machine']}. Command: `{result['command']}`. Same weights in every model, calls "
              f"interleaved, median of {steps}; the ratio is {u['clock']} seconds per call over {u['reference']}'s. "
              "Error: the output against diffusers' on the same input (output std "
              f"{u['ref_output_std']:.2f}). Peak = memory high-water mark above the memory held before the call "
              "(weights excluded). CPU seconds are this process's (all threads): they stay comparable when other work "
-             "shares the machine, wall seconds do not.\n",
-             "| implementation | CPU s / UNet call | wall s / UNet call | time vs " + u["reference"]
-             + " | max abs error | relative RMS error | peak extra memory (MiB) |",
+             "shares the machine, wall seconds do not.\n"),
+             (f"| implementation | CPU s / UNet call | wall s / UNet call | time vs {u['reference']} | max abs error "
+              "| relative RMS error | peak extra memory (MiB) |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for k, r in u["rows"].items():
         ratio = f"**{r['time_vs_ref']:.2f}x**" if "time_vs_ref" in r else "1"
@@ -210,7 +210,7 @@ def main() -> None:
               "unet": unet_rows(args, device)}
     if args.decode and device.type == "cpu":
         result["decode_512"] = decode_rows(args.vae_tile)
-    load = open("/proc/loadavg").read().split()[0]
+    load = Path("/proc/loadavg").read_text().split()[0]
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     result["machine"] = (f"{cpu_name()}{gpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                          f"load average {load} at the end")

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sd_helpers import diffusers_pipeline, ours_image, reference_image
 
 from latentdiff.pipelines.stable_diffusion import load_diffusers_folder
-
-from sd_helpers import diffusers_pipeline, ours_image, reference_image
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
