@@ -46,18 +46,19 @@ def ddim(pipe) -> None:
     pipe.set_progress_bar_config(disable=True)
 
 
-def reference_image(pipe, seed: int, prompt: str = PROMPT, negative: str | None = None) -> torch.Tensor:
-    """diffusers' text-to-image run from latentdiff's noise for ``seed``: DDIM 10 steps, guidance 7.5, uint8."""
+def reference_image(pipe, seed: int, prompt: str = PROMPT, negative: str | None = None,
+                    steps: int = 10) -> torch.Tensor:
+    """diffusers' text-to-image run from latentdiff's noise for ``seed``: DDIM (10 steps), guidance 7.5, uint8."""
     latents = PerSampleNoise([seed]).randn((1, 4, 8, 8))
-    out = pipe(prompt, negative_prompt=negative, num_inference_steps=10, guidance_scale=7.5, latents=latents,
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5, latents=latents,
                output_type="pt").images
     return (out * 255).round().to(torch.uint8)
 
 
 def ours_image(pipe: Pipeline, seed: int, prompt: str = PROMPT, negative: str | None = None,
-               size: int | None = None) -> torch.Tensor:
+               size: int | None = None, steps: int = 10) -> torch.Tensor:
     """latentdiff's run of :func:`reference_image` (``size``: another side than the model's own)."""
-    return pipe.generate(n_samples=1, steps=10, sampler="ddim", seed=seed, prompt=prompt, negative_prompt=negative,
+    return pipe.generate(n_samples=1, steps=steps, sampler="ddim", seed=seed, prompt=prompt, negative_prompt=negative,
                          guidance=7.5, spacing="trailing", width=size, height=size)
 
 
