@@ -130,12 +130,11 @@ class LoraTrainer(TrainingRun):
         batch["t"], batch["eps"] = draw_t_eps(self.schedule, (n, *shape), self.noise_gen)
         return batch
 
-    def train_step(self) -> dict[str, float] | None:
-        """One AdamW step of the LoRA factors on the global batch."""
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One AdamW step of the LoRA factors on the global batch (skipped on the device when the loss is not
+        finite)."""
         logs = self.accumulate(self.draw(), self.micro_loss, self.opt)
-        if self.skip_nonfinite(logs["loss"]):
-            return None
-        self.optimizer_step(self.opt, self.adapter.parameters())
+        self.optimizer_step(self.opt, self.adapter.parameters(), skip=self.check_finite(logs["loss"]))
         return logs
 
     def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -155,7 +154,7 @@ class LoraTrainer(TrainingRun):
 
         loss = diffusion_loss(model_fn, z0, self.schedule, d.prediction, d.weighting, d.min_snr_gamma,
                               d.min_snr_offset, t=part["t"], eps=part["eps"])
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}  # read by the loop every log_every steps, not here
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter as a kohya / A1111 file's tensors (diffusers' and transformers' module names)."""
