@@ -397,8 +397,8 @@ def make_corpus(root: Path, model: Path, run: Path, in_subprocess: tuple[str, ..
     case("img2img input does not exist", "command line", ["img2img", model, root / "nope.png", "--out", out],
          "error", "nope.png")
     t = ["train", "digits-tiny", "--out", out]
-    for args, needle in [(["--steps", 0], "--steps"), (["--steps", -5], "--steps"), (["--device", "toaster"], "toaster"),
-                         (["--steps", "lots"], "--steps")]:
+    for args, needle in [(["--steps", 0], "--steps"), (["--steps", -5], "--steps"),
+                         (["--device", "toaster"], "toaster"), (["--steps", "lots"], "--steps")]:
         case(f"train {' '.join(map(str, args))}", "command line", [*t, *args], "error", needle)
     case("train --resume of an empty folder", "command line", [*t, "--resume"], "error", "no checkpoint")
     v = ["viz", "forward", good, "--out", out / "f.png"]
@@ -575,7 +575,8 @@ def _markdown(r: dict) -> str:
             f"checks: no traceback, a result within {TIME_BOUND:.0f} s, no temporary file left, no file created by a "
             f"failing command, and no code run from a pickle.\n\nCases per group: "
             f"{', '.join(f'{g} {n}' for g, n in r['by_group'].items())}.\n\n"
-            f"| group | case | expected | exit | result | message (the line naming the needle, else the last) |\n|---|---|---|---:|---|---|\n{rows}\n")
+            f"| group | case | expected | exit | result | message (the line naming the needle, else the last) |\n"
+            f"|---|---|---|---:|---|---|\n{rows}\n")
 
 
 if __name__ == "__main__":

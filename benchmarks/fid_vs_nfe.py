@@ -42,7 +42,8 @@ def main() -> None:
     lines = [f"# FID vs NFE: `{args.model}`", "", f"machine: {cpu}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}  ", f"command: `python {' '.join(sys.argv)}`", "",
              f"{args.n} samples (seeds 0..{args.n - 1}) vs {args.n} held-out test images, shipped domain features.", "",
-             "| sampler | spacing | NFE | FID | CMMD | precision | recall | wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| sampler | spacing | NFE | FID | CMMD | precision | recall | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['sampler']} | {r['spacing']} | {r['nfe']:g} | {r['fid']:.1f} | {r['cmmd']:.3f} | "
               f"{r['precision']:.2f} | {r['recall']:.2f} | {r['seconds']:.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 """Dedicated inpainting vs inpainting by replacement, and SR3 super-resolution vs bicubic (Fashion-MNIST).
 
     python benchmarks/image_tasks.py --inpaint runs/bench-tasks/ldm-inpaint \
-        --ldm runs/bench-latent-vs-pixel/ldm-fashion --sr runs/bench-tasks/sr-pixel --sr-latent runs/bench-tasks/sr-latent
+        --ldm runs/bench-latent-vs-pixel/ldm-fashion --sr runs/bench-tasks/sr-pixel \
+        --sr-latent runs/bench-tasks/sr-latent
 
 Inpainting: held-out test images, two fixed masks (a centre box, brush strokes). The known region is
 measured on the raw decoded output (before the exact paste-back) against the autoencoder's own
@@ -59,7 +60,8 @@ def inpainting(args: argparse.Namespace, feats) -> tuple[list[dict], torch.Tenso
     dedicated, plain = [Pipeline.load(p) for p in args.inpaint], Pipeline.load(args.ldm)
     real, _ = reference_images(plain.manifest, args.n)
     with torch.no_grad():
-        recon = to_uint8_image(plain.autoencoder.decode_latents(plain.autoencoder.encode_latents(from_uint8_image(real))))
+        ae = plain.autoencoder
+        recon = to_uint8_image(ae.decode_latents(ae.encode_latents(from_uint8_image(real))))
     methods = [(f"dedicated model (9-ch, step {d.manifest.step}), ddim 50", d, {"sampler": "ddim", "steps": 50})
                for d in dedicated] + [
                ("replacement, ddim 50", plain, {"sampler": "ddim", "steps": 50}),
@@ -117,7 +119,8 @@ def super_resolution(path: Path, n: int, n_div: int, steps: int) -> tuple[dict, 
            "diversity_std": diversity, "s_per_image": dt, "steps": steps}
     if row["space"] == "latent":
         with torch.no_grad():
-            rec = to_uint8_image(pipe.autoencoder.decode_latents(pipe.autoencoder.encode_latents(from_uint8_image(real))))
+            ae = pipe.autoencoder
+            rec = to_uint8_image(ae.decode_latents(ae.encode_latents(from_uint8_image(real))))
         row["autoencoder_reconstruction"] = f(rec, real)
     print(row, flush=True)
     nearest = low.repeat_interleave(size // low_size, -1).repeat_interleave(size // low_size, -2)
@@ -155,7 +158,8 @@ def main() -> None:
                  {"rows": "original; per mask: masked input, dedicated model(s), replacement, RePaint x4"})
     if args.only != "inpaint":
         sr_rows = []
-        for path, n, name in ((args.sr, args.n_sr_pixel, "upscale.png"), (args.sr_latent, args.n, "upscale_latent.png")):
+        for path, n, name in ((args.sr, args.n_sr_pixel, "upscale.png"),
+                              (args.sr_latent, args.n, "upscale_latent.png")):
             row, fig = super_resolution(path, n, args.n_div, args.sr_steps)
             sr_rows.append(row)
             save_png(make_grid(upscale_nearest(fig, 64), 7), args.figures / name,
@@ -187,14 +191,15 @@ def write_report(args: argparse.Namespace, inp_rows: list[dict], sr_rows: list[d
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sr_rows:
         lines.append(f"| `{r['model']}` | {r['space']} | {r['sizes']} | {r['step']} | {r['bicubic']['psnr']:.2f} | "
-                     f"{r['sr']['psnr']:.2f} | {r['sr_mean_of_8']['psnr']:.2f} (bicubic {r['bicubic_first_n_div']['psnr']:.2f}) | "
+                     f"{r['sr']['psnr']:.2f} | {r['sr_mean_of_8']['psnr']:.2f} "
+                     f"(bicubic {r['bicubic_first_n_div']['psnr']:.2f}) | "
                      f"{r['bicubic']['ssim']:.3f} | {r['sr']['ssim']:.3f} | {r['diversity_std']:.4f} | "
                      f"{r['consistency_psnr_sr']:.1f} / {r['consistency_psnr_bicubic']:.1f} | {r['s_per_image']:.3f} |")
     for r in sr_rows:
         if "autoencoder_reconstruction" in r:
             a = r["autoencoder_reconstruction"]
-            lines.append(f"\nThe latent model's autoencoder alone reconstructs the originals at PSNR {a['psnr']:.2f} dB, "
-                         f"SSIM {a['ssim']:.3f}: a ceiling for any latent method.")
+            lines.append(f"\nThe latent model's autoencoder alone reconstructs the originals at PSNR "
+                         f"{a['psnr']:.2f} dB, SSIM {a['ssim']:.3f}: a ceiling for any latent method.")
     lines += ["", f"SR: DDIM {args.sr_steps} steps; {args.n_sr_pixel} (pixel) / {args.n} (latent) test images, one "
               f"sample each (seed 0); 'mean of 8' and diversity on the first {args.n_div} images with seeds 100..107. "
               "Consistency: PSNR between the output downsampled again and the low-res input. "
@@ -203,7 +208,8 @@ def write_report(args: argparse.Namespace, inp_rows: list[dict], sr_rows: list[d
     print(text)
     out = args.results / "image_tasks.md"
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"inpainting": inp_rows, "super_resolution": sr_rows, "runs": runs}, indent=2))
+    results = {"inpainting": inp_rows, "super_resolution": sr_rows, "runs": runs}
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -105,19 +105,22 @@ def main() -> None:
         rows[name] = {"train_images_per_s": rate, "train_steps": steps, **probe(out, args.n_probe, args.device),
                       **{k: quality[k] for k in ("fid", "cmmd", "precision", "recall")}}
     lat, pix = rows["latent (LDM, f=4)"], rows["pixel (DDPM)"]
-    machine = f"{cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}"
+    machine = (f"{cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+               f"device {args.device}")
     lines = [f"# Latent vs pixel diffusion, Fashion-MNIST 32x32, {args.minutes} min of training each", "",
              f"machine: {machine}  ", f"command: `python {' '.join(sys.argv)}`  ",
              f"total wall time: {(time.perf_counter() - t_start) / 60:.1f} min  ",
              f"autoencoder: {args.ae_minutes} min, held-out PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}, "
              f"rFID {recon.get('rfid', float('nan')):.2f} (domain features)", "",
-             "| model | train img/s | steps | s/sample (DDIM 50) | peak sampling MiB | FID | CMMD | precision | recall |",
+             "| model | train img/s | steps | s/sample (DDIM 50) | peak sampling MiB | FID | CMMD | precision "
+             "| recall |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['train_images_per_s']:.0f} | {r['train_steps']} | {r['seconds_per_image']:.4f} | "
                      f"{r['peak_sampling_mib']:.0f} | {r['fid']:.1f} | {r['cmmd']:.3f} | {r['precision']:.2f} | "
                      f"{r['recall']:.2f} |")
-    lines += ["", f"ratios (latent / pixel): training throughput {lat['train_images_per_s'] / pix['train_images_per_s']:.1f}x, "
+    lines += ["", "ratios (latent / pixel): training throughput "
+              f"{lat['train_images_per_s'] / pix['train_images_per_s']:.1f}x, "
               f"sampling {pix['seconds_per_image'] / lat['seconds_per_image']:.1f}x faster, "
               f"sampling memory {lat['peak_sampling_mib'] / max(pix['peak_sampling_mib'], 1e-9):.2f}x, "
               f"FID {lat['fid'] / pix['fid']:.2f}x",

@@ -145,19 +145,19 @@ def write(results: dict) -> None:
     setup, rows = results["setup"], results["rows"]
     r, order = setup["ratios"], sorted(results["rows"], key=lambda k: (k == "pixel", k))
     lines = [f"# Splitting a {setup['minutes']:g}-minute budget: autoencoder vs latent diffusion, and pixel space", "",
-             f"machine: {cpu_name()}, {setup['threads']} thread(s) per run, torch {torch.__version__}; runs in parallel "
-             f"on a machine shared with other jobs (load average {os.getloadavg()[0]:.1f} at the last write): step "
-             "counts are fixed, so the numbers do not depend on the load  ",
+             f"machine: {cpu_name()}, {setup['threads']} thread(s) per run, torch {torch.__version__}; "
+             f"runs in parallel on a machine shared with other jobs (load average {os.getloadavg()[0]:.1f} "
+             "at the last write): step counts are fixed, so the numbers do not depend on the load  ",
              f"step times (as ratios to ldm-fashion's {setup['ldm_step']:.3f} s on 2 quiet cores): "
              + ", ".join(f"{k} {v:.2f}x" for k, v in r.items())
              + f"; latent encoding of 60 000 images {setup['encode_seconds']:.0f} s; {setup['train_seconds']:.0f} s "
              "left to train", "",
              "| run | autoencoder steps | diffusion steps | FID | precision | recall | command |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {k} | {rows[k]['ae_steps']} | {rows[k]['steps']} | {rows[k]['fid']:.1f} | {rows[k]['precision']:.2f} | "
-              f"{rows[k]['recall']:.2f} | `{rows[k]['command']}` |" for k in order]
-    lines += ["", f"FID etc.: {setup['n_eval']} DDIM-50 samples vs {setup['n_eval']} test images, shipped Fashion-MNIST "
-              "classifier features."]
+    lines += [f"| {k} | {rows[k]['ae_steps']} | {rows[k]['steps']} | {rows[k]['fid']:.1f} | "
+              f"{rows[k]['precision']:.2f} | {rows[k]['recall']:.2f} | `{rows[k]['command']}` |" for k in order]
+    lines += ["", f"FID etc.: {setup['n_eval']} DDIM-50 samples vs {setup['n_eval']} test images, "
+              "shipped Fashion-MNIST classifier features."]
     text = "\n".join(lines) + "\n"
     print(text)
     (RESULTS / "recipe_split.md").write_text(text)

@@ -162,7 +162,8 @@ def markdown(r: dict) -> str:
             f"| rejected (429 busy) | {r['rejected_429']} |\n| other answers | {r['other']} |\n"
             f"| completed jobs / s | {r['jobs_per_second']} |\n"
             f"| latency submit → done, p50 / p90 / p99 / max (s) | {lat['p50']} / {lat['p90']} / {lat['p99']} / "
-            f"{lat['max']} |\n\nChecks (nothing lost, nothing duplicated):\n\n| check | passed |\n|---|---|\n{checks}\n")
+            f"{lat['max']} |\n\nChecks (nothing lost, nothing duplicated):\n\n"
+            f"| check | passed |\n|---|---|\n{checks}\n")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ RESULTS = Path(__file__).parent / "results"
 # threads); its budget counts from the process start, as the project's does.
 PEER = r'''
 import copy, json, os, sys, time
+_started_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start, in clock ticks
 t_process = time.perf_counter() - (float(open("/proc/uptime").read().split()[0])
-                                   - int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK"))
+                                   - _started_ticks / os.sysconf("SC_CLK_TCK"))
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
@@ -120,7 +121,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (CPU)")
     ap.add_argument("--n-eval", type=int, default=2000, help="generated and test images for FID etc.")
     ap.add_argument("--sample-batch", type=int, default=250)
-    ap.add_argument("--contenders", default="latentdiff,diffusers", help="comma-separated: latentdiff, pixel, diffusers")
+    ap.add_argument("--contenders", default="latentdiff,diffusers",
+                    help="comma-separated: latentdiff, pixel, diffusers")
     ap.add_argument("--recipe", default="fashion", help="the latentdiff contender's recipe (name or YAML)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--extra", nargs="*", default=[], help="section.key=value overrides for the latentdiff contenders "
@@ -183,7 +185,9 @@ def write(args: argparse.Namespace, rows: dict, load0: float) -> None:
     lines = [f"# Time to quality, Fashion-MNIST 32x32, {args.minutes:g} min wall each, {args.device}", "",
              f"machine: {machine}  ", f"command: `python {' '.join(sys.argv)}`  ",
              f"load average at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} (other processes on the machine)",
-             "", "| contender | wall s (budget incl.) | steps | train img/s | s/sample (DDIM 50) | FID | precision | recall |",
+             "",
+             "| contender | wall s (budget incl.) | steps | train img/s | s/sample (DDIM 50) | FID | precision "
+             "| recall |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         steps = ", ".join(f"{k} {v}" for k, v in r["stages"].items())

@@ -104,7 +104,8 @@ def diffusers_pipeline(folder, unet: dict = UNET_V1, vae: dict = VAE, text: torc
         vae=perturb(diffusers.AutoencoderKL(**vae), seed + 1), text_encoder=text if text is not None else text_model(),
         tokenizer=tokenizer, unet=perturb(diffusers.UNet2DConditionModel(**unet), seed + 2),
         scheduler=diffusers.DDIMScheduler(**dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 clip_sample=False, set_alpha_to_one=False, steps_offset=1) | scheduler),
+                                                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                                          | scheduler),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     ddim(pipe)

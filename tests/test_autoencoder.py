@@ -108,7 +108,8 @@ def test_deterministic_autoencoder_without_double_z() -> None:
 
 
 def test_config_round_trip_and_errors() -> None:
-    for cfg in (AutoencoderConfig(), AutoencoderConfig.sd(), AutoencoderConfig(channel_mult=[1, 2, 4], scale_factor=.5)):
+    for cfg in (AutoencoderConfig(), AutoencoderConfig.sd(),
+                AutoencoderConfig(channel_mult=[1, 2, 4], scale_factor=.5)):
         assert AutoencoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     sd = AutoencoderConfig.sd()
     assert (sd.in_channels, sd.base_channels, sd.channel_mult, sd.num_res_blocks, sd.scale_factor) == (

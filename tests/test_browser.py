@@ -44,7 +44,8 @@ window.__events = [];
 const Native = window.EventSource;
 window.EventSource = class extends Native {
   addEventListener(type, fn, ...rest) {
-    return super.addEventListener(type, (ev) => { window.__events.push({type, data: JSON.parse(ev.data)}); fn(ev); }, ...rest);
+    return super.addEventListener(type, (ev) => { window.__events.push({type, data: JSON.parse(ev.data)}); fn(ev); },
+                                  ...rest);
   }
 };
 """
@@ -176,7 +177,8 @@ def test_settings_come_back_from_a_png(page, served, tmp_path):
     png = tmp_path / "000123.png"
     page.set_input_files("#settings-file", str(png))
     expect(page.locator("#status")).to_have_text("Settings restored from 000123.png.")
-    values = {k: page.input_value(f"#{k}") for k in ("prompt", "negative_prompt", "steps", "seed", "guidance", "sampler")}
+    fields = ("prompt", "negative_prompt", "steps", "seed", "guidance", "sampler")
+    values = {k: page.input_value(f"#{k}") for k in fields}
     assert values == {"prompt": "a large blue square, 猫", "negative_prompt": "red", "steps": "7", "seed": "123",
                       "guidance": "3.5", "sampler": "DPM++ 2M Karras"}
     # the same by dropping the file on the page

@@ -23,8 +23,8 @@ def sd(tmp_path_factory):
 
 def _theirs(pipe, steps: int, seed: int, guidance: float) -> torch.Tensor:
     """diffusers' run: the generator draws the initial latents first, then each step's noise, as ours does."""
-    out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
-               output_type="pt").images
+    out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(seed), output_type="pt").images
     return (out * 255).round().to(torch.uint8)
 
 
@@ -37,7 +37,8 @@ def _lcm_lora(pipe, path) -> None:
             key = "lora_unet_" + name.replace(".", "_")
             w = m.weight
             out[f"{key}.lora_down.weight"] = torch.randn(4, *w.shape[1:], generator=g) * 0.2
-            out[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], 4, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.2
+            kernel = [1, 1] if w.ndim == 4 else []
+            out[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], 4, *kernel, generator=g) * 0.2
             out[f"{key}.alpha"] = torch.tensor(8.0)
     save_file(out, path)
 

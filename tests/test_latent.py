@@ -131,12 +131,14 @@ def test_eval_command_on_both_kinds_of_folder(ae_dir, tmp_path):
     assert rec["n"] == 40 and rec["psnr"] > 5 and 0 < rec["ssim"] <= 1
     cfg = load_config("ldm-fashion", ldm_overrides(ae_dir))
     make_trainer(cfg, tmp_path / "ldm", progress=False).run()
-    args = (tmp_path / "ldm", "--n-samples", 20, "--steps", 2, "--features", "domain:mnist5k", "--out", tmp_path / "r.json")
+    args = (tmp_path / "ldm", "--n-samples", 20, "--steps", 2, "--features", "domain:mnist5k",
+            "--out", tmp_path / "r.json")
     first, second = run(*args), run(*args)
     assert first.returncode == 0, first.stderr
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert a["n_fake"] == a["n_real"] == 20 and a["fid"] > 0 and 0 <= a["precision"] <= 1
-    assert {k: a[k] for k in ("fid", "cmmd", "precision", "recall")} == {k: b[k] for k in ("fid", "cmmd", "precision", "recall")}
+    metrics = ("fid", "cmmd", "precision", "recall")
+    assert {k: a[k] for k in metrics} == {k: b[k] for k in metrics}
     assert json.loads((tmp_path / "r.json").read_text())["fid"] == a["fid"]
     r = run(tmp_path / "ldm", "--n-samples", 20)  # digits have no shipped feature network
     assert r.returncode == 2 and "--features" in r.stderr

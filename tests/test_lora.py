@@ -54,7 +54,8 @@ def random_lora(pipe, seed: int, layout: str, rank: int = 4, alpha: float = 2.0)
                 name = "text_model." + name
             if layout == "kohya":
                 key = ("lora_unet_" if component == "unet" else "lora_te_") + name.replace(".", "_")
-                out |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+                out |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(alpha)}
             else:
                 key = ("unet." if component == "unet" else "text_encoder.") + name
                 out |= {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}
@@ -120,12 +121,15 @@ def test_several_loras_add_up_like_diffusers(sd, tmp_path) -> None:
 def test_bad_lora_files_are_named(sd, tmp_path) -> None:
     pipe = load_any(sd / "diffusers")
     save_file({"lora_unet_down_blocks_7_resnets_0_conv1.lora_down.weight": torch.zeros(2, 32, 3, 3),
-               "lora_unet_down_blocks_7_resnets_0_conv1.lora_up.weight": torch.zeros(32, 2, 1, 1)}, tmp_path / "a.safetensors")
+               "lora_unet_down_blocks_7_resnets_0_conv1.lora_up.weight": torch.zeros(32, 2, 1, 1)},
+              tmp_path / "a.safetensors")
     with pytest.raises(UserError, match="1 of its 1 layers are not in .*unet:down_blocks_7_resnets_0_conv1"):
         load_lora(pipe, tmp_path / "a.safetensors")
     save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(2, 48, 3, 3),
-               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 2, 1, 1)}, tmp_path / "b.safetensors")
-    with pytest.raises(UserError, match=r"down \(2, 48, 3, 3\) / up \(32, 2, 1, 1\) do not fit the layer's weight \(32, 32, 3, 3\)"):
+               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 2, 1, 1)},
+              tmp_path / "b.safetensors")
+    with pytest.raises(UserError, match=r"down \(2, 48, 3, 3\) / up \(32, 2, 1, 1\) do not fit the layer's "
+                                        r"weight \(32, 32, 3, 3\)"):
         load_lora(pipe, tmp_path / "b.safetensors")
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2)}, tmp_path / "c.safetensors")
     with pytest.raises(UserError, match="LoHa, LoKr"):

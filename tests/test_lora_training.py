@@ -23,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 CAPTION = "a red square"
 # a smaller SD shape than the other tests' (16/32 wide, 8 groups, one text layer): training runs its backward
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
 VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, norm_num_groups=8)
@@ -57,7 +58,8 @@ def trained(tmp_path_factory):
             "train.grid_steps=2", "lora.rank=4", "lora.alpha=4", "lora.text_encoder=true",
             "lora.unet_targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_out]",
             "--out", root / "run", "--device", "cpu"]
-    r = subprocess.run([sys.executable, "-m", "latentdiff", *map(str, args)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "latentdiff", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     assert "lora.safetensors" in r.stdout
     return root

@@ -134,7 +134,8 @@ def test_min_snr_weights_agree_across_parameterisations(offset):
     s = Schedule.from_name("linear")
     g = torch.Generator().manual_seed(4)
     t = torch.arange(0, 1000, 37)
-    x0, eps = torch.randn(len(t), 5, generator=g, dtype=torch.float64), torch.randn(len(t), 5, generator=g, dtype=torch.float64)
+    x0 = torch.randn(len(t), 5, generator=g, dtype=torch.float64)
+    eps = torch.randn(len(t), 5, generator=g, dtype=torch.float64)
     z = s.q_sample(x0, t, eps)
     eps_hat = eps + 0.1 * torch.randn(len(t), 5, generator=g, dtype=torch.float64)
     preds = {"eps": eps_hat, "x0": s.eps_to_x0(z, t, eps_hat)}

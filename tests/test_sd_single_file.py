@@ -17,7 +17,8 @@ from latentdiff.errors import UserError
 from latentdiff.models import UNetConfig
 from latentdiff.pipelines.sd_single_file import save_single_file
 from latentdiff.pipelines.stable_diffusion import load_any, load_single_file, save_diffusers, save_latentdiff
-from sd_helpers import (PROMPT, TOL, VAE, diffusers, diffusers_pipeline, open_clip_state, single_file, text_model, transformers)
+from sd_helpers import (PROMPT, TOL, VAE, diffusers, diffusers_pipeline, open_clip_state, single_file, text_model,
+                        transformers)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -213,7 +214,8 @@ model:
     text = (tmp_path / "m.yaml").read_text()
     for bad, message in [("use_checkpoint: true", "use_scale_shift_norm: true"), ("legacy: false", "brand_new: 1")]:
         (tmp_path / "bad.yaml").write_text(text.replace(bad, message))
-        with pytest.raises(UserError, match="bad.yaml.*(use_scale_shift_norm=True is not supported|unknown key 'brand_new')"):
+        with pytest.raises(UserError,
+                           match="bad.yaml.*(use_scale_shift_norm=True is not supported|unknown key 'brand_new')"):
             load_single_file(tmp_path / "m.safetensors", config=tmp_path / "bad.yaml")
     (tmp_path / "other.yaml").write_text(text.replace("channel_mult: [1, 2]", "channel_mult: [1, 4]"))
     with pytest.raises(UserError, match=r"config says unet.channel_mult=\(1, 4\) but the weights have \(1, 2\)"):

@@ -86,7 +86,8 @@ def test_generate_streams_progress_and_serves_pngs_with_settings(models, tmp_pat
             path = tmp_path / f"{i}.png"
             path.write_bytes(png.content)
             s = read_png_settings(path)
-            assert (s["seed"], s["sampler"], s["spacing"], s["steps"], s["sampler_name"]) == (7 + i, "ddim", "trailing", 4, "DDIM")
+            got = (s["seed"], s["sampler"], s["spacing"], s["steps"], s["sampler_name"])
+            assert got == (7 + i, "ddim", "trailing", 4, "DDIM")
             served = torch.from_numpy(np.array(Image.open(path))).int()
             assert (served - direct[i, 0].int()).abs().max() <= 1  # the same image the Python API draws
         # outputs: one folder per job, named by the server's id, and no temporary files left behind
@@ -114,7 +115,8 @@ def test_previews_of_x0_arrive_every_n_steps(models, tmp_path):
                                                          preview=lambda k, x: seen.append((k, x.clone())))
     assert [k for k, _ in seen] == [2, 4] and seen[-1][1].shape == direct.shape
     with client(models, tmp_path, preview_every=2) as c:
-        job = c.post("/api/jobs", json={"model": "tiny", "sampler": "DDIM", "steps": 4, "seed": 5, "n_samples": 2}).json()
+        job = c.post("/api/jobs",
+                     json={"model": "tiny", "sampler": "DDIM", "steps": 4, "seed": 5, "n_samples": 2}).json()
         assert c.get(f"/api/jobs/{job['id']}/preview").status_code in (404, 200)
         evs = events(c, job["id"])
         assert [e["event"] for e in evs] == ["queued", "started", "progress", "progress", "preview", "progress",
@@ -202,7 +204,8 @@ def test_upscale_and_inpainting_models(task_models, tmp_path):
 def test_invalid_task_inputs_name_the_field(models, tmp_path, change, message):
     uploads = {"ok": _png_b64(np.full((16, 16), 99, np.uint8)), "black": _png_b64(np.zeros((16, 16), np.uint8)),
                "big": _png_b64(np.zeros((1, 4097), np.uint8))}
-    body = {"model": "tiny", "steps": 2, "sampler": "DDIM"} | {k: uploads.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
+    body = {"model": "tiny", "steps": 2, "sampler": "DDIM"} | {k: uploads.get(v, v) if isinstance(v, str) else v
+                                                               for k, v in change.items()}
     with client(models, tmp_path) as c:
         r = c.post("/api/jobs", json=body)
         assert r.status_code == 422 and message in r.json()["detail"], r.text

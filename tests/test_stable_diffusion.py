@@ -21,8 +21,8 @@ from latentdiff.pipelines.generate import Pipeline, SampleSettings
 from latentdiff.pipelines.stable_diffusion import (load_any, load_diffusers_folder, load_single_file, read_checkpoint,
                                                    save_diffusers, save_latentdiff)
 
-from sd_helpers import (PROMPT, TOL, ddim, diffusers_pipeline, diffusers, open_clip_state, ours_image, perturb, reference_image,
-                        single_file, text_model, transformers)
+from sd_helpers import (PROMPT, TOL, ddim, diffusers_pipeline, diffusers, open_clip_state, ours_image, perturb,
+                        reference_image, single_file, text_model, transformers)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -65,7 +65,8 @@ def test_inpainting_keeps_the_known_part_and_conditions_the_rest(resample):
     cond_mean = MU[1] + RHO * S[1] / S[0] * (c - MU[0])  # 0.1
     cond_sd = S[1] * (1 - RHO**2) ** 0.5
     err = abs(float(out[:, 1].mean()) - float(cond_mean))
-    print(f"resample={resample}: conditional mean error {err:.3f}, sd {float(out[:, 1].std()):.3f} (exact {float(cond_sd):.3f})")
+    print(f"resample={resample}: conditional mean error {err:.3f}, sd {float(out[:, 1].std()):.3f} "
+          f"(exact {float(cond_sd):.3f})")
     # replacement is approximate (the unknown part only sees the known part through the noisy x_t);
     # with the exact denoiser it still lands close, and RePaint's resampling tightens it
     assert err < (0.12 if resample == 1 else 0.05)

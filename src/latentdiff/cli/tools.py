@@ -94,7 +94,8 @@ def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampl
               help="A folder of training runs to list (default: ./runs if it exists); repeat for more.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; loopback keeps it private.")
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
-@click.option("--max-steps", default=150, show_default=True, type=click.IntRange(min=1), help="Most sampler steps per job.")
+@click.option("--max-steps", default=150, show_default=True, type=click.IntRange(min=1),
+              help="Most sampler steps per job.")
 @click.option("--max-size", default=1024, show_default=True, type=click.IntRange(min=8), help="Largest image side.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Most images per job.")
 @click.option("--queue", default=8, show_default=True, type=click.IntRange(min=1),

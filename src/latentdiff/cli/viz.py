@@ -81,10 +81,11 @@ def viz_reverse(model_dir: Path, out: Path, gif: Optional[Path], every: int, dur
 
 @viz.command("schedules")
 @click.option("--names", default="linear,cosine,scaled_linear", show_default=True, help="Schedules, comma-separated.")
-@click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2), help="T of the schedules.")
+@click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2),
+              help="T of the schedules.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Sampler steps shown.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("schedules.png"), show_default=True,
-              help="PNG to write.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("schedules.png"),
+              show_default=True, help="PNG to write.")
 def viz_schedules(names: str, num_timesteps: int, steps: int, out: Path) -> None:
     """ᾱ_t, log-SNR and the timesteps each spacing visits, for the named schedules."""
     from latentdiff.pipelines.viz import schedule_plots

@@ -30,7 +30,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Im
     grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[i]
     return to_pil(grid)
 
 

@@ -8,4 +8,5 @@ from latentdiff.diffusion.sigmas import SPACINGS, Denoiser, sigmas_for, timestep
 
 __all__ = ["Schedule", "sample", "diffusion_loss", "draw_t_eps", "loss_weight", "timesteps_for", "sigmas_for",
            "posterior_between",
-           "Denoiser", "NonFiniteError", "as_eps_fn", "classifier_free_guidance", "SAMPLERS", "SPACINGS", "SCHEDULES", "PREDICTIONS", "WEIGHTINGS"]
+           "Denoiser", "NonFiniteError", "as_eps_fn", "classifier_free_guidance", "SAMPLERS", "SPACINGS", "SCHEDULES",
+           "PREDICTIONS", "WEIGHTINGS"]

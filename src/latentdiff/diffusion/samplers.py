@@ -22,8 +22,8 @@ from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, posterior_b
 from latentdiff.diffusion.sigmas import SPACINGS, Denoiser, EpsFn, sigmas_for, timesteps_for
 from latentdiff.errors import SettingError, UserError
 
-__all__ = ["SAMPLERS", "DETERMINISTIC", "ONE_STEP", "SPACINGS", "check_sampler_args", "Denoiser", "NonFiniteError", "as_eps_fn", "randn_cpu", "sample",
-           "sigmas_for", "timesteps_for"]
+__all__ = ["SAMPLERS", "DETERMINISTIC", "ONE_STEP", "SPACINGS", "check_sampler_args", "Denoiser", "NonFiniteError",
+           "as_eps_fn", "randn_cpu", "sample", "sigmas_for", "timesteps_for"]
 # callback(i, t, x_t, x0_pred): called once per step with the nearest timestep t, the VP latent z_t
 # after the step and the step's x̂, e.g. for progress bars and x0 previews.
 Callback = Optional[Callable[[int, int, Tensor, Tensor], None]]
@@ -247,7 +247,7 @@ def dpmpp_3m_sde(model: Model, x: Tensor, sigmas: list[float], generator: Option
 LCM_SIGMA_DATA = 0.5  # σ_data of the consistency parameterisation (Song et al. 2023; diffusers' LCMScheduler)
 
 
-def lcm(model: Model, x: Tensor, sigmas: list[float], generator: Optional[torch.Generator] = None,
+def lcm(model: Denoiser, x: Tensor, sigmas: list[float], generator: Optional[torch.Generator] = None,
         callback: Hook = None, timestep_scaling: float = 10.0) -> Tensor:
     """Latent Consistency Model sampling (Luo et al. 2023): denoise in one jump, re-noise to the next level.
 
@@ -281,7 +281,7 @@ def _dpm_23(model: Model, x: Tensor, s: float, s_next: float, eps: Tensor) -> tu
     return x_low, x_high
 
 
-def dpm_adaptive(model: Model, x: Tensor, sigmas: list[float], generator: Optional[torch.Generator] = None,
+def dpm_adaptive(model: Denoiser, x: Tensor, sigmas: list[float], generator: Optional[torch.Generator] = None,
                  callback: Hook = None, rtol: float = 0.05, atol: float = 0.0078, max_steps: int = 1000) -> Tensor:
     """DPM adaptive (k-diffusion): embedded DPM-Solver-2/3 steps in λ, the step set by their difference.
 
@@ -394,6 +394,7 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
         if mask is None:
             x0 = fn(model, x, sigmas, generator, hook, **options)
         else:
+            assert init is not None  # a mask without init was refused above
             x0 = _inpaint(fn, model, x, sigmas, init, mask.to(x), generator, hook, resample, options)
     return (x0, nfe) if return_nfe else x0
 

@@ -106,11 +106,12 @@ CLIP_GENERIC_KEYS = (
     "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix", "sep_token_id",
     "decoder_start_token_id", "task_specific_params", "problem_type", "transformers_version",
     "gradient_checkpointing", "use_cache")
-CLIP_KEYS_ALL: KeyTable = CLIP_TEXT_KEYS | {k: ("inert", (), "transformers' generic settings") for k in CLIP_GENERIC_KEYS}
+CLIP_KEYS_ALL: KeyTable = CLIP_TEXT_KEYS | {k: ("inert", (), "transformers' generic settings")
+                                           for k in CLIP_GENERIC_KEYS}
 
 
 def clip_text_config_from_hf(config: dict[str, Any], where: str = "text_encoder/config.json") -> dict[str, Any]:
-    """A transformers CLIPTextConfig dict (config.json) as keyword arguments of our CLIPTextConfig (every key checked)."""
+    """A transformers CLIPTextConfig dict (config.json) as our CLIPTextConfig's keyword arguments (all keys checked)."""
     check_config_keys(config, CLIP_KEYS_ALL, where)
     try:
         eos = config.get("eos_token_id", 2)

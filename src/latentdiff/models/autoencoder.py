@@ -211,11 +211,12 @@ def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, scale: float, ov
     h, w = x.shape[2:]
     th, tw = min(tile, h), min(tile, w)
     ov = max(1, round(tile * overlap))
-    out = weight = None
+    out: Tensor | None = None
+    weight: Tensor | None = None
     for top in _starts(h, th, max(th - ov, 1)):
         for left in _starts(w, tw, max(tw - ov, 1)):
             y = fn(x[:, :, top:top + th, left:left + tw])
-            if out is None:
+            if out is None or weight is None:
                 out = y.new_zeros(*y.shape[:2], round(h * scale), round(w * scale))
                 weight = y.new_zeros(1, 1, *out.shape[2:])
             oy, ox, (ny, nx) = round(top * scale), round(left * scale), y.shape[2:]
@@ -225,6 +226,7 @@ def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, scale: float, ov
             wgt = ((ry / ramp).clamp(max=1)[:, None] * (rx / ramp).clamp(max=1)[None, :]).to(y.dtype)
             out[:, :, oy:oy + ny, ox:ox + nx] += y * wgt
             weight[:, :, oy:oy + ny, ox:ox + nx] += wgt
+    assert out is not None and weight is not None  # _starts always gives at least one tile
     return out / weight
 
 

@@ -84,6 +84,7 @@ def widen_input(state: dict[str, Tensor], in_channels: int, source: str) -> dict
         raise UserError(f"{source}: not a latentdiff UNet ({key} not found)")
     w = state[key]
     if w.shape[1] > in_channels:
-        raise UserError(f"{source}: its UNet reads {w.shape[1]} input channels, more than unet.in_channels={in_channels}")
+        raise UserError(f"{source}: its UNet reads {w.shape[1]} input channels, "
+                        f"more than unet.in_channels={in_channels}")
     extra = w.new_zeros(w.shape[0], in_channels - w.shape[1], *w.shape[2:])
     return state | {key: torch.cat([w, extra], dim=1)}

@@ -59,6 +59,7 @@ class Conditioner:
         """{"context": (B, L, D)} for the prompts ("" is the unconditional prompt)."""
         if self.kind is not CondKind.TEXT:
             raise UserError("this model does not take prompts (it was not trained on captions)")
+        assert self.text_encoder is not None  # __init__ refuses a text UNet without one
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise UserError(f"prompts must be strings, got {type(bad[0]).__name__}")
@@ -73,6 +74,7 @@ class Conditioner:
     def null(self, n: int) -> dict[str, Tensor]:
         """The unconditional inputs for n samples (empty dict for an unconditional model)."""
         if self.kind is CondKind.CLASS:
+            assert self.num_classes is not None  # CLASS means unet.num_classes is set
             return self.labels(torch.full((n,), self.num_classes))
         if self.kind is CondKind.TEXT:
             return self.prompts([""] * n)
@@ -81,7 +83,12 @@ class Conditioner:
     def dropped(self, labels: Optional[Tensor], captions: Optional[Sequence[str]], drop: Tensor) -> dict[str, Tensor]:
         """Training inputs with the condition replaced by the null one where ``drop`` (bool (B,)) is set."""
         if self.kind is CondKind.CLASS:
+            assert self.num_classes is not None  # CLASS means unet.num_classes is set
+            if labels is None:
+                raise UserError("this model is class-conditional but the training batch has no class labels")
             return self.labels(torch.where(drop, torch.full_like(labels, self.num_classes), labels))
         if self.kind is CondKind.TEXT:
+            if captions is None:
+                raise UserError("this model reads prompts but the training batch has no captions")
             return self.prompts(["" if d else c for c, d in zip(captions, drop.tolist())])
         return {}

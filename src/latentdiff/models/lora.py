@@ -23,6 +23,7 @@ from latentdiff.formats.lora import flat_name
 from latentdiff.formats.sd_keys import unet_key_map
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)
+Adaptable = nn.Linear | nn.Conv2d
 
 
 @dataclass
@@ -59,7 +60,15 @@ def text_lora_names(text_model: nn.Module) -> dict[str, str]:
     return names
 
 
-def _factors(module: nn.Module, down: Tensor, up: Tensor, where: str) -> tuple[Tensor, Tensor]:
+def _adaptable(model: nn.Module, name: str, where: str) -> Adaptable:
+    """The Linear or Conv2d layer ``name`` of ``model``; any other module is a UserError."""
+    module = model.get_submodule(name)
+    if not isinstance(module, ADAPTABLE):
+        raise UserError(f"{where}: {name} is a {type(module).__name__}, not a Linear or Conv2d layer")
+    return module
+
+
+def _factors(module: Adaptable, down: Tensor, up: Tensor, where: str) -> tuple[Tensor, Tensor]:
     """A and B shaped for ``module`` (1x1 convs and Linear layers take either form); a misfit is a UserError."""
     w = module.weight
     if isinstance(module, nn.Linear) or w.shape[2:] == (1, 1):
@@ -78,7 +87,7 @@ def _factors(module: nn.Module, down: Tensor, up: Tensor, where: str) -> tuple[T
     return down, up
 
 
-def lora_delta(module: nn.Module, down: Tensor, up: Tensor, scale: float, where: str = "LoRA") -> Tensor:
+def lora_delta(module: Adaptable, down: Tensor, up: Tensor, scale: float, where: str = "LoRA") -> Tensor:
     """s · B A in the shape of ``module.weight`` (float32)."""
     down, up = _factors(module, down.float(), up.float(), where)
     return scale * (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
@@ -101,7 +110,7 @@ def apply_lora(model: nn.Module, layers: list[tuple[str, Tensor, Tensor, float]]
                what: str = "LoRA") -> None:
     """Add ``layers`` (our module name, A, B, s) to ``model``: into the weights (``fuse``) or as forward hooks."""
     state: LoraState = model.__dict__.setdefault("_lora_state", LoraState())
-    work = [(name, model.get_submodule(name), down, up, scale) for name, down, up, scale in layers]
+    work = [(name, _adaptable(model, name, what), down, up, scale) for name, down, up, scale in layers]
     factors = [_factors(module, down, up, f"{what}: {name}") for name, module, down, up, _ in work]  # check all first
     with torch.no_grad():
         for (name, module, down, up, scale), (a, b) in zip(work, factors):
@@ -121,7 +130,7 @@ def remove_lora(model: nn.Module) -> list[str]:
         return []
     with torch.no_grad():
         for name, weight in state.originals.items():
-            model.get_submodule(name).weight.copy_(weight)
+            _adaptable(model, name, "LoRA").weight.copy_(weight)
     for handle in state.hooks:
         handle.remove()
     return state.applied
@@ -140,7 +149,7 @@ class LoraAdapter(nn.Module):
         self.names, self.scale = list(names), alpha / rank
         self.down, self.up = nn.ParameterList(), nn.ParameterList()
         for name in self.names:
-            w = model.get_submodule(name).weight
+            w = _adaptable(model, name, "LoRA adapter").weight
             kernel = tuple(w.shape[2:])
             down = torch.empty(rank, *w.shape[1:], device=w.device)
             nn.init.kaiming_uniform_(down.view(rank, -1), a=5 ** 0.5)

@@ -45,7 +45,10 @@ VGG_SCALE = (0.458, 0.448, 0.450)
 class VGG16Features(nn.Module):
     """VGG16's convolutional part with torchvision's `features.{i}` names; returns the 5 LPIPS taps."""
 
-    def __init__(self):
+    shift: Tensor  # buffers, registered in __init__
+    scale: Tensor
+
+    def __init__(self) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = 3
@@ -84,20 +87,21 @@ class RandomFeatures(nn.Module):
         self.stages = nn.ModuleList()
         c = 3
         for w in widths:
-            convs = nn.ModuleList([nn.Conv2d(c, w, 3, padding=1), nn.Conv2d(w, w, 3, padding=1)])
+            convs = [nn.Conv2d(c, w, 3, padding=1), nn.Conv2d(w, w, 3, padding=1)]
             for conv in convs:
                 # He-normal weights keep activations at the same scale through the ReLUs; no training, ever.
                 fan_in = conv.in_channels * 9
                 with torch.no_grad():
                     conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-                    conv.bias.zero_()
-            self.stages.append(convs)
+                    nn.init.zeros_(conv.get_parameter("bias"))
+            self.stages.append(nn.ModuleList(convs))
             c = w
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x (B, 3, H, W) in [-1, 1] -> one feature map per scale (any H, W: pooling rounds up)."""
         out, h = [], x
-        for i, (conv1, conv2) in enumerate(self.stages):
+        for i, stage in enumerate(self.stages):
+            conv1, conv2 = stage.children()
             if i:
                 h = F.avg_pool2d(h, 2, ceil_mode=True)
             h = F.relu(conv2(F.relu(conv1(h))))
@@ -108,14 +112,15 @@ class RandomFeatures(nn.Module):
 class LPIPS(nn.Module):
     """Frozen perceptual distance d(x0, x1) -> (B,): unit-normalised features, weighted squared difference."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: VGG16Features | RandomFeatures):
         super().__init__()
         self.net = net
         # Non-negative per-channel weights w_l (1x1 conv, no bias); all ones = LPIPS' uncalibrated variant,
         # i.e. the channel-summed squared distance of unit vectors, each layer counting the same.
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in net.channels)
-        for lin in self.lins:
+        lins = [nn.Conv2d(c, 1, 1, bias=False) for c in net.channels]
+        for lin in lins:
             nn.init.ones_(lin.weight)
+        self.lins = nn.ModuleList(lins)
         self.requires_grad_(False)
         self.eval()
 
@@ -126,13 +131,13 @@ class LPIPS(nn.Module):
     def load_lin_weights(self, path: str | Path) -> None:
         """Load LPIPS' calibrated channel weights (`lin{i}.model.1.weight`, shape (1, C_i, 1, 1), non-negative)."""
         tensors = read_weights(path)
-        for i, lin in enumerate(self.lins):
+        for i, weight in enumerate(self.lins.parameters()):  # one (1, C_i, 1, 1) weight per lin, no bias
             key = f"lin{i}.model.1.weight"
-            _check_key(path, tensors, key, lin.weight.shape, "LPIPS lin-layer")
+            _check_key(path, tensors, key, weight.shape, "LPIPS lin-layer")
             if (tensors[key] < 0).any():
                 raise UserError(f"{path}: {key} has negative entries; LPIPS channel weights must be >= 0")
             with torch.no_grad():
-                lin.weight.copy_(tensors[key])
+                weight.copy_(tensors[key])
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
         """Distance per sample (B,) between images in [-1, 1] with 1 (grey, repeated) or 3 channels."""
@@ -185,7 +190,7 @@ def build_perceptual(kind: str = "random", weights: str | None = None, lin_weigh
     if kind == "random":
         if weights is not None:
             raise UserError(f"perceptual 'random' is built from a fixed seed and takes no weights file (got {weights})")
-        net: nn.Module = RandomFeatures()
+        net: VGG16Features | RandomFeatures = RandomFeatures()
     elif kind == "vgg16":
         if weights is None:
             raise UserError("perceptual 'vgg16' needs a weights file (torchvision VGG16 state dict, .safetensors "

@@ -165,6 +165,7 @@ class CLIPTokenizer(Tokenizer):
             raise UserError(f"{path}: the vocabulary must be a JSON object of token -> id")
         if any(len(m) != 2 for m in merges):
             raise UserError(f"{path}: every merge must be two space-separated symbols")
+        pairs = [(a, b) for a, b in merges]
         settings = {}  # later files win, as in transformers: special_tokens_map.json over tokenizer_config.json
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (path / name).is_file():
@@ -173,7 +174,7 @@ class CLIPTokenizer(Tokenizer):
         pad = pad["content"] if isinstance(pad, dict) else pad  # saved AddedToken form
         length = settings.get("model_max_length", 77)
         length = length if isinstance(length, int) and length < 100_000 else 77  # transformers' "no limit" is 1e30
-        return cls(vocab, merges, context_length or length, pad if pad_token is None else pad_token)
+        return cls(vocab, pairs, context_length or length, pad if pad_token is None else pad_token)
 
     @classmethod
     def from_bpe_file(cls, path: Path | str, context_length: int = 77, pad_token: str | int = EOS) -> CLIPTokenizer:
@@ -188,14 +189,15 @@ class CLIPTokenizer(Tokenizer):
         merges = [tuple(line.split()) for line in lines[1:_N_MERGES + 1]]  # line 0 is a header
         if len(merges) != _N_MERGES or any(len(m) != 2 for m in merges):
             raise UserError(f"{path}: expected {_N_MERGES} merge lines of two symbols each")
+        pairs = [(a, b) for a, b in merges]
         chars = list(_bytes_to_unicode().values())
         tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges), BOS, EOS]
-        return cls({t: i for i, t in enumerate(tokens)}, merges, context_length, pad_token)
+        return cls({t: i for i, t in enumerate(tokens)}, pairs, context_length, pad_token)
 
     @classmethod
     def default(cls, context_length: int = 77, pad_token: str | int = EOS) -> CLIPTokenizer:
         """The CLIP tokenizer from the merges file that ships with latentdiff (OpenAI's, MIT licence)."""
-        path = resources.files("latentdiff.models").joinpath("clip_vocab", OPEN_CLIP_BPE)
+        path = resources.files("latentdiff.models") / "clip_vocab" / OPEN_CLIP_BPE  # one name per step on 3.10
         with resources.as_file(path) as file:
             if not file.is_file():
                 raise UserError(f"{file} is missing from this installation of latentdiff; reinstall it, or give "
@@ -281,9 +283,12 @@ class TrainedTokenizer(Tokenizer):
     SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, context_length: int = 77) -> None:
-        ids = [tokenizer.token_to_id(t) for t in self.SPECIALS]
-        if None in ids:
-            raise UserError(f"not a latentdiff trained tokenizer: missing {self.SPECIALS[ids.index(None)]}")
+        ids = []
+        for token in self.SPECIALS:
+            i = tokenizer.token_to_id(token)
+            if i is None:
+                raise UserError(f"not a latentdiff trained tokenizer: missing {token}")
+            ids.append(i)
         self._tok = tokenizer
         super().__init__(context_length, ids[0], ids[1], ids[2], tokenizer.get_vocab_size())
 

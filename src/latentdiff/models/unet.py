@@ -46,7 +46,8 @@ class UNetConfig(ConfigMixin):
     # Options of diffusers' UNet2DConditionModel (docs/stable_diffusion.md lists every key); the defaults are SD's.
     heads_per_level: tuple[int, ...] = ()  # one head count per level (diffusers' per-block attention_head_dim);
     #                                        the middle block takes the last; () uses num_heads / num_head_channels
-    norm_groups: int = 32  # GroupNorm groups (norm_num_groups); a width they do not divide gets its largest divisor below
+    # GroupNorm groups (norm_num_groups); a width they do not divide gets its largest divisor below
+    norm_groups: int = 32
     norm_eps: float = 1e-5  # ε of the ResBlocks' and the output's GroupNorms (norm_eps)
     downsample_padding: int = 1  # 0: pad only right and bottom before each stride-2 conv (downsample_padding)
     center_input: bool = False  # the network sees 2 z - 1 (center_input_sample)
@@ -95,8 +96,8 @@ class UNetConfig(ConfigMixin):
 class TimestepEmbedSequential(nn.Sequential):
     """Sequential that hands the embedding to ResBlocks and the context to SpatialTransformers."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
-        """Run the layers in order, each with the inputs it takes."""
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Run the layers in order, each with the inputs it takes (Sequential's forward takes one input)."""
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -176,7 +177,7 @@ class UNet(nn.Module):
         if cfg.num_classes is None and class_labels is not None:
             raise UserError("this UNet is not class-conditional (num_classes is None) but class_labels were given")
 
-    def _run(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+    def _run(self, block: nn.Module, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
@@ -188,10 +189,12 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         self._check(x, t, context, class_labels)
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        dtype = next(self.time_embed.parameters()).dtype
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         if self.label_emb is not None:
             if class_labels is None:  # no label given: the "null" class (last row), as classifier-free guidance uses
-                class_labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
+                null = self.label_emb.num_embeddings - 1  # = num_classes
+                class_labels = torch.full((x.shape[0],), null, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(class_labels)
         skips, h = [], 2 * x - 1 if self.config.center_input else x
         for block in self.input_blocks:

@@ -82,12 +82,39 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int, cfg: AutoencoderConfig) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_groups)
-    mid.attn_1 = AttnBlock(channels, cfg.norm_groups) if cfg.attn_in_mid else nn.Identity()
-    mid.block_2 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_groups)
-    return mid
+class MidBlock(nn.Module):
+    """ResnetBlock, self-attention (or identity), ResnetBlock at the lowest resolution (CompVis' `mid`)."""
+
+    def __init__(self, channels: int, cfg: AutoencoderConfig):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_groups)
+        self.attn_1: nn.Module = AttnBlock(channels, cfg.norm_groups) if cfg.attn_in_mid else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_groups)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, C, h, w)."""
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: ResnetBlocks (`block`), then `downsample` or `upsample` if any."""
+
+    def __init__(self, blocks: list[ResnetBlock], downsample: Downsample | None = None,
+                 upsample: Upsample | None = None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        # None is a plain attribute, not a submodule: the state dict keys stay CompVis'
+        self.downsample, self.upsample = downsample, upsample
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Run the blocks, then resample."""
+        for block in self.block:
+            h = block(h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+        if self.upsample is not None:
+            h = self.upsample(h)
+        return h
 
 
 class Encoder(nn.Module):
@@ -100,15 +127,12 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = ch
         for i, m in enumerate(mult):
-            level = nn.Module()
-            level.block = nn.ModuleList()
+            blocks = []
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(block_in, ch * m, cfg.dropout, cfg.norm_groups))
+                blocks.append(ResnetBlock(block_in, ch * m, cfg.dropout, cfg.norm_groups))
                 block_in = ch * m
-            if i != len(mult) - 1:
-                level.downsample = Downsample(block_in)
-            self.down.append(level)
-        self.mid = _mid(block_in, cfg)
+            self.down.append(Level(blocks, downsample=Downsample(block_in) if i != len(mult) - 1 else None))
+        self.mid = MidBlock(block_in, cfg)
         self.norm_out = group_norm(block_in, 1e-6, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
@@ -116,11 +140,8 @@ class Encoder(nn.Module):
         """Encode x to the moments (or the code, when not double_z) at 1/f resolution."""
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+            h = level(h)
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -132,30 +153,23 @@ class Decoder(nn.Module):
         ch, mult = cfg.base_channels, cfg.channel_mult
         block_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _mid(block_in, cfg)
+        self.mid = MidBlock(block_in, cfg)
         # CompVis builds the levels from the lowest resolution up but stores them by resolution index:
         # up[0] is the full-resolution level (run last), up[-1] the one right after the middle block.
-        levels: list[nn.Module] = []
+        levels: list[Level] = []
         for i in reversed(range(len(mult))):
-            level = nn.Module()
-            level.block = nn.ModuleList()
+            blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, ch * mult[i], cfg.dropout, cfg.norm_groups))
+                blocks.append(ResnetBlock(block_in, ch * mult[i], cfg.dropout, cfg.norm_groups))
                 block_in = ch * mult[i]
-            if i != 0:
-                level.upsample = Upsample(block_in)
-            levels.insert(0, level)
+            levels.insert(0, Level(blocks, upsample=Upsample(block_in) if i != 0 else None))
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, 1e-6, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         """Decode z to an image at f times the resolution."""
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))

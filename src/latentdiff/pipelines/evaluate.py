@@ -1,7 +1,8 @@
 """Measure a model folder: sample quality of a diffusion model, reconstruction quality of an autoencoder.
 
 Real images are loaded at the model's size and, like the generated ones, resized by the feature
-network to its input, so neither side is favoured by resampling. The same images and settings always give the same numbers.
+network to its input, so neither side is favoured by resampling. The same images and settings always give the same
+numbers.
 """
 
 from __future__ import annotations

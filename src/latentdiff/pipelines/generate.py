@@ -206,7 +206,7 @@ class Pipeline:
         return self.generate(**({"n_samples": len(images)} | kwargs), images=images, mask=mask, resample=resample)
 
     def upscale(self, low_res: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Super-resolution (SR3): images drawn given uint8 ``low_res`` (N or 1, C, l, l), l = the model's low_res_size."""
+        """Super-resolution (SR3): images drawn given uint8 ``low_res`` (N or 1, C, l, l), l = model's low_res_size."""
         return self.generate(**({"n_samples": len(low_res)} | kwargs), low_res=low_res)
 
     # ---- task inputs -----------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def _text_encoder_from_single_file(hf: Tensors, open_clip: Tensors, given: dict[
     text = given.get("text", {})
     if hf:  # OpenAI CLIP ViT-L/14
         used = text.get("layers", _hf_layers(hf) - given.get("text_skip", 0))
-        hf = {k: v for k, v in hf.items() if not (m := re.search(r"encoder\.layers\.(\d+)\.", k)) or int(m.group(1)) < used}
+        hf = {k: v for k, v in hf.items()
+              if not (m := re.search(r"encoder\.layers\.(\d+)\.", k)) or int(m.group(1)) < used}
         weights, act, pad = clip_text_from_hf(hf), "quick_gelu", "<|endoftext|>"
     elif open_clip:  # open_clip pads with id 0 ('!'), not end-of-text
         used = text.get("layers", sd_keys.open_clip_text_layers(open_clip) - given.get("text_skip", 1))
@@ -221,8 +222,8 @@ def _weights_in(folder: Path) -> Path:
 
 def _scheduler(folder: Path) -> DiffusionConfig:
     path = folder / "scheduler" / "scheduler_config.json"
-    path = folder / "scheduler" / "scheduler_config.json"
-    return DiffusionConfig(**scheduler_config_from_diffusers(load_json_object(path) if path.is_file() else {}, str(path)))
+    given = load_json_object(path) if path.is_file() else {}
+    return DiffusionConfig(**scheduler_config_from_diffusers(given, str(path)))
 
 
 def load_diffusers_folder(path: Path | str, device: str | torch.device = "cpu",

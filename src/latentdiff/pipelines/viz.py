@@ -171,9 +171,10 @@ def trajectory(pipe: Pipeline, sampler: str = SampleSettings.sampler, steps: int
 
 
 def reverse_trajectory(pipe: Pipeline, sampler: str = SampleSettings.sampler, steps: int = SampleSettings.steps,
-                       seed: int = 0, spacing: Optional[str] = None, every: Optional[int] = None, class_label: Optional[int] = None,
-                       prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
-                       guidance: Optional[float] = None, frame_size: int = 84, columns: int = STRIP_COLUMNS, **sampler_options: float,
+                       seed: int = 0, spacing: Optional[str] = None, every: Optional[int] = None,
+                       class_label: Optional[int] = None, prompt: Optional[str] = None,
+                       negative_prompt: Optional[str] = None, guidance: Optional[float] = None, frame_size: int = 84,
+                       columns: int = STRIP_COLUMNS, **sampler_options: float,
                        ) -> tuple[Image.Image, list[Image.Image]]:
     """Sample one image (the same as ``pipe.generate(1, 1, steps, sampler, seed)``) and picture every step.
 

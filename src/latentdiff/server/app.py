@@ -150,7 +150,7 @@ def decode_inputs(req: GenerateRequest, pipe: Pipeline, size: tuple[int, int]) -
 
 
 def _upload(text: str, name: str) -> tuple[bytes, tuple[int, int]]:
-    """An image field's bytes and (width, height), from base64 or a data: URL; past MAX_UPLOAD_SIDE refused undecoded."""
+    """An image field's bytes and (width, height) from base64 or a data: URL; past MAX_UPLOAD_SIDE refused undecoded."""
     try:
         data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
     except (binascii.Error, ValueError, IndexError):

@@ -87,9 +87,10 @@ def load_checkpoint(folder: Path, groups: list[str]) -> tuple[dict[str, dict[str
 
 
 # ---- a training run's state ------------------------------------------------------------------------------
-def save_training_state(root: Path, step: int, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                        rng: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
-    """Checkpoint ``modules``' weights, ``optimizers``' state, the ``rng`` tensors (`rng_tensors`) and JSON ``state``."""
+def save_training_state(root: Path, step: int, modules: dict[str, nn.Module],
+                        optimizers: dict[str, torch.optim.Optimizer], rng: dict[str, torch.Tensor],
+                        state: dict[str, Any], keep: int) -> Path:
+    """Checkpoint ``modules``' weights, ``optimizers``' state, the ``rng`` tensors (`rng_tensors`), JSON ``state``."""
     groups: dict[str, dict[str, torch.Tensor]] = {k: m.state_dict() for k, m in modules.items()}
     opt_meta = {}
     for name, opt in optimizers.items():

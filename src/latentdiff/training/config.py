@@ -125,7 +125,8 @@ class TrainConfig:
         for key in ("time_limit", "time_budget"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0 minutes, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "grad_clip", "time_limit", "time_budget"):  # YAML reads .inf and .nan as floats
+        # YAML reads .inf and .nan as floats
+        for key in ("lr", "weight_decay", "grad_clip", "time_limit", "time_budget"):
             if not math.isfinite(getattr(self, key)):
                 raise UserError(f"train.{key} must be a finite number, got {getattr(self, key)}")
         if not self.lr > 0:

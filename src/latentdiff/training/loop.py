@@ -205,8 +205,9 @@ class TrainingRun(StepHelpers, BudgetedRun):
         tc, world = self.cfg.train, self.dist.world_size
         n = min(tc.batch_size, len(self.data))  # a data set smaller than the batch is one batch
         if n % (tc.grad_accum * world):
-            raise UserError(f"the global batch of {n} images (train.batch_size={tc.batch_size}, {len(self.data)} images) "
-                            f"does not split into {world} process(es) × train.grad_accum={tc.grad_accum}; "
+            raise UserError(f"the global batch of {n} images (train.batch_size={tc.batch_size}, "
+                            f"{len(self.data)} images) does not split into {world} process(es) × "
+                            f"train.grad_accum={tc.grad_accum}; "
                             f"choose a batch size divisible by {tc.grad_accum * world}")
 
     def batch_line(self) -> str:

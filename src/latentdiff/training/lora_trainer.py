@@ -50,7 +50,7 @@ class LoraBase:
 
 
 def _targets(names: dict[str, str], endings: tuple[str, ...], what: str) -> dict[str, str]:
-    """{our module name: the diffusers/transformers name} of the layers whose diffusers name ends with one of ``endings``."""
+    """{our module name: its diffusers/transformers name} of layers whose diffusers name ends with an ``endings``."""
     chosen = {ours: theirs for ours, theirs in names.items() if theirs.endswith(endings)}
     unmatched = [e for e in endings if not any(theirs.endswith(e) for theirs in names.values())]
     if unmatched:
@@ -102,8 +102,9 @@ class LoraTrainer(TrainingRun):
         """The posterior mean and spread of every image (and of its mirror image with data.hflip), on the CPU."""
         ae, size = self.autoencoder, self.cfg.data.image_size
         if self.cfg.data.channels != ae.config.in_channels or size % ae.downsample_factor:
-            raise UserError(f"data: {self.cfg.data.channels}-channel {size} px images do not fit the base's autoencoder "
-                            f"({ae.config.in_channels} channels, sides multiples of {ae.downsample_factor})")
+            raise UserError(f"data: {self.cfg.data.channels}-channel {size} px images do not fit the base's "
+                            f"autoencoder ({ae.config.in_channels} channels, "
+                            f"sides multiples of {ae.downsample_factor})")
         moments = {False: [], True: []} if self.cfg.data.hflip else {False: []}
         for start in range(0, len(self.data), 16):
             x = self.data.batch(torch.arange(start, min(start + 16, len(self.data)))).to(self.device)
@@ -165,11 +166,11 @@ class LoraTrainer(TrainingRun):
         return save_kohya(layers)
 
     def export(self) -> None:
-        """``lora.safetensors``: kohya's layout with its ``ss_*`` metadata, loadable by A1111, diffusers and ``--lora``."""
+        """``lora.safetensors``: kohya's layout and ``ss_*`` metadata, loadable by A1111, diffusers and ``--lora``."""
         lc = self.cfg.lora
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(lc.rank), "ss_network_alpha": str(lc.alpha),
-                "ss_base_model": self.base.source, "ss_steps": str(self.step), "ss_num_train_images": str(len(self.data)),
-                "ss_resolution": str(self.cfg.data.image_size)}
+                "ss_base_model": self.base.source, "ss_steps": str(self.step),
+                "ss_num_train_images": str(len(self.data)), "ss_resolution": str(self.cfg.data.image_size)}
         save_tensors(self.lora_tensors(), self.out / LORA_FILE, meta)
 
     @torch.no_grad()

@@ -39,7 +39,8 @@ class CsvLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("train.tensorboard=true needs TensorBoard: pip install 'latentdiff[tensorboard]'") from None
+                raise UserError("train.tensorboard=true needs TensorBoard: "
+                                "pip install 'latentdiff[tensorboard]'") from None
             self.tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, row: dict[str, Any]) -> None:

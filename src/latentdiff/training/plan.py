@@ -247,7 +247,8 @@ class BudgetPlanner:
         if self.strict and now + CALIBRATION_STEPS * step_s > self.deadline:
             total = (self.deadline - self.started) / 60
             need = (now - self.started + (CALIBRATION_STEPS + 1) * step_s) / 60
-            raise UserError(f"the time budget of {total:.3g} min is smaller than setting up ({self.loop_started - self.started:.1f} s) "
+            raise UserError(f"the time budget of {total:.3g} min is smaller than setting up "
+                            f"({self.loop_started - self.started:.1f} s) "
                             f"and {CALIBRATION_STEPS + 1} training steps ({step_s:.2f} s each); give at least "
                             f"{need:.2g} min")
 
@@ -289,7 +290,8 @@ class ThreadTrial:
 
     def describe(self) -> str:
         """The trial's outcome in one line."""
-        timings = ", ".join(f"{n} thread(s) {1000 * sum(t) / len(t):.0f} ms" for n, t in zip(self.candidates, self.times))
+        timings = ", ".join(f"{n} thread(s) {1000 * sum(t) / len(t):.0f} ms"
+                            for n, t in zip(self.candidates, self.times))
         return f"threads: {timings} per step: keeping {self.choice}"
 
 

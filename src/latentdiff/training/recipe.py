@@ -94,19 +94,24 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise UserError(f"{where}: 'stages' must be a non-empty list of {{name, preset, share, overrides}}")
     out = []
     for i, s in enumerate(stages):
-        if not isinstance(s, dict) or set(s) - {"name", "preset", "share", "overrides"} or not {"name", "preset"} <= set(s):
-            raise UserError(f"{where}: stage {i + 1} needs name and preset (and optionally share, overrides), got {s!r}")
-        stage = Stage(str(s["name"]), str(s["preset"]), float(s.get("share", 0.0)), [str(o) for o in s.get("overrides", [])])
+        keys = {"name", "preset", "share", "overrides"}
+        if not isinstance(s, dict) or set(s) - keys or not {"name", "preset"} <= set(s):
+            raise UserError(f"{where}: stage {i + 1} needs name and preset (and optionally share, overrides), "
+                            f"got {s!r}")
+        overrides = [str(o) for o in s.get("overrides", [])]
+        stage = Stage(str(s["name"]), str(s["preset"]), float(s.get("share", 0.0)), overrides)
         last = i == len(stages) - 1
         if not last and not 0 < stage.share < 1:
-            raise UserError(f"{where}: stage {stage.name!r} needs a share in (0, 1) of the time left, got {stage.share}")
+            raise UserError(f"{where}: stage {stage.name!r} needs a share in (0, 1) of the time left, "
+                            f"got {stage.share}")
         out.append(stage)
     if len({s.name for s in out}) != len(out):
         raise UserError(f"{where}: stage names must differ")
     pixel = d.get("pixel")
     if pixel is None:
         return Recipe(name, out)
-    if not isinstance(pixel, dict) or set(pixel) != {"preset", "min_images"} or not isinstance(pixel["min_images"], int):
+    if (not isinstance(pixel, dict) or set(pixel) != {"preset", "min_images"}
+            or not isinstance(pixel["min_images"], int)):
         raise UserError(f"{where}: 'pixel' must be {{preset: NAME, min_images: N}}, got {pixel!r}")
     return Recipe(name, out, Stage("pixel", str(pixel["preset"])), pixel["min_images"])
 
@@ -136,7 +141,8 @@ def run_recipe(name_or_path: str, out: Path | str, minutes: float | None = None,
     recipe, out = load_recipe(name_or_path), Path(out)
     state = load_json(out / STATE) if (out / STATE).is_file() else {"recipe": recipe.name, "stages": {}}
     if not resume and state["stages"]:
-        raise UserError(f"{out} already holds a {state['recipe']} run; pass --resume to continue it or choose another --out")
+        raise UserError(f"{out} already holds a {state['recipe']} run; "
+                        "pass --resume to continue it or choose another --out")
     if resume and state.get("recipe") not in (None, recipe.name):
         raise UserError(f"{out} holds a {state['recipe']} run, not {recipe.name}")
     log(describe(recipe, minutes))
