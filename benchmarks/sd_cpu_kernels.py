@@ -55,7 +55,8 @@ def layers(dtype: torch.dtype) -> dict:
     q = torch.randn(2, 8, 4096, 40, dtype=dtype)
     gn = torch.nn.GroupNorm(32, 320).to(dtype)
     return {"conv 3x3, 320 ch": lambda: conv(x), "conv 3x3, channels_last": lambda: conv_cl(x_cl),
-            "Linear 320 -> 2560": lambda: lin(tokens), "attention, SDPA fused": lambda: F.scaled_dot_product_attention(q, q, q),
+            "Linear 320 -> 2560": lambda: lin(tokens),
+            "attention, SDPA fused": lambda: F.scaled_dot_product_attention(q, q, q),
             "attention, matmul + softmax": lambda: matmul_attention(q, q, q), "GroupNorm + SiLU": lambda: F.silu(gn(x))}
 
 

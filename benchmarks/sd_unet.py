@@ -160,7 +160,8 @@ def decode_rows(tile: int) -> dict:
         whole = peak_of(lambda: vae.decode_latents(z), cpu)
         vae.tile = tile
         tiles = peak_of(lambda: vae.decode_latents(z), cpu)
-    return {name: {"s": v[0], "cpu_s": v[1], "peak_mib": v[2]} for name, v in (("whole", whole), (f"tiles of {tile}", tiles))}
+    return {name: {"s": v[0], "cpu_s": v[1], "peak_mib": v[2]}
+            for name, v in (("whole", whole), (f"tiles of {tile}", tiles))}
 
 
 def markdown(result: dict, steps: int) -> list[str]:
@@ -179,7 +180,8 @@ def markdown(result: dict, steps: int) -> list[str]:
     for k, r in u["rows"].items():
         ratio = f"**{r['time_vs_ref']:.2f}x**" if "time_vs_ref" in r else "1"
         err = (f"{r['max_abs_diff']:.1e} | {r['rel_rms_diff']:.1e}" if "max_abs_diff" in r else "reference | reference")
-        lines.append(f"| {k} | {r['cpu_s_per_step']:.2f} | {r['s_per_step']:.3f} | {ratio} | {err} | {r['peak_mib']:.0f} |")
+        lines.append(f"| {k} | {r['cpu_s_per_step']:.2f} | {r['s_per_step']:.3f} | {ratio} | {err} "
+                     f"| {r['peak_mib']:.0f} |")
     if "decode_512" in result:
         lines += ["\n## 512x512 VAE decode (SD VAE, random weights, fp32)\n",
                   "| mode | CPU s | wall s | peak extra memory (MiB) |", "| --- | --- | --- | --- |"]
