@@ -33,6 +33,18 @@ def test_guidance_formula_and_one_batched_call():
     assert calls == [3, 3, 6, 6]  # w = 0 and 1 need one pass; otherwise cond and uncond share one batch
     with pytest.raises(UserError, match="guidance"):
         classifier_free_guidance(model, cond, uncond, -1.0)
+    # A limited interval: steps with t > max_t get the conditional prediction, in one pass.
+    calls.clear()
+    torch.testing.assert_close(classifier_free_guidance(model, cond, uncond, 2.5, max_t=6)(x, t), e_c)
+    guided = classifier_free_guidance(model, cond, uncond, 2.5, max_t=7)
+    torch.testing.assert_close(guided(x, t), e_u + 2.5 * (e_c - e_u))
+    assert calls == [3, 6]
+    mixed = torch.tensor([3, 7, 9])  # per-sample timesteps (training-style): guided where t <= 7
+    want = model(x, mixed, **uncond) + 2.5 * (model(x, mixed, **cond) - model(x, mixed, **uncond))
+    want[2] = model(x, mixed, **cond)[2]
+    torch.testing.assert_close(guided(x, mixed), want)
+    with pytest.raises(UserError, match="max_t"):
+        classifier_free_guidance(model, cond, uncond, 2.5, max_t=-1)
 
 
 def test_class_labels_are_dropped_at_drop_prob(tiny_cfg, tmp_path):
@@ -151,7 +163,7 @@ def test_autoencoder_ceiling_scores_the_reconstructions(monkeypatch):
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_small_shapes_set(tmp_path):
     """The main job's three stages, cut to seconds: files, report keys, and a resumed second call."""
-    from latentdiff.pipelines.demo import GRID_PROMPTS, run_demo
+    from latentdiff.pipelines.demo import GRID_PROMPTS, GRID_SEEDS, run_demo
 
     small = ["data.shapes_count=256", "train.batch_size=16", "train.steps=4", "train.warmup_steps=1",
              "train.grid_samples=2", "train.grid_steps=2"]
@@ -160,10 +172,18 @@ def test_demo_end_to_end_on_a_small_shapes_set(tmp_path):
     assert set(summary["groups"]) == {"1 object, seen", "1 object, unseen", "2 objects, seen"}
     assert all(r["n"] == 2 for r in summary["groups"].values())
     assert 0.0 <= summary["accuracy"]["whole"] <= 1.0
-    assert "| prompts | n |" in summary["table"]
+    assert "| prompts | n | matched |" in summary["table"]
+    div = summary["diversity"]  # every grid prompt drawn DIVERSITY_SEEDS times; ratios None if too few read right
+    assert div["n_prompts"] == len(GRID_PROMPTS) and set(div["groups"]) == {"1 object", "2 objects"}
+    ratios = [v["ratio"]["position"] for v in summary["diversity_prompts"].values()]
+    assert len(ratios) == len(GRID_PROMPTS) and all(r is None or r >= 0 for r in ratios)
+    assert "| prompts | prompts measured |" in summary["diversity_table"]
+    assert set(summary["autoencoder_ceilings"]) == {"1 object", "2 objects"}
+    assert "Diversity over 16 seeds" in (tmp_path / "adherence.md").read_text()
     from latentdiff.data.images import read_png_settings
 
-    assert read_png_settings(tmp_path / "prompts.png")["prompts"] == GRID_PROMPTS
+    settings = read_png_settings(tmp_path / "prompts.png")
+    assert settings["prompts"] == GRID_PROMPTS and settings["seeds"] == list(range(GRID_SEEDS))
 
 
 def test_reverse_trajectory_follows_the_prompt(captioned_run):

@@ -46,7 +46,8 @@ Box = tuple[float, float, float, float]  # cx, cy, width, height in pixels
 
 @dataclass(frozen=True)
 class Detected:
-    """One object found in an image: its words ("other" when nothing fits), box in pixels and the measures behind them."""
+    """One object found in an image: its words ("other" when nothing fits), its box in pixels, and the
+    measures behind the words."""
 
     colour: str
     shape: str

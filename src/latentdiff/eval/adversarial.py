@@ -1,4 +1,4 @@
-"""Renderings the adherence scorer must refuse: near misses of the shapes data set that a blurry generator draws.
+"""Renderings the adherence scorer must refuse: near misses of the shapes data that a blurry generator draws.
 
 Each probe takes a real one-object scene (its caption, place and size) and changes one thing the caption
 does not allow: a box that is not square (a 3:1 rectangle, ellipse, squashed triangle or cross, a
@@ -19,7 +19,8 @@ import numpy as np
 from latentdiff.data.shapes import BACKGROUND, COLOURS, SHAPES, Scene, ShapeSpec, caption, coverage, layout, random_scene
 
 Probe = tuple[np.ndarray, str]  # (uint8 H×W×3 image, the caption it must not satisfy)
-Cover = Callable[[tuple[float, float, float, float], tuple[int, int, int, int]], np.ndarray]
+Box = tuple[float, float, float, float]  # cx, cy, w, h in pixels
+Cover = Callable[[Box, tuple[int, int, int, int]], np.ndarray]  # (box, pixel window) -> coverage in [0, 1]
 
 # Off-palette colours, each beside the palette colour a lenient scorer mistook it for (a few shades each).
 OFF_PALETTE: dict[str, tuple[str, list[tuple[int, int, int]]]] = {
@@ -30,8 +31,7 @@ OFF_PALETTE: dict[str, tuple[str, list[tuple[int, int, int]]]] = {
 }
 
 
-def draw(objects: list[tuple[Cover, tuple[float, float, float, float], tuple[int, int, int]]],
-         image_size: int = 32) -> np.ndarray:
+def draw(objects: list[tuple[Cover, Box, tuple[int, int, int]]], image_size: int = 32) -> np.ndarray:
     """uint8 (H, W, 3): each (coverage function, box (cx, cy, w, h), RGB) blended over BACKGROUND in turn."""
     img = np.empty((image_size, image_size, 3), np.float32)
     img[:] = BACKGROUND
@@ -50,7 +50,7 @@ def solid(shape: str) -> Cover:
 
 def outline(shape: str, width: float) -> Cover:
     """The shape minus the same shape shrunk by `width` px on every side: an outline (square) or a ring (circle)."""
-    def cover(box: tuple[float, float, float, float], window: tuple[int, int, int, int]) -> np.ndarray:
+    def cover(box: Box, window: tuple[int, int, int, int]) -> np.ndarray:
         cx, cy, bw, bh = box
         inner = coverage(shape, (cx, cy, bw - 2 * width, bh - 2 * width), window)
         return np.clip(coverage(shape, box, window) - inner, 0, 1)

@@ -293,7 +293,8 @@ class Pipeline:
         dtype = next(self.unet.parameters()).dtype
         if dtype != torch.float32:  # bf16 weights: the sampler's state stays fp32, only the network runs narrow
             net = _cast_inputs(net, dtype)
-        model_fn = classifier_free_guidance(net, cond, uncond, guidance)
+        max_t = self.manifest.get("conditioning", {}).get("guidance_max_t")  # guided steps: t <= max_t
+        model_fn = classifier_free_guidance(net, cond, uncond, guidance, max_t)
         return as_eps_fn(model_fn, schedule, self.diffusion.prediction)
 
     @torch.no_grad()

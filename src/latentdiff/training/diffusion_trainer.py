@@ -189,7 +189,8 @@ class DiffusionTrainer(TrainingRun):
         return {**concat, "step": self.step, "diffusion": dataclasses.asdict(self.cfg.diffusion),
                 "image_size": d.image_size, "channels": d.channels, "latent_shape": list(self.latent_shape),
                 "class_names": self.data.class_names,
-                "conditioning": {"kind": self.cond.kind, "guidance": self.cfg.cond.guidance},
+                "conditioning": {"kind": self.cond.kind, "guidance": self.cfg.cond.guidance,
+                                 "guidance_max_t": self.cfg.cond.guidance_max_t},
                 "data": {"source": d.source, "fingerprint": self.data.fingerprint, "images": len(self.data)}}
 
     def export(self) -> None:
@@ -223,7 +224,8 @@ class DiffusionTrainer(TrainingRun):
             cond["concat"] = uncond["concat"] = self.concat_inputs(images, g)
             settings["concat"] = self.cfg.cond.concat
         scale = self.cfg.cond.guidance if self.cond.kind != "none" else 1.0  # concat alone: nothing to guide
-        model_fn = classifier_free_guidance(with_concat(self.ema.model), cond, uncond, scale)
+        model_fn = classifier_free_guidance(with_concat(self.ema.model), cond, uncond, scale,
+                                            self.cfg.cond.guidance_max_t)
         eps_fn = as_eps_fn(model_fn, self.schedule, self.cfg.diffusion.prediction)
         clip = 1.0 if self.latents is None else None  # pixels live in [-1, 1]; latents have no fixed range
         z = sample(eps_fn, noise, self.schedule, tc.grid_sampler, tc.grid_steps, generator=g, clip_x0=clip)
