@@ -19,7 +19,6 @@ from ..errors import UserError
 from latentdiff.formats.dataclass_io import ConfigMixin
 from ..nn.attention import Attention, SpatialTransformer
 from ..nn.embeddings import timestep_embedding
-from latentdiff.models.context_adapter import ContextAdapter
 from ..nn.resblock import Downsample, ResBlock, Upsample, group_norm, zero_module
 
 
@@ -39,8 +38,6 @@ class UNetConfig(ConfigMixin):
     num_head_channels: int = -1  # if > 0: heads = channels // num_head_channels, overriding num_heads (SD v2: 64)
     transformer_depth: int = 1
     context_dim: int | None = None  # width of the cross-attention context (text tokens); None: attn2 is self-attention
-    text_layers: int = 0  # > 0: a transformer of this many blocks over the context tokens, trained with the UNet
-    text_width: int = 128  # its width (the cross-attention then reads text_width-wide tokens)
     use_linear_projection: bool = False  # SD v2: Linear instead of 1x1 conv for proj_in / proj_out
     dropout: float = 0.0
     num_classes: int | None = None  # class-conditional: label_emb has num_classes + 1 rows, the last is "no class"
@@ -51,9 +48,6 @@ class UNetConfig(ConfigMixin):
         positive = ["in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth"]
         positive += ["num_heads"] if self.num_head_channels <= 0 else []
         positive += [k for k in ("context_dim", "num_classes") if getattr(self, k) is not None]
-        positive += ["text_width"] if self.text_layers else []
-        if self.text_layers < 0 or (self.text_layers and self.context_dim is None):
-            raise UserError(f"unet.text_layers: expected 0, or > 0 with a context_dim, got {self.text_layers!r}")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"unet.{key}: expected a positive integer, got {getattr(self, key)!r}")
@@ -104,9 +98,6 @@ class UNet(nn.Module):
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
-        self.context_adapter = (ContextAdapter(cfg.context_dim, cfg.text_width, cfg.text_layers, cfg.num_heads)
-                                if cfg.text_layers else None)
-        context_dim = cfg.text_width if cfg.text_layers else cfg.context_dim
 
         def res(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, emb_dim, cfg.dropout, ch_out)
@@ -116,7 +107,7 @@ class UNet(nn.Module):
                 heads, head_dim = ch // cfg.num_head_channels, cfg.num_head_channels
             else:
                 heads, head_dim = cfg.num_heads, ch // cfg.num_heads
-            return SpatialTransformer(ch, heads, head_dim, cfg.transformer_depth, cfg.dropout, context_dim,
+            return SpatialTransformer(ch, heads, head_dim, cfg.transformer_depth, cfg.dropout, cfg.context_dim,
                                       cfg.use_linear_projection)
 
         # Down: conv_in, then per level num_res_blocks x (ResBlock [+ attention]), then a Downsample.
@@ -194,8 +185,6 @@ class UNet(nn.Module):
             if class_labels is None:  # no label given: the "null" class (last row), as classifier-free guidance uses
                 class_labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(class_labels)
-        if self.context_adapter is not None:
-            context = self.context_adapter(context)
         skips, h = [], x
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
