@@ -1,6 +1,6 @@
 """What a training step of ldm-shapes variants costs, against the preset's, measured interleaved in one process.
 
-    python benchmarks/ldm_step_cost.py --variant unet.text_layers=2 --variant unet.attention_resolutions=[1,2]
+    python benchmarks/ldm_step_cost.py --variant unet.attention_resolutions=[1,2]
 
 Each variant is the ldm-shapes preset with some overrides (several per --variant, separated by spaces).
 One step = the UNet's forward and backward on a batch of the preset's size (8x8x8 latents, random
