@@ -14,6 +14,7 @@ divided by the data's own spread for that caption (1 = as varied as the data), m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -50,8 +51,9 @@ def main() -> None:
     torch.set_num_threads(2)
     pipe = Pipeline.load(args.demo / "ldm")
     if args.guidance_max_t is not None:
-        pipe.manifest.setdefault("conditioning", {})["guidance_max_t"] = args.guidance_max_t
-    max_t = pipe.manifest.get("conditioning", {}).get("guidance_max_t")
+        pipe.manifest = dataclasses.replace(pipe.manifest, conditioning=dataclasses.replace(
+            pipe.manifest.conditioning, guidance_max_t=args.guidance_max_t))
+    max_t = pipe.manifest.conditioning.guidance_max_t
     sets = adherence_prompt_sets(args.n, seed=100)  # other prompts than the demo's own report (seed 0)
     div_prompts = eval_prompts(args.div_prompts, 1, True, 200) + eval_prompts(args.div_prompts, 2, True, 201)
     demo = json.loads((args.demo / "adherence.json").read_text())

@@ -288,6 +288,13 @@ def make_corpus(root: Path, model: Path, run: Path, in_subprocess: tuple[str, ..
         ("manifest_not_json", put("model_index.json", b"{\"format\": \"latentdiff\", "), "model_index.json"),
         ("manifest_other_format", put("model_index.json", b"{\"format\": \"diffusers\", \"version\": 1}"),
          "unsupported format"),
+        ("manifest_null", put("model_index.json", b"null"), "model_index.json: expected a JSON object"),
+        ("manifest_image_size_string", lambda f: _edit_json(f / "model_index.json", image_size="16"),
+         "model_index.json: image_size"),
+        ("manifest_guidance_list", lambda f: _edit_json(f / "model_index.json", conditioning={"kind": "none",
+                                                                                              "guidance": [4]}),
+         "conditioning.guidance"),
+        ("unet_config_not_object", put("unet/config.json", b"[1, 2]"), "unet/config.json"),
         ("unet_config_wrong_type", lambda f: _edit_json(f / "unet" / "config.json", model_channels="many"),
          "model_channels"),
         ("unet_config_unknown_key", lambda f: _edit_json(f / "unet" / "config.json", model_chanels=16),
@@ -372,7 +379,8 @@ def make_corpus(root: Path, model: Path, run: Path, in_subprocess: tuple[str, ..
     # Absurd command-line values.
     s = ["sample", model, "--out", out, "--n-samples", 1]
     for args, needle in [
-        (["--steps", 0], "--steps"), (["--steps", -3], "--steps"), (["--steps", 100000], "steps"),
+        (["--steps", 0], "--steps"), (["--steps", -3], "--steps"),
+        (["--steps", 100000, "--sampler", "ddim"], "steps"),  # σ grids (the default's karras) take any count
         (["--n-samples", 0], "--n-samples"), (["--batch-size", -1], "--batch-size"), (["--seed", -1], "--seed"),
         (["--seed", 2**64], "--seed"), (["--seed", "abc"], "--seed"), (["--sampler", "plms"], "plms"),
         (["--spacing", "sideways"], "sideways"), (["--eta", -1], "--eta"), (["--eta", "nan"], "eta"),

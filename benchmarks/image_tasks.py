@@ -60,7 +60,7 @@ def inpainting(args: argparse.Namespace, feats) -> tuple[list[dict], torch.Tenso
     real, _ = reference_images(plain.manifest, args.n)
     with torch.no_grad():
         recon = to_uint8_image(plain.autoencoder.decode_latents(plain.autoencoder.encode_latents(from_uint8_image(real))))
-    methods = [(f"dedicated model (9-ch, step {d.manifest['step']}), ddim 50", d, {"sampler": "ddim", "steps": 50})
+    methods = [(f"dedicated model (9-ch, step {d.manifest.step}), ddim 50", d, {"sampler": "ddim", "steps": 50})
                for d in dedicated] + [
                ("replacement, ddim 50", plain, {"sampler": "ddim", "steps": 50}),
                ("replacement + RePaint x4, ddpm 50", plain, {"sampler": "ddpm", "steps": 50, "resample": 4})]
@@ -93,7 +93,7 @@ def inpainting(args: argparse.Namespace, feats) -> tuple[list[dict], torch.Tenso
 def super_resolution(path: Path, n: int, n_div: int, steps: int) -> tuple[dict, torch.Tensor]:
     pipe = Pipeline.load(path)
     real, _ = reference_images(pipe.manifest, n)
-    size, low_size = pipe.manifest["image_size"], pipe.manifest["low_res_size"]
+    size, low_size = pipe.manifest.image_size, pipe.manifest.low_res_size
     low = to_uint8_image(resize_bicubic(from_uint8_image(real), low_size))
     bicubic = to_uint8_image(resize_bicubic(from_uint8_image(low), size))
     t0 = time.perf_counter()
@@ -108,8 +108,8 @@ def super_resolution(path: Path, n: int, n_div: int, steps: int) -> tuple[dict, 
         return to_uint8_image(resize_bicubic(from_uint8_image(x), low_size))
 
     f = lambda a, b: {"psnr": psnr(a.float(), b.float(), 255.0), "ssim": ssim(a.float(), b.float(), 255.0)}  # noqa: E731
-    row = {"model": str(path), "step": pipe.manifest["step"], "sizes": f"{low_size} -> {size}",
-           "space": "latent" if "autoencoder" in pipe.manifest["components"] else "pixel",
+    row = {"model": str(path), "step": pipe.manifest.step, "sizes": f"{low_size} -> {size}",
+           "space": "latent" if "autoencoder" in pipe.manifest.components else "pixel",
            "bicubic": f(bicubic, real), "sr": f(sr, real), "sr_mean_of_8": f(mean8, real[:n_div]),
            "bicubic_first_n_div": f(bicubic[:n_div], real[:n_div]),
            "consistency_psnr_sr": psnr(down(sr).float(), low.float(), 255.0),

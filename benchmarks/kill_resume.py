@@ -257,7 +257,7 @@ def _child() -> None:
 
     fc.save_file = slow_save_file
     os.replace, shutil.rmtree = paused(os.replace), paused(shutil.rmtree)
-    loop.save_checkpoint = phase(loop.save_checkpoint, "checkpoint", "export")
+    loop.save_training_state = phase(loop.save_training_state, "checkpoint", "export")
     loop.TrainingRun.save = phase(loop.TrainingRun.save, "save", None)
     sys.argv = ["latentdiff", *sys.argv[2:]]
     main()

@@ -60,10 +60,11 @@ def build(bf16: bool):
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02)
-    dcfg = sd_keys.unet_config_to_diffusers(cfg)
+    dcfg = sd_keys.unet_config_to_diffusers(cfg, ours.layout)
     dcfg.pop("_class_name")
     ref = diffusers.UNet2DConditionModel(**dcfg, sample_size=64).eval()
-    ref.load_state_dict(sd_keys.unet_to_diffusers(ours.state_dict(), cfg), strict=True)
+    state = ours.state_dict()
+    ref.load_state_dict(sd_keys.unet_to_diffusers(state, sd_keys.unet_key_map(state, ours.layout)), strict=True)
     dtype = torch.bfloat16 if bf16 else torch.float32
     return ours.to(dtype).requires_grad_(False), ref.to(dtype).requires_grad_(False)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from benchmark_module import load_benchmark
 
-from latentdiff.data.datasets import read_image
+from latentdiff.data.decode import read_image
 
 
 @pytest.fixture(scope="module")

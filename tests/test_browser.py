@@ -248,11 +248,8 @@ def test_img2img_from_a_gallery_image_not_square(page, served):
     x, _ = image_at(page, first["images"][0])
     got, _ = image_at(page, second["images"][0])
     pipe = served["models"]["shapes-text"]
-    try:
-        ref = pipe.configure(size=(16, 24)).img2img(x[None], strength=0.5, steps=3, sampler="dpmpp_2m",
-                                                    spacing="karras", seed=3, prompt="a large green square")
-    finally:
-        pipe.hw = None
+    ref = pipe.img2img(x[None], strength=0.5, steps=3, sampler="dpmpp_2m", spacing="karras", seed=3,
+                       prompt="a large green square", width=24, height=16)
     assert got.shape == (3, 16, 24) and (got.int() - ref[0].int()).abs().max() <= 1
 
 
@@ -298,7 +295,7 @@ def test_refused_settings_are_explained(page, served):
     page.select_option("#sampler", "DDIM")
     page.fill("#steps", str(LONG + 1))  # within the limit, but more than the model's timesteps: the server says so
     page.click("#generate")
-    expect(page.locator("#status")).to_contain_text(f"steps: {LONG + 1} is more than model 'shapes-text''s {LONG} "
+    expect(page.locator("#status")).to_contain_text(f"steps: {LONG + 1} is more than the schedule's {LONG} "
                                                     "timesteps")
     expect(page.locator("#status")).to_have_class("error")
     assert page.request.get("/api/jobs").json() == before  # nothing was queued

@@ -12,7 +12,7 @@ from PIL import Image
 
 from latentdiff.data import DataConfig, load_dataset
 from latentdiff.data import emoji
-from latentdiff.data.datasets import _in_test
+from latentdiff.data.source import in_test
 from latentdiff.errors import UserError
 
 FONT = next((Path(p) for p in emoji.FONT_PATHS if Path(p).is_file()), None)
@@ -24,7 +24,7 @@ def train_names(n: int, prefix: str = "", ext: str = ".png") -> list[str]:
     out, i = [], 0
     while len(out) < n:
         name = f"{prefix}img{i}{ext}"
-        if not _in_test(name):
+        if not in_test(name):
             out.append(name)
         i += 1
     return out

@@ -1,5 +1,6 @@
 """Models conditioned by concatenation: dedicated inpainting (SD inpainting's layout) and SR3 super-resolution."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from latentdiff.training.config import load_config
 from latentdiff.data.masks import random_masks
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
-from latentdiff.models.concat import inpaint_concat, low_res_concat, with_concat
-from latentdiff.models.folder import read_manifest, save_model_folder
+from latentdiff.models.concat import ConcatKind, inpaint_concat, low_res_concat, with_concat
+from latentdiff.models.folder import FolderKind, Manifest, read_manifest, save_model_folder
 from latentdiff.pipelines.generate import Pipeline
 from latentdiff.training import make_trainer
 
@@ -100,7 +101,8 @@ def test_with_concat_feeds_the_extra_channels_and_guidance_batches_them():
 
 def test_inpainting_model_folder_and_pipeline(inpaint_dir):
     manifest = read_manifest(inpaint_dir)
-    assert manifest["concat"] == "inpaint" and "low_res_size" not in manifest
+    assert manifest.concat is ConcatKind.INPAINT and manifest.low_res_size is None
+    assert "low_res_size" not in json.loads((inpaint_dir / "model_index.json").read_text())
     pipe = Pipeline.load(inpaint_dir)
     images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
     keep = torch.ones(16, 16)
@@ -136,7 +138,8 @@ def test_inpainting_model_bad_input(inpaint_dir):
 def test_latent_inpainting_model_reads_nine_channels(tmp_path):
     """A 4-channel latent gives SD inpainting's 9 input channels, in training and in the pipeline."""
     ae = tiny_autoencoder()
-    save_model_folder(tmp_path / "ae", {"autoencoder": (ae.config.to_dict(), ae.state_dict())}, {"kind": "autoencoder"})
+    save_model_folder(tmp_path / "ae", {"autoencoder": (ae.config.to_dict(), ae.state_dict())},
+                      Manifest(image_size=16, channels=1, kind=FolderKind.AUTOENCODER))
     run = train(tmp_path, "ldm", ["unet.in_channels=9", "unet.out_channels=4", "cond.concat=inpaint",
                                   f"latent.autoencoder={tmp_path / 'ae'}"])
     pipe = Pipeline.load(run)
@@ -153,7 +156,7 @@ def test_latent_inpainting_model_reads_nine_channels(tmp_path):
 
 def test_super_resolution_pipeline_and_bad_input(sr_dir):
     manifest = read_manifest(sr_dir)
-    assert manifest["concat"] == "low_res" and manifest["low_res_size"] == 8
+    assert manifest.concat is ConcatKind.LOW_RES and manifest.low_res_size == 8
     pipe = Pipeline.load(sr_dir)
     low = torch.randint(0, 256, (1, 1, 8, 8), dtype=torch.uint8)
     out = pipe.upscale(low, n_samples=3, steps=3, seed=4)
@@ -218,7 +221,7 @@ def test_a_short_real_sr_run_follows_its_low_res_input(tmp_path):
     pipe = Pipeline.load(run)
     real, _ = reference_images(pipe.manifest, 64)  # held-out digits
     low = to_uint8_image(resize_bicubic(from_uint8_image(real), 8))
-    down = to_uint8_image(resize_bicubic(from_uint8_image(pipe.upscale(low, steps=10, seed=0)), 8)).float()
+    down = to_uint8_image(resize_bicubic(from_uint8_image(pipe.upscale(low, steps=10, sampler="ddim", seed=0)), 8)).float()
     own, others = psnr(down, low.float(), 255.0), psnr(down, low.roll(1, 0).float(), 255.0)
     print(f"consistency PSNR {own:.1f} dB with its own input, {others:.1f} dB with another image's")
     assert own > 18 and own > others + 6  # measured 22.3 vs 11.2

@@ -101,10 +101,10 @@ def test_text_bad_input(captioned_run, tmp_path):
     with pytest.raises(UserError, match="class"):
         pipe.generate(n_samples=1, steps=2, class_label=1)
     for bad in (-1, float("inf"), float("nan")):
-        with pytest.raises(UserError, match="guidance must be a finite number >= 0"):
+        with pytest.raises(UserError, match="guidance: must be a finite number >= 0"):
             pipe.generate(n_samples=1, steps=2, prompt="red square", guidance=bad)
     with pytest.raises(UserError, match="finite numbers >= 0"):
-        pipe.generate(n_samples=1, steps=2, prompt="red square", eta=float("nan"))
+        pipe.generate(n_samples=1, steps=2, sampler="ddim", prompt="red square", eta=float("nan"))
     with pytest.raises(UserError, match="one prompt or one per sample"):
         pipe.generate(n_samples=3, steps=2, prompt=["a", "b"])
     with warnings.catch_warnings(record=True) as w:

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from latentdiff.data import DataConfig, ImageData, load_dataset, random_hflip, to_uint8_image
-from latentdiff.data.datasets import FASHION_MNIST_DIR, _in_test
+from latentdiff.data.embedded import FASHION_MNIST_DIR
+from latentdiff.data.source import in_test
 from latentdiff.errors import UserError
 
 GOOD = [
@@ -49,7 +50,7 @@ def make_folder(root: Path, bad: bool = True) -> Path:
         (root / "cats/garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
         (root / "cats/empty.jpg").write_bytes(b"")
         (root / "dogs/truncated.png").write_bytes(_png_bytes(rgb)[:300])
-    assert not any(_in_test(f) for f in GOOD + BAD), "fixture files must all be in the train split"
+    assert not any(in_test(f) for f in GOOD + BAD), "fixture files must all be in the train split"
     return root
 
 
@@ -204,8 +205,27 @@ def test_random_hflip_deterministic() -> None:
     flipped = [torch.equal(a[i], x[i].flip(-1)) for i in range(64)]
     assert 10 < sum(flipped) < 54  # roughly half, and each sample either flipped or left alone
     assert all(f or torch.equal(a[i], x[i]) for i, f in enumerate(flipped))
-    d = ImageData(x.to(torch.uint8), None, [], "", "test")
-    assert torch.equal(d.batch(torch.arange(8)), d.batch(torch.arange(8)))  # batch() itself never flips
+
+
+def test_batch_is_the_stored_pixels_in_minus_one_to_one() -> None:
+    """batch() maps the chosen images to [-1, 1], in the order asked, and never flips (the caller augments)."""
+    pixels = torch.arange(16 * 3 * 2 * 2).view(16, 3, 2, 2).to(torch.uint8)  # every image differs, none symmetric
+    d = ImageData(pixels, None, [], "", "test")
+    idx = torch.tensor([5, 0, 15, 5])
+    expected = pixels[idx].float() / 127.5 - 1.0  # 0 -> -1, 255 -> 1
+    assert torch.equal(d.batch(idx), expected)
+    first_row = d.batch(torch.tensor([15]))[0, 0, 0]  # image 15, channel 0, top row: pixels 180 (left), 181
+    torch.testing.assert_close(first_row, torch.tensor([180 / 127.5 - 1, 181 / 127.5 - 1]))
+    ends = ImageData(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2), None, [], "", "test")
+    assert ends.batch(torch.tensor([0])).flatten().tolist() == [-1.0, 1.0]
+
+
+def test_every_embedded_name_has_a_source() -> None:
+    """The names DataConfig accepts as embedded are exactly the registry's (any other source is a folder)."""
+    from latentdiff.data.config import EMBEDDED
+    from latentdiff.data.datasets import SOURCES
+
+    assert sorted(SOURCES) == sorted(EMBEDDED)
 
 
 def test_config_dict() -> None:

@@ -214,6 +214,11 @@ def test_distributed_config_errors(monkeypatch, tiny_cfg, tmp_path):
         make_trainer(tiny_cfg, tmp_path)
     with pytest.raises(UserError, match="train.precision"):
         load_config("digits-tiny", ["train.precision=fp8"])
-    with pytest.raises(UserError, match="contradicts"):
-        load_config("digits-tiny", ["train.bf16=true", "train.precision=fp16"])
-    assert load_config("digits-tiny", ["train.bf16=true"]).train.precision == "bf16"  # the old key still works
+    for legacy in (["train.bf16=true"], ["train.bf16=true", "train.precision=fp16"], ["train.bf16=1"],
+                   ["train.bf16=false", "train.precision=bf16"]):
+        with pytest.raises(UserError, match=r"train\.bf16 was removed: use train\.precision=bf16"):
+            load_config("digits-tiny", legacy)
+    # what older versions wrote into a run's config.yaml (bf16 mirrored precision) still loads, to resume
+    for precision in ("fp32", "bf16", "fp16"):
+        old = load_config("digits-tiny", [f"train.precision={precision}", f"train.bf16={precision == 'bf16'}"])
+        assert old.train.precision == precision and "bf16" not in old.to_dict()["train"]

@@ -91,7 +91,7 @@ def test_interrupted_writes_are_removed_and_nothing_else(tmp_path):
 
 
 def test_metrics_log_restarts_at_the_checkpoint_step(tmp_path):
-    from latentdiff.training.loop import CsvLog
+    from latentdiff.training.metrics_log import CsvLog
 
     path = tmp_path / "metrics.csv"
     path.write_text("step,loss\n2,0.5\n4,0.4\n6,0.3\n8,0.")

@@ -62,7 +62,13 @@ def test_cli_sample_writes_pngs_with_settings(run_dir, tmp_path):
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert files == ["000005.png", "000006.png", "000007.png", "grid.png"]
     settings = read_png_settings(tmp_path / "s" / "000006.png")
-    assert settings["seed"] == 6 and settings["steps"] == 3 and settings["sampler"] == "ddim"
+    assert settings["seed"] == 6 and settings["steps"] == 3
+    # no --sampler: the one default of the library, the CLI and the web API
+    assert (settings["sampler"], settings["spacing"], settings["sampler_name"]) == ("dpmpp_2m", "karras",
+                                                                                     "DPM++ 2M Karras")
+    r = cli("sample", run_dir, "--sampler", "Euler a", "--n-samples", 1, "--steps", 2, "--out", tmp_path / "ea")
+    assert r.returncode == 0 and "euler_ancestral trailing" in r.stdout, r.stderr  # the names users know
+    assert read_png_settings(tmp_path / "ea" / "000000.png")["sampler_name"] == "Euler a"
     r = cli("sample", run_dir, "--size", "24x12", "--n-samples", 1, "--steps", 2, "--out", tmp_path / "wide")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "wide" / "000000.png").size == (24, 12)  # WIDTHxHEIGHT, as the web UIs write it

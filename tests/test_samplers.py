@@ -295,7 +295,7 @@ def test_spacings():
     assert timesteps_for(s, 10, "trailing") == list(range(999, 0, -100))
     assert timesteps_for(s, 10, "leading", offset=1) == list(range(901, 0, -100))
     assert timesteps_for(s, 1000, "linspace") == list(range(999, -1, -1))
-    with pytest.raises(UserError, match="larger than"):
+    with pytest.raises(UserError, match="steps: 1001 is more than the schedule.s 1000 timesteps"):
         timesteps_for(s, 1001)
     with pytest.raises(UserError, match="positive"):
         timesteps_for(s, 0)

@@ -19,7 +19,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from latentdiff.data.images import make_grid, read_png_settings, upscale_nearest  # noqa: E402
-from latentdiff.pipelines.generate import MAX_SEED, Pipeline  # noqa: E402
+from latentdiff.pipelines.generate import SEED_MAX, Pipeline  # noqa: E402
 from latentdiff.server import Limits, create_app, load_models  # noqa: E402
 
 LONG = 1000  # steps of a job that is still running when we cancel it (= the schedule's T)
@@ -190,12 +190,13 @@ def test_upscale_and_inpainting_models(task_models, tmp_path):
     ({"task": "inpaint", "image": "ok", "mask": "black"}, "mask marks nothing to redraw"),
     ({"task": "inpaint", "image": "ok", "mask": "ok", "resample": 3, "steps": MAX_STEPS // 2},
      f"resample: {MAX_STEPS // 2} steps x 3 resamples is over this server's limit of {MAX_STEPS} steps"),
-    ({"task": "upscale", "image": "ok"}, "task: model 'tiny' does txt2img, img2img, inpaint, not upscale"),
+    ({"task": "upscale", "image": "ok"}, "task: this model does txt2img, img2img, inpaint, not upscale; it is not a "
+                                          "super-resolution model"),
     ({"task": "sketch"}, "task: Input should be 'txt2img', 'img2img', 'inpaint' or 'upscale'"),
     ({"strength": 0.5}, "strength: not used by task txt2img"),
     ({"task": "inpaint", "image": "ok", "mask": "ok", "sampler": "DPM++ 2M Karras"},
      "sampler: inpainting by replacement steps the sampler one step at a time; 'DPM++ 2M Karras' cannot; choose one "
-     "of DDIM, DDPM, Euler, Euler a, Heun"),
+     "of ddpm, ddim, euler, euler_ancestral, heun"),
     ({"task": "img2img", "image": "ok", "strength": 1.5}, "strength: Input should be less than or equal to 1"),
 ])
 def test_invalid_task_inputs_name_the_field(models, tmp_path, change, message):
@@ -267,19 +268,20 @@ def test_queue_full_is_a_clear_busy_answer(models, tmp_path):
     ({"steps": 0}, "steps: Input should be greater than or equal to 1"),
     ({"sampler": "plms"}, "sampler: unknown sampler 'plms'; choose one of DDIM, DDPM"),
     ({"sampler": "ddim", "spacing": "random"}, "spacing: unknown spacing 'random'"),
-    ({"sampler": "ddim", "steps": LONG + 1}, f"steps: {LONG + 1} is more than model 'tiny''s {LONG} timesteps"),
+    ({"sampler": "ddim", "steps": LONG + 1}, f"steps: {LONG + 1} is more than the schedule's {LONG} timesteps "
+                                             "(spacing trailing); use fewer steps or a sigma spacing"),
     ({"seed": "abc"}, "seed: Input should be a valid integer"),
     ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
-    ({"seed": MAX_SEED, "n_samples": 2}, f"seed: must be at most {MAX_SEED - 2} with n_samples=2"),
+    ({"seed": SEED_MAX, "n_samples": 2}, f"seed: must be in [0, {SEED_MAX - 2}] with n_samples=2"),
     ({"model": "../tiny"}, "model: unknown model '../tiny'; this server has tiny"),
     ({"n_samples": 5}, "n_samples: 5 is over this server's limit of 4"),
     ({"size": 128}, "size: 128 is over this server's limit of 64"),
-    ({"size": 17}, "size: 17 does not fit model 'tiny': sides must be multiples of 2"),
-    ({"width": 20, "height": 17}, "height: 17 does not fit model 'tiny': sides must be multiples of 2"),
+    ({"size": 17}, "size: 17 does not fit this model: both sides must be multiples of 2"),
+    ({"width": 20, "height": 17}, "height: 17 does not fit this model: both sides must be multiples of 2"),
     ({"width": 66}, "width: 66 is over this server's limit of 64"),
     ({"size": 16, "width": 16}, "size: give size (a square) or width and height, not both"),
-    ({"prompt": "a cat"}, "prompt: model 'tiny' was not trained on captions"),
-    ({"class_label": 3}, "class_label: model 'tiny' is not class-conditional"),
+    ({"prompt": "a cat"}, "prompt: this model was not trained on captions"),
+    ({"class_label": 3}, "class_label: this model is not class-conditional"),
     ({"guidance": float("inf")}, "guidance: Input should be a finite number"),
     ({"path": "/etc/passwd"}, "path: Extra inputs are not permitted"),
 ])
@@ -305,9 +307,9 @@ def test_other_sizes_and_presets_run(models, tmp_path):
         assert (wide["settings"]["width"], wide["settings"]["height"]) == (24, 12)
         got = _served(c, wait_for(c, wide["id"], "done")["images"][0])
         assert c.get("/api/models").json()[0]["image_size"] == 16  # the size was this job's only
-    pipe = Pipeline.load(models["tiny"].path).configure(size=(12, 24))
-    assert got.shape == (1, 12, 24) and (got - pipe.generate(1, 1, 3, "ddim", 2)[0].int()).abs().max() <= 1
-    assert models["tiny"].hw is None and models["tiny"].image_hw == (16, 16)
+    direct = Pipeline.load(models["tiny"].path).generate(1, 1, 3, "ddim", 2, width=24, height=12)
+    assert got.shape == (1, 12, 24) and (got - direct[0].int()).abs().max() <= 1
+    assert models["tiny"].image_hw() == (16, 16) and models["tiny"].manifest.image_size == 16  # the model is unchanged
 
 
 @pytest.mark.parametrize("url", [

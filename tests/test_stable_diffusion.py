@@ -18,7 +18,8 @@ from latentdiff.errors import UserError
 from latentdiff.models import UNet, UNetConfig
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.models.tokenizer import CLIPTokenizer
-from latentdiff.pipelines.generate import Pipeline, PerSampleNoise
+from latentdiff.models.concat import ConcatKind
+from latentdiff.pipelines.generate import Pipeline, PerSampleNoise, SampleSettings
 from latentdiff.pipelines.stable_diffusion import (load_any, load_diffusers_folder, load_single_file, read_checkpoint,
                                                    save_diffusers, save_latentdiff)
 
@@ -67,9 +68,10 @@ def _reference_image(pipe, seed: int, prompt: str = PROMPT, negative: str | None
     return (out * 255).round().to(torch.uint8)
 
 
-def _ours(pipe: Pipeline, seed: int, prompt: str = PROMPT, negative: str | None = None) -> torch.Tensor:
+def _ours(pipe: Pipeline, seed: int, prompt: str = PROMPT, negative: str | None = None,
+          size: int | None = None) -> torch.Tensor:
     return pipe.generate(n_samples=1, steps=10, sampler="ddim", seed=seed, prompt=prompt, negative_prompt=negative,
-                         guidance=7.5, spacing="trailing")
+                         guidance=7.5, spacing="trailing", width=size, height=size)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +95,8 @@ def sd_v1(tmp_path_factory) -> tuple[Path, object]:
 def test_diffusers_folder_modules_match(sd_v1) -> None:
     root, ref = sd_v1
     ours = load_diffusers_folder(root / "diffusers")
-    assert ours.manifest["image_size"] == 16 and ours.diffusion.prediction == "eps"
-    assert "concat" not in ours.manifest
+    assert ours.manifest.image_size == 16 and ours.diffusion.prediction == "eps"
+    assert ours.manifest.concat is None
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.randn(2, 77, 64)
     img = torch.rand(2, 3, 16, 16) * 2 - 1
     ids = ours.cond.text_encoder.tokenizer([PROMPT, ""])
@@ -156,9 +158,8 @@ def test_single_file_v1_matches_diffusers_from_single_file(sd_v1, tmp_path) -> N
         tmp_path / "v1.safetensors", config=str(root / "diffusers"), safety_checker=None, local_files_only=True)
     _ddim(ref)
     ours = load_any(tmp_path / "v1.safetensors")
-    assert ours.unet.config == cfg and ours.manifest["image_size"] == 512 and ours.diffusion.prediction == "eps"
-    ours.manifest["image_size"] = 16  # the tiny test model: 8x8 latents
-    assert (_ours(ours, 3).int() - _reference_image(ref, 3).int()).abs().max() <= 1
+    assert ours.unet.config == cfg and ours.manifest.image_size == 512 and ours.diffusion.prediction == "eps"
+    assert (_ours(ours, 3, size=16).int() - _reference_image(ref, 3).int()).abs().max() <= 1  # tiny: 8x8 latents
 
 
 def _open_clip_state(hf: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -188,7 +189,7 @@ def test_single_file_v2_open_clip_v_prediction(tmp_path) -> None:
     state = _single_file(open_clip, cfg, "cond_stage_model.model.", seed=4)
     save_file(state, tmp_path / "v2.safetensors")
     ours = load_single_file(tmp_path / "v2.safetensors")
-    assert ours.unet.config == cfg and ours.diffusion.prediction == "v" and ours.manifest["image_size"] == 768
+    assert ours.unet.config == cfg and ours.diffusion.prediction == "v" and ours.manifest.image_size == 768
     assert ours.cond.text_encoder.tokenizer.pad_id == 0  # open_clip pads with '!'
     # diffusers' converters give the references: a 2-layer CLIPTextModel (penultimate) and the UNet
     ref_text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -210,7 +211,7 @@ def test_single_file_v2_open_clip_v_prediction(tmp_path) -> None:
     # the 512 px v2 base model is told apart by the step its .ckpt records, as diffusers does
     torch.save({"state_dict": state, "global_step": 875000}, tmp_path / "v2-base.ckpt")
     base = load_any(tmp_path / "v2-base.ckpt")
-    assert base.diffusion.prediction == "eps" and base.manifest["image_size"] == 512
+    assert base.diffusion.prediction == "eps" and base.manifest.image_size == 512
 
 
 def test_inpainting_variant_is_detected(sd_v1, tmp_path) -> None:
@@ -223,7 +224,7 @@ def test_inpainting_variant_is_detected(sd_v1, tmp_path) -> None:
                          cfg, "cond_stage_model.transformer.", seed=6)
     save_file(state, tmp_path / "inpaint.safetensors")
     ours = load_any(tmp_path / "inpaint.safetensors")
-    assert ours.manifest["concat"] == "inpaint" and ours.unet.config.in_channels == 9
+    assert ours.manifest.concat is ConcatKind.INPAINT and ours.unet.config.in_channels == 9
     ref = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=9, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -232,15 +233,14 @@ def test_inpainting_variant_is_detected(sd_v1, tmp_path) -> None:
     x, t, c = torch.randn(2, 9, 8, 8), torch.tensor([5, 900]), torch.randn(2, 77, 64)
     with torch.no_grad():
         assert (ours.unet(x, t, c) - ref(x, t, c).sample).abs().max() < TOL
-    ours.configure(size=16)  # the dedicated inpainting path runs end to end; the kept region stays exact
-    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
-    keep = torch.ones(16, 16)
+    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)  # the dedicated inpainting path runs end
+    keep = torch.ones(16, 16)  # to end at 16 px; the kept region stays exact
     keep[4:12, 4:12] = 0
-    out = ours.inpaint(image, keep, steps=3, prompt=PROMPT, guidance=7.5)
+    out = ours.inpaint(image, keep, steps=3, prompt=PROMPT, guidance=7.5, width=16, height=16)
     assert out.shape == (1, 3, 16, 16) and torch.equal(out[..., keep.bool()], image[..., keep.bool()])
     save_diffusers(ours, tmp_path / "inpaint-diffusers")  # and the diffusers export says what it is
     assert "Inpaint" in (tmp_path / "inpaint-diffusers" / "model_index.json").read_text()
-    assert load_any(tmp_path / "inpaint-diffusers").manifest["concat"] == "inpaint"
+    assert load_any(tmp_path / "inpaint-diffusers").manifest.concat is ConcatKind.INPAINT
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def test_cli_convert_and_sample_a_checkpoint(sd_v1, tmp_path) -> None:
     r = _cli("convert", tmp_path / "own", tmp_path / "back", "--to", "diffusers")
     assert r.returncode == 0, r.stderr
     r = _cli("sample", "--model", tmp_path / "back", "--prompt", PROMPT, "--guidance", 7.5, "--steps", 10,
-             "--n-samples", 1, "--seed", 4, "--out", tmp_path / "out")
+             "--sampler", "ddim", "--n-samples", 1, "--seed", 4, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     got = torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / "out" / "000004.png"))).permute(2, 0, 1)
     assert (got.int() - expected[0].int()).abs().max() <= 1
@@ -356,8 +356,8 @@ def test_attention_slicing_and_bf16_keep_the_result(sd_v1) -> None:
     assert next(pipe.unet.parameters()).dtype == torch.bfloat16
     narrow = _ours(pipe, 9)
     assert (narrow.float() - full.float()).abs().mean() < 4  # measured 1.1 grey levels on this random model
-    pipe.configure(size=32)
-    assert pipe.latent_shape == (4, 16, 16)
+    assert pipe.latent_shape(SampleSettings(width=32, height=32)) == (4, 16, 16)
+    assert pipe.latent_shape() == (4, 8, 8) and pipe.manifest.image_size == 16  # a size is per call, never stored
 
 
 def test_tiled_autoencoder_blends_exactly_where_tiles_agree(sd_v1) -> None:

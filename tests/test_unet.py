@@ -68,9 +68,25 @@ def test_forward_shapes() -> None:
     labelled = UNet(UNetConfig(num_classes=10))
     assert labelled.label_emb.num_embeddings == 11  # last row = null class for classifier-free guidance
     assert labelled(x, 5, class_labels=torch.tensor([0, 9, 10])).shape == x.shape
-    assert labelled(x, 5).shape == x.shape  # no labels -> null class
+    assert labelled(x, 5).shape == x.shape  # no labels: allowed (what they mean: test_no_labels_is_the_null_class)
     lin = UNet(UNetConfig(num_head_channels=16, use_linear_projection=True, transformer_depth=2))
     assert lin(x, 1).shape == x.shape
+
+
+def test_no_labels_is_the_null_class() -> None:
+    """class_labels=None means the last label_emb row ("no class", what guidance uses); a real label differs."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(num_classes=10)).eval()
+    with torch.no_grad():  # zero-initialised layers (the output, each ResBlock's last conv) hide the labels
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        unlabelled = model(x, 5)
+        null = model(x, 5, class_labels=torch.full((3,), 10))
+        labelled = model(x, 5, class_labels=torch.tensor([0, 9, 3]))
+    assert torch.equal(unlabelled, null)
+    assert (labelled - unlabelled).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every sample's label shows
 
 
 def test_channels_last_bf16_and_checkpointing_agree() -> None:

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Protocol
 
 import numpy as np
 from numpy.polynomial import polynomial as P
 import torch
 from torch import Tensor
 
-from latentdiff.diffusion.schedule import Schedule, posterior_between
+from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, posterior_between
 from latentdiff.diffusion.sigmas import SPACINGS, Denoiser, EpsFn, sigmas_for, timesteps_for
-from latentdiff.errors import UserError
+from latentdiff.errors import SettingError, UserError
 
-__all__ = ["SAMPLERS", "DETERMINISTIC", "SPACINGS", "Denoiser", "NonFiniteError", "as_eps_fn", "randn_cpu", "sample",
+__all__ = ["SAMPLERS", "DETERMINISTIC", "ONE_STEP", "SPACINGS", "check_sampler_args", "Denoiser", "NonFiniteError", "as_eps_fn", "randn_cpu", "sample",
            "sigmas_for", "timesteps_for"]
 # callback(i, t, x_t, x0_pred): called once per step with the nearest timestep t, the VP latent z_t
 # after the step and the step's x̂, e.g. for progress bars and x0 previews.
@@ -30,6 +30,12 @@ Callback = Optional[Callable[[int, int, Tensor, Tensor], None]]
 # what samplers call instead: hook(i, σ_i, σ_{i+1}, x after the step, x̂)
 Hook = Optional[Callable[[int, float, float, Tensor, Tensor], None]]
 Model = Callable[[Tensor, float], Tensor]
+
+
+class NoiseSource(Protocol):
+    """Standard normal noise of a shape, from wherever the caller draws it (per-sample seeds, one generator)."""
+
+    def randn(self, shape: tuple[int, ...]) -> Tensor: ...
 
 
 class NonFiniteError(UserError):
@@ -43,15 +49,15 @@ def as_eps_fn(model_fn: Callable[[Tensor, Tensor], Tensor], schedule: Schedule, 
     return lambda x, t: schedule.to_eps(model_fn(x, t), x, t, prediction)
 
 
-def randn_cpu(shape: tuple[int, ...], generator: Optional[torch.Generator], like: Tensor) -> Tensor:
+def randn_cpu(shape: tuple[int, ...], generator: Optional[torch.Generator | NoiseSource], like: Tensor) -> Tensor:
     """Standard normal noise drawn on the CPU, so a seed gives the same image on any device.
 
     ``generator`` is a torch.Generator, None (global RNG), or any object with ``randn(shape)`` (such as
     the pipelines' per-sample noise, which keeps each image independent of the batch it is drawn in).
     """
-    if hasattr(generator, "randn"):
-        return generator.randn(shape).to(like.device, like.dtype)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+    return generator.randn(shape).to(like.device, like.dtype)
 
 
 def _check(x: Tensor, i: int, s: float, s_next: float, hook: Hook, x0: Tensor) -> None:
@@ -65,15 +71,11 @@ def _check(x: Tensor, i: int, s: float, s_next: float, hook: Hook, x0: Tensor) -
 
 def _check_eta(eta: float) -> None:
     if eta < 0:
-        raise UserError(f"eta must be >= 0, got {eta}")
+        raise SettingError("eta", f"must be >= 0, got {eta}")
 
 
 def _steps(sigmas: list[float]) -> list[tuple[int, float, float]]:
     return [(i, sigmas[i], sigmas[i + 1]) for i in range(len(sigmas) - 1)]
-
-
-def _abar(sigma: float) -> float:
-    return 1 / (1 + sigma**2)  # ᾱ from σ² = (1-ᾱ)/ᾱ; σ = 0 is clean data (ᾱ = 1)
 
 
 # ---- the two discrete-time samplers of the book ---------------------------------------------------
@@ -81,7 +83,7 @@ def ddpm(model: Model, x: Tensor, sigmas: list[float], generator: Optional[torch
          callback: Hook = None) -> Tensor:
     """Ancestral sampling: z_s ~ q(z_s | z_t, x̂), the posterior (20.13)–(20.15) with x replaced by x̂."""
     for i, s, s_next in _steps(sigmas):
-        a_t, a_s = _abar(s), _abar(s_next)
+        a_t, a_s = abar_from_sigma(s), abar_from_sigma(s_next)
         x0 = model(x, s)
         mean, var = posterior_between(x0, x * a_t**0.5, a_t, a_s)  # on z_t = √ᾱ_t x
         z = mean + var.sqrt() * randn_cpu(x.shape, generator, x) if s_next > 0 else mean
@@ -299,8 +301,32 @@ DETERMINISTIC = ("ddim", "euler", "heun", "lms", "dpmpp_2m", "dpm_adaptive")  # 
 ONE_STEP = ("ddpm", "ddim", "euler", "euler_ancestral", "heun")  # no history: can be driven step by step
 
 
+def check_sampler_args(sampler: str, options: Mapping[str, float], strength: float = 1.0, resample: int = 1,
+                       replace: bool = False, name: Optional[str] = None) -> None:
+    """Refuse an unknown sampler, options it does not take, and image-task values out of range, naming the
+    setting; ``replace``: inpainting by replacement, which steps the sampler one step at a time. ``name``:
+    what the caller called the sampler, for the message."""
+    if sampler not in SAMPLERS:
+        raise SettingError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    takes = set(inspect.signature(SAMPLERS[sampler]).parameters) - {"model", "x", "sigmas", "generator", "callback"}
+    unknown = set(options) - takes
+    if unknown:
+        raise SettingError("sampler", f"{sampler!r} takes no option(s) {', '.join(sorted(unknown))}")
+    bad = {k: v for k, v in options.items()
+           if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 <= v < float("inf"))}
+    if bad:
+        raise SettingError(sorted(bad)[0], f"sampler options must be finite numbers >= 0, got {bad}")
+    if isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
+        raise SettingError("strength", f"must be in [0, 1], got {strength!r}")
+    if not isinstance(resample, int) or isinstance(resample, bool) or resample < 1:
+        raise SettingError("resample", f"must be a positive integer, got {resample!r}")
+    if replace and sampler not in ONE_STEP:
+        raise SettingError("sampler", f"inpainting by replacement steps the sampler one step at a time; "
+                                      f"{name or sampler!r} cannot; choose one of {', '.join(ONE_STEP)}")
+
+
 def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddim", steps: int = 50,
-           generator: Optional[torch.Generator] = None, callback: Callback = None,
+           generator: Optional[torch.Generator | NoiseSource] = None, callback: Callback = None,
            spacing: str = "trailing", clip_x0: Optional[float] = None, return_nfe: bool = False,
            init: Optional[Tensor] = None, strength: float = 1.0, mask: Optional[Tensor] = None,
            resample: int = 1, **options: float) -> Tensor | tuple[Tensor, int]:
@@ -317,23 +343,10 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
     every step the known region is replaced by ``init`` noised to the new level (exactly ``init`` at the
     end), and ``resample`` > 1 re-noises each step and repeats it (RePaint) to harmonise the seam.
     """
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    fn = SAMPLERS[sampler]
-    unknown = set(options) - (set(inspect.signature(fn).parameters) - {"model", "x", "sigmas", "generator", "callback"})
-    if unknown:
-        raise UserError(f"sampler {sampler!r} takes no option(s) {', '.join(sorted(unknown))}")
-    bad = {k: v for k, v in options.items() if not (isinstance(v, (int, float)) and 0 <= v < float("inf"))}
-    if bad:
-        raise UserError(f"sampler options must be finite numbers >= 0, got {bad}")
-    if not 0.0 <= strength <= 1.0:
-        raise UserError(f"strength must be in [0, 1], got {strength}")
+    check_sampler_args(sampler, options, strength, resample, replace=mask is not None)
     if mask is not None and init is None:
         raise UserError("inpainting needs the known image (init) beside the mask")
-    if mask is not None and sampler not in ONE_STEP:
-        raise UserError(f"inpainting steps the sampler one step at a time; choose one of {', '.join(ONE_STEP)}")
-    if not isinstance(resample, int) or resample < 1:
-        raise UserError(f"resample must be a positive integer, got {resample!r}")
+    fn = SAMPLERS[sampler]
     sigmas = sigmas_for(schedule, steps, spacing).tolist()
     if init is not None:
         run = round(strength * steps)
@@ -349,9 +362,9 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
 
     model = Denoiser(counted, schedule, clip_x0)
     hook = None if callback is None else (
-        lambda i, s, s_next, x, x0: callback(i, model.timestep(s), x * _abar(s_next) ** 0.5, x0))
+        lambda i, s, s_next, x, x0: callback(i, model.timestep(s), x * abar_from_sigma(s_next) ** 0.5, x0))
     # x = z/√ᾱ: pure noise is z_T/√ᾱ_T; a noised image is init + σ ε, the σ view of (20.8)
-    x = noise * (1 + sigmas[0] ** 2) ** 0.5 if init is None else init + sigmas[0] * noise
+    x = noise / abar_from_sigma(sigmas[0]) ** 0.5 if init is None else init + sigmas[0] * noise
     with torch.no_grad():
         if mask is None:
             x0 = fn(model, x, sigmas, generator, hook, **options)
@@ -361,7 +374,7 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
 
 
 def _inpaint(fn: Callable[..., Tensor], model: Denoiser, x: Tensor, sigmas: list[float], known: Tensor,
-             mask: Tensor, generator: Optional[torch.Generator], hook: Hook, resample: int,
+             mask: Tensor, generator: Optional[torch.Generator | NoiseSource], hook: Hook, resample: int,
              options: dict) -> Tensor:
     """One sampler step at a time; after each, the known region is the known image at that noise level."""
     for i, s, s_next in _steps(sigmas):

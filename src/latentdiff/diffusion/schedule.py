@@ -110,9 +110,8 @@ class Schedule:
 
     # ---- parameterisations (Dieleman's denoising-autoencoder view) ----------------------------
     def eps_to_x0(self, z_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x̂ = (z_t - √(1-ᾱ_t) ε̂) / √ᾱ_t, the inverse of (20.8)."""
-        a = _expand(self.alphas_cumprod, t, z_t)
-        return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+        """x̂ = (z_t - √(1-ᾱ_t) ε̂) / √ᾱ_t, the inverse of (20.8), at integer timesteps t."""
+        return eps_to_x0_at(z_t, eps, _expand(self.alphas_cumprod, t, z_t))
 
     def x0_to_eps(self, z_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """ε̂ = (z_t - √ᾱ_t x̂) / √(1-ᾱ_t), the inverse of (20.8)."""
@@ -169,3 +168,14 @@ def posterior_between(x: Tensor, z_t: Tensor, abar_t: Tensor | float,
     # (20.15) σ_t² = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
     var = beta * (1 - a_s) / (1 - a_t)
     return mean, var.expand_as(mean) if var.ndim else torch.full_like(mean, float(var))
+
+
+def abar_from_sigma(sigma: float) -> float:
+    """ᾱ = 1/(1+σ²), the inverse of σ = √((1-ᾱ)/ᾱ) (:attr:`Schedule.sigmas`); σ = 0 is clean data (ᾱ = 1)."""
+    return 1 / (1 + sigma**2)
+
+
+def eps_to_x0_at(z_t: Tensor, eps: Tensor, abar: Tensor | float) -> Tensor:
+    """x̂ = (z_t - √(1-ᾱ) ε̂) / √ᾱ, the inverse of (20.8), for any ᾱ (a timestep's, or one of the σ view)."""
+    a = _as_batch(abar, z_t)
+    return (z_t - (1 - a).sqrt() * eps) / a.sqrt()

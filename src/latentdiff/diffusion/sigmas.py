@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from latentdiff.diffusion.schedule import Schedule
-from latentdiff.errors import UserError
+from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, eps_to_x0_at
+from latentdiff.errors import SettingError
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # integer timesteps (diffusers' timestep_spacing)
@@ -23,9 +23,15 @@ SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS
 KARRAS_RHO = 7.0  # Karras et al. (2022) eq. 5; diffusers' use_karras_sigmas uses the same ρ
 
 
-def _check_steps(steps: int) -> None:
+def check_grid(num_timesteps: int, steps: int, spacing: str) -> None:
+    """Refuse a step count or a spacing no grid exists for, naming the setting (SettingError)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise UserError(f"steps must be a positive integer, got {steps!r}")
+        raise SettingError("steps", f"must be a positive integer, got {steps!r}")
+    if spacing not in SPACINGS:
+        raise SettingError("spacing", f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing in TIMESTEP_SPACINGS and steps > num_timesteps:
+        raise SettingError("steps", f"{steps} is more than the schedule's {num_timesteps} timesteps (spacing "
+                                    f"{spacing}); use fewer steps or a sigma spacing (karras, exponential)")
 
 
 def timesteps_for(schedule: Schedule, steps: int, spacing: str = "trailing", offset: int = 0) -> list[int]:
@@ -35,17 +41,16 @@ def timesteps_for(schedule: Schedule, steps: int, spacing: str = "trailing", off
     (Stable Diffusion's DDIM with ``offset=1``) never reaches the last timestep at few steps.
     """
     T = schedule.num_timesteps
-    _check_steps(steps)
-    if steps > T:
-        raise UserError(f"steps={steps} is larger than the schedule's {T} timesteps")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise SettingError("spacing", f"unknown timestep spacing {spacing!r}; choose one of "
+                                      f"{', '.join(TIMESTEP_SPACINGS)}")
+    check_grid(T, steps, spacing)
     if spacing == "trailing":
         ts = [round(T - 1 - i * T / steps) for i in range(steps)]
     elif spacing == "leading":
         ts = [i * (T // steps) + offset for i in range(steps)][::-1]
-    elif spacing == "linspace":
+    else:  # linspace
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-    else:
-        raise UserError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
     return [min(max(t, 0), T - 1) for t in ts]
 
 
@@ -69,12 +74,10 @@ def sigmas_for(schedule: Schedule, steps: int, spacing: str = "trailing") -> Ten
     Timestep spacings give σ of their integer timesteps, so the model is evaluated exactly where it
     was trained; 'karras' and 'exponential' span [σ_min, σ_max] of the schedule (σ at t = 0 and T-1).
     """
+    check_grid(schedule.num_timesteps, steps, spacing)
     if spacing in SIGMA_SPACINGS:
-        _check_steps(steps)
         lo, hi = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
         return karras_sigmas(steps, lo, hi) if spacing == "karras" else exponential_sigmas(steps, lo, hi)
-    if spacing not in TIMESTEP_SPACINGS:
-        raise UserError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     ts = timesteps_for(schedule, steps, spacing)
     return torch.cat([schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)])
 
@@ -99,6 +102,7 @@ class Denoiser:
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.long, device=x.device)
-        eps = self.eps_fn(x / (1 + sigma**2) ** 0.5, t)  # z_t = √ᾱ_t x, with ᾱ_t = 1/(1+σ²)
-        x0 = x - sigma * eps  # x̂ = (z_t - √(1-ᾱ_t) ε̂)/√ᾱ_t, the inverse of (20.8), is x - σ ε̂
+        abar = abar_from_sigma(sigma)
+        z_t = x * abar**0.5  # the VP latent the ε-model reads: x = z_t/√ᾱ
+        x0 = eps_to_x0_at(z_t, self.eps_fn(z_t, t), abar)  # the inverse of (20.8); in σ terms x - σ ε̂
         return x0 if self.clip_x0 is None else x0.clamp(-self.clip_x0, self.clip_x0)

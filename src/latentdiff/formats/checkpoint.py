@@ -80,6 +80,16 @@ def load_json(path: Path | str) -> Any:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+def load_json_object(path: Path | str) -> dict[str, Any]:
+    """Read a JSON file that must hold an object (settings by name); anything else is a UserError naming it."""
+    obj = load_json(path)
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(obj), "a number")
+        raise UserError(f"{path}: expected a JSON object of settings, got "
+                        f"{'null' if obj is None else f'{kind} {json.dumps(obj)[:60]}'}")
+    return obj
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (tensors made contiguous and moved to the CPU)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

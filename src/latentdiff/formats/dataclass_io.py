@@ -7,11 +7,19 @@ so a typo in a key or a wrong type is refused the same way everywhere, naming th
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any, ClassVar
 
 from latentdiff.errors import UserError
+
+
+class ValueEnum(str, enum.Enum):
+    """A choice written to files (and compared, and printed) as its value: "text", not "CondKind.TEXT"."""
+
+    def __str__(self) -> str:
+        return str(self.value)
 
 
 class ConfigMixin:
@@ -29,30 +37,45 @@ class ConfigMixin:
         return build_dataclass(cls, d, cls.section)
 
 
-def build_dataclass(cls: type, d: Any, section: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``d`` with strict keys and checked (lightly coerced) types."""
+def build_dataclass(cls: type, d: Any, section: str, float_strings: bool = True) -> Any:
+    """Instantiate dataclass ``cls`` from ``d`` with strict keys and checked (lightly coerced) types.
+
+    ``section`` prefixes every key in errors ("unet" gives "unet.num_heads: ..."; a section ending in ":",
+    such as a file name, gives "file.json: num_heads: ..."). ``float_strings``: accept "1e-4" for a float
+    (PyYAML reads it as a string); JSON files written by this code never need it.
+    """
     if not isinstance(d, dict):
-        raise UserError(f"{section}: expected a mapping of settings, got {d!r}")
+        raise UserError(f"{section.rstrip(':')}: expected a mapping of settings, got {d!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     hints = {k: v for k, v in typing.get_type_hints(cls).items() if k in names}  # no ClassVars
     unknown = sorted(set(d) - set(hints))
     if unknown:
-        raise UserError(f"{section}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(hints)}")
-    return cls(**{k: check_type(v, hints[k], f"{section}.{k}") for k, v in d.items()})
+        raise UserError(f"{section.rstrip(':')}: unknown key(s) {', '.join(map(str, unknown))}; "
+                        f"known: {', '.join(hints)}")
+    key = (lambda k: f"{section} {k}") if section.endswith(":") else (lambda k: f"{section}.{k}")
+    return cls(**{k: check_type(v, hints[k], key(k), float_strings) for k, v in d.items()})
 
 
-def check_type(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp`` (int, float, bool, str, tuple[int, ...], Optional)."""
+def check_type(value: Any, tp: Any, key: str, float_strings: bool = True) -> Any:
+    """Check ``value`` against annotation ``tp`` (int, float, bool, str, an Enum, a dataclass, tuple[X, ...],
+    Optional); nested dataclasses are built with :func:`build_dataclass`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return check_type(value, inner[0], key)
+        return check_type(value, inner[0], key, float_strings)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}: expected a list, got {value!r}")
-        return tuple(check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(check_type(v, args[0], f"{key}[{i}]", float_strings) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key, float_strings)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        choices = [m.value for m in tp]
+        if isinstance(value, str) and value in choices:
+            return tp(value)
+        raise UserError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -63,7 +86,7 @@ def check_type(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         try:  # PyYAML reads 1e-4 (no dot) as a string
-            return float(value) if isinstance(value, str) else _fail(value, tp, key)
+            return float(value) if isinstance(value, str) and float_strings else _fail(value, tp, key)
         except ValueError:
             pass
     elif tp is str:
@@ -91,6 +114,9 @@ def check_positive(key: str, value: float) -> None:
 
 
 def to_plain(x: Any) -> Any:
+    """JSON-safe nested values: tuples as lists, enums as their values."""
+    if isinstance(x, enum.Enum):
+        return x.value
     if isinstance(x, dict):
         return {k: to_plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

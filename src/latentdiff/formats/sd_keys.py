@@ -1,8 +1,9 @@
 """Stable Diffusion key names: CompVis (single-file, our own layout) <-> diffusers, and OpenCLIP -> ours.
 
 Our UNet and autoencoder use CompVis names, so a single-file checkpoint loads after stripping its
-prefixes; the diffusers folder layout renames blocks. Each map here is built from the model's config,
-so one table serves both directions and every key is accounted for (missing and unexpected keys are
+prefixes; the diffusers folder layout renames blocks. Each map here is built from the model's state-dict
+keys and its block layout, which the caller passes in (formats/ sits below models/ and does not import
+it), so one table serves both directions and every key is accounted for (missing and unexpected keys are
 UserErrors that name them). The configs themselves are read back from the tensor shapes where the
 weights say it (widths, levels, attention, context width) and from convention where they do not
 (head counts: SD v1 has 8 heads, SD v2 64-wide heads).
@@ -11,6 +12,7 @@ weights say it (widths, levels, attention, context width) and from convention wh
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,34 +27,29 @@ _RES_VAE = {"nin_shortcut": "conv_shortcut"}
 _ATTN_VAE = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def _unet_blocks(cfg: Any) -> dict[str, tuple[str, dict[str, str]]]:
-    """CompVis block prefix -> (diffusers prefix, renames of the names inside the block)."""
+def _unet_blocks(layout: Any) -> dict[str, tuple[str, dict[str, str]]]:
+    """CompVis block prefix -> (diffusers prefix, renames of the names inside the block).
+
+    ``layout`` is the UNet's `UNetLayout` (models/unet_layout.py): the blocks of each level in CompVis order.
+    """
     blocks: dict[str, tuple[str, dict[str, str]]] = {
         "time_embed.0": ("time_embedding.linear_1", {}), "time_embed.2": ("time_embedding.linear_2", {}),
         "label_emb": ("class_embedding", {}), "input_blocks.0.0": ("conv_in", {}),
         "out.0": ("conv_norm_out", {}), "out.2": ("conv_out", {}),
         "middle_block.0": ("mid_block.resnets.0", _RES_UNET), "middle_block.1": ("mid_block.attentions.0", {}),
         "middle_block.2": ("mid_block.resnets.1", _RES_UNET)}
-    levels, k, ds = len(cfg.channel_mult), 1, 1
-    for level in range(levels):  # the same walk as UNet.__init__
-        for i in range(cfg.num_res_blocks):
-            blocks[f"input_blocks.{k}.0"] = (f"down_blocks.{level}.resnets.{i}", _RES_UNET)
-            blocks[f"input_blocks.{k}.1"] = (f"down_blocks.{level}.attentions.{i}", {})
-            k += 1
-        if level != levels - 1:
-            blocks[f"input_blocks.{k}.0"] = (f"down_blocks.{level}.downsamplers.0", {"op": "conv"})
-            k, ds = k + 1, ds * 2
-    k = 0
-    for up, level in enumerate(reversed(range(levels))):
-        has_attn = ds in cfg.attention_resolutions
-        for i in range(cfg.num_res_blocks + 1):
-            blocks[f"output_blocks.{k}.0"] = (f"up_blocks.{up}.resnets.{i}", _RES_UNET)
-            if has_attn:
-                blocks[f"output_blocks.{k}.1"] = (f"up_blocks.{up}.attentions.{i}", {})
-            if level and i == cfg.num_res_blocks:
-                blocks[f"output_blocks.{k}.{2 if has_attn else 1}"] = (f"up_blocks.{up}.upsamplers.0", {})
-            k += 1
-        ds //= 2
+    last = len(layout.levels) - 1  # diffusers numbers up_blocks in running order, CompVis by level
+    for ours, first, side, level_of in (("input_blocks", 1, layout.down, lambda level: f"down_blocks.{level}"),
+                                        ("output_blocks", 0, layout.up, lambda level: f"up_blocks.{last - level}")):
+        for k, b in enumerate(side, start=first):
+            theirs = level_of(b.level)
+            if b.downsample:
+                layers = [("downsamplers.0", {"op": "conv"})]
+            else:
+                layers = [(f"resnets.{b.index}", _RES_UNET)] + [(f"attentions.{b.index}", {})] * b.attention
+                layers += [("upsamplers.0", {})] * b.upsample
+            for j, (name, inner) in enumerate(layers):
+                blocks[f"{ours}.{k}.{j}"] = (f"{theirs}.{name}", inner)
     return blocks
 
 
@@ -92,19 +89,23 @@ def _rename(key: str, blocks: dict[str, tuple[str, dict[str, str]]]) -> str | No
     return None
 
 
-def _key_map(kind: str, cfg: Any) -> dict[str, str]:
-    """CompVis key -> diffusers key for every key of our UNet ("unet") or autoencoder ("vae") of config ``cfg``."""
-    from latentdiff.models.autoencoder import Autoencoder  # models/ imports formats/: import at call time
-    from latentdiff.models.unet import UNet
-
-    model_cls, blocks = (UNet, _unet_blocks(cfg)) if kind == "unet" else (Autoencoder, _vae_blocks(cfg))
-    with torch.device("meta"):
-        keys = list(model_cls(cfg).state_dict())
+def _key_map(keys: Iterable[str], blocks: dict[str, tuple[str, dict[str, str]]]) -> dict[str, str]:
+    """CompVis key -> diffusers key for each of ``keys``, by the block tables."""
     out = {k: _rename(k, blocks) for k in keys}
     unnamed = [k for k, v in out.items() if v is None]
     if unnamed:  # a programming error: the block tables miss a layer of the model
         raise RuntimeError(f"no diffusers name for {unnamed[:3]}")
     return out  # type: ignore[return-value]
+
+
+def unet_key_map(keys: Iterable[str], layout: Any) -> dict[str, str]:
+    """CompVis key -> diffusers key for every key of our UNet: ``keys`` its state dict, ``layout`` its `UNetLayout`."""
+    return _key_map(keys, _unet_blocks(layout))
+
+
+def vae_key_map(keys: Iterable[str], cfg: Any) -> dict[str, str]:
+    """CompVis key -> diffusers key for every key of our autoencoder: ``keys`` its state dict, ``cfg`` its config."""
+    return _key_map(keys, _vae_blocks(cfg))
 
 
 def _convert(state: Tensors, mapping: dict[str, str], what: str) -> Tensors:
@@ -121,14 +122,14 @@ def _inverse(mapping: dict[str, str]) -> dict[str, str]:
     return {d: c for c, d in mapping.items()}
 
 
-def unet_to_diffusers(state: Tensors, cfg: Any) -> Tensors:
-    """Our (CompVis) UNet state dict -> diffusers UNet2DConditionModel names."""
-    return _convert(state, _key_map("unet", cfg), "UNet state dict")
+def unet_to_diffusers(state: Tensors, key_map: dict[str, str]) -> Tensors:
+    """Our (CompVis) UNet state dict -> diffusers UNet2DConditionModel names (``key_map``: `unet_key_map`)."""
+    return _convert(state, key_map, "UNet state dict")
 
 
-def unet_from_diffusers(state: Tensors, cfg: Any) -> Tensors:
-    """A diffusers UNet2DConditionModel state dict -> our (CompVis) names."""
-    return _convert(state, _inverse(_key_map("unet", cfg)), "diffusers UNet state dict")
+def unet_from_diffusers(state: Tensors, key_map: dict[str, str]) -> Tensors:
+    """A diffusers UNet2DConditionModel state dict -> our (CompVis) names (``key_map``: `unet_key_map`)."""
+    return _convert(state, _inverse(key_map), "diffusers UNet state dict")
 
 
 def _vae_attn_shapes(state: Tensors, to_conv: bool) -> Tensors:
@@ -141,15 +142,14 @@ def _vae_attn_shapes(state: Tensors, to_conv: bool) -> Tensors:
     return out
 
 
-def vae_to_diffusers(state: Tensors, cfg: Any) -> Tensors:
-    """Our (CompVis) autoencoder state dict -> diffusers AutoencoderKL names and shapes."""
-    return _vae_attn_shapes(_convert(state, _key_map("vae", cfg), "autoencoder state dict"), to_conv=False)
+def vae_to_diffusers(state: Tensors, key_map: dict[str, str]) -> Tensors:
+    """Our (CompVis) autoencoder state dict -> diffusers AutoencoderKL names and shapes (``key_map``: `vae_key_map`)."""
+    return _vae_attn_shapes(_convert(state, key_map, "autoencoder state dict"), to_conv=False)
 
 
-def vae_from_diffusers(state: Tensors, cfg: Any) -> Tensors:
-    """A diffusers AutoencoderKL state dict -> our (CompVis) names and shapes."""
-    return _vae_attn_shapes(_convert(state, _inverse(_key_map("vae", cfg)), "diffusers VAE state dict"),
-                            to_conv=True)
+def vae_from_diffusers(state: Tensors, key_map: dict[str, str]) -> Tensors:
+    """A diffusers AutoencoderKL state dict -> our (CompVis) names and shapes (``key_map``: `vae_key_map`)."""
+    return _vae_attn_shapes(_convert(state, _inverse(key_map), "diffusers VAE state dict"), to_conv=True)
 
 
 # ---- OpenCLIP text tower (SD v2's cond_stage_model.model.*) -> CLIPTextTransformer ---------------
@@ -222,17 +222,15 @@ def unet_config_from_compvis(state: Tensors, v2: bool = False) -> dict[str, Any]
     nrb = (len(blocks) - 1 - len(downs)) // levels
     if len(blocks) != 1 + levels * nrb + len(downs) or nrb < 1:
         raise UserError(f"UNet: {len(blocks)} input blocks with {len(downs)} downsamplers fit no UNet layout")
-    mult, attn, k, ds = [], [], 1, 1
+    mult, attn = [], []
     for level in range(levels):
+        k = 1 + level * (nrb + 1)  # the level's first ResBlock: after conv_in and each level's nrb + Downsample
         out_ch = _need(state, f"input_blocks.{k}.0.in_layers.2.weight", "UNet").shape[0]
         if out_ch % mc:
             raise UserError(f"UNet: level {level} width {out_ch} is not a multiple of {mc}")
         mult.append(out_ch // mc)
-        proj = state.get(f"input_blocks.{k}.1.proj_in.weight")
-        if proj is not None:
-            attn.append(ds)
-        k += nrb + (level != levels - 1)
-        ds *= 2
+        if f"input_blocks.{k}.1.proj_in.weight" in state:
+            attn.append(2**level)
     mid = "middle_block.1."
     proj = _need(state, mid + "proj_in.weight", "UNet")
     linear = proj.ndim == 2
@@ -311,11 +309,10 @@ def unet_config_from_diffusers(config: dict[str, Any], where: str = "unet/config
             "num_classes": None if num_classes is None else num_classes - 1, **head_kw}
 
 
-def unet_config_to_diffusers(cfg: Any) -> dict[str, Any]:
-    """A diffusers UNet2DConditionModel config.json for our UNetConfig."""
-    levels = len(cfg.channel_mult)
-    channels = [cfg.model_channels * m for m in cfg.channel_mult]
-    attn = [2**i in cfg.attention_resolutions for i in range(levels)]
+def unet_config_to_diffusers(cfg: Any, layout: Any) -> dict[str, Any]:
+    """A diffusers UNet2DConditionModel config.json for our UNetConfig ``cfg`` and its `UNetLayout`."""
+    channels = [level.channels for level in layout.levels]
+    attn = [level.attention for level in layout.levels]
     if cfg.num_head_channels > 0:
         heads: Any = [c // cfg.num_head_channels for c in channels]
     else:

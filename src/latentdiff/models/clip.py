@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import load_into, load_json, load_tensors, save_json, save_tensors
+from latentdiff.formats.checkpoint import load_into, load_json, load_json_object, load_tensors, save_json, save_tensors
 from latentdiff.formats.dataclass_io import ConfigMixin
 from latentdiff.models.tokenizer import Tokenizer, load_tokenizer
 
@@ -328,7 +328,7 @@ def _find_tokenizer(sub: Path) -> Tokenizer:
 def load_clip_text_encoder(folder: Path | str, device: str | torch.device = "cpu") -> CLIPTextEncoder:
     """Rebuild a frozen CLIPTextEncoder from a model folder or its ``text_encoder/`` folder."""
     sub = _component_dir(Path(folder), "text_encoder")
-    config = dict(load_json(sub / "config.json"))
+    config = dict(load_json_object(sub / "config.json"))
     kind = config.pop("kind", "clip")
     if kind != "clip":
         raise UserError(f"{sub / 'config.json'}: not a CLIP text encoder (kind {kind!r})")

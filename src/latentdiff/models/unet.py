@@ -20,6 +20,7 @@ from latentdiff.formats.dataclass_io import ConfigMixin
 from ..nn.attention import Attention, SpatialTransformer
 from ..nn.embeddings import timestep_embedding
 from ..nn.resblock import Downsample, ResBlock, Upsample, group_norm, zero_module
+from .unet_layout import BlockLayout, unet_layout
 
 
 @dataclass
@@ -110,35 +111,26 @@ class UNet(nn.Module):
             return SpatialTransformer(ch, heads, head_dim, cfg.transformer_depth, cfg.dropout, cfg.context_dim,
                                       cfg.use_linear_projection)
 
+        def block(b: BlockLayout) -> TimestepEmbedSequential:
+            if b.downsample:
+                return TimestepEmbedSequential(Downsample(b.ch_in, cfg.conv_resample))
+            layers: list[nn.Module] = [res(b.ch_in, b.ch_out)]
+            if b.attention:
+                layers.append(attn(b.ch_out))
+            if b.upsample:
+                layers.append(Upsample(b.ch_out, cfg.conv_resample))
+            return TimestepEmbedSequential(*layers)
+
         # Down: conv_in, then per level num_res_blocks x (ResBlock [+ attention]), then a Downsample.
+        self.layout = layout = unet_layout(cfg)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_chans, ch, ds = [mc], mc, 1  # channels of every skip connection, current width, downsampling factor
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [res(ch, mult * mc)]
-                ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(attn(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, cfg.conv_resample)))
-                skip_chans.append(ch)
-                ds *= 2
+        self.input_blocks.extend(block(b) for b in layout.down)
         # Middle: always attention at the lowest resolution, where the tokens are fewest.
+        ch = layout.middle_channels
         self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
         # Up: per level num_res_blocks + 1 ResBlocks, each eating one skip connection (concatenated on channels).
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = [res(ch + skip_chans.pop(), mult * mc)]
-                ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(attn(ch))
-                if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch, cfg.conv_resample))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.output_blocks = nn.ModuleList(block(b) for b in layout.up)
+        ch = layout.up[-1].ch_out
         # Zero-initialised output: the untrained model predicts 0 (the mean of ε), a well-conditioned start.
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
 

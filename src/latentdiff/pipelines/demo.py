@@ -28,6 +28,7 @@ from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.eval.adherence import format_table, score
 from latentdiff.eval.diversity import diversity_report, format_diversity
 from latentdiff.models.folder import load_autoencoder
+from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.evaluate import adherence_prompt_sets, evaluate_adherence
 from latentdiff.pipelines.generate import Pipeline
 from latentdiff.training import make_trainer
@@ -76,8 +77,9 @@ def autoencoder_ceiling(ae_dir: Path, n: int = 500, seed: int = 123, objects: in
 def prompt_grid(pipe: Pipeline, path: Path, guidance: float | None, model: str = "") -> dict[str, Any]:
     """DIVERSITY_SEEDS samples of every grid prompt (the same seeds in every row); the first GRID_SEEDS of
     each are drawn as a grid at ``path``; returns the diversity report over all of them."""
-    images = torch.cat([pipe.generate(DIVERSITY_SEEDS, DIVERSITY_SEEDS, 25, "ddim", seed=0, prompt=p,
-                                      guidance=guidance) for p in GRID_PROMPTS])
+    n = DIVERSITY_SEEDS
+    images = torch.cat([pipe.run(SampleSettings(n, n, 25, "ddim", 0, prompt=p, guidance=guidance)).images
+                        for p in GRID_PROMPTS])
     shown = images.reshape(len(GRID_PROMPTS), DIVERSITY_SEEDS, *images.shape[1:])[:, :GRID_SEEDS].flatten(0, 1)
     save_png(captioned_rows(upscale_nearest(shown), GRID_PROMPTS, GRID_SEEDS), path,
              {"prompts": GRID_PROMPTS, "sampler": "ddim", "steps": 25, "seeds": list(range(GRID_SEEDS)),
@@ -110,7 +112,7 @@ def run_demo(out: Path, ae_minutes: float = 2.7, ldm_minutes: float = 6.0, n_eva
     log(ceiling_text)
     summary = {"autoencoder_seconds": t_ae, "ldm_seconds": t_ldm, "grid": str(grid), "n_per_set": n_eval,
                "autoencoder_ceiling": ceilings["1 object"], "autoencoder_ceilings": ceilings,
-               "guidance": pipe.manifest["conditioning"]["guidance"] if guidance is None else guidance,
+               "guidance": pipe.manifest.guidance if guidance is None else guidance,
                "accuracy": report["accuracy"], "groups": report["groups"],
                "diversity": {k: v for k, v in diversity.items() if k != "prompts"},
                "diversity_prompts": {p: {k: r[k] for k in ("n", "ratio")} for p, r in diversity["prompts"].items()}}

@@ -17,7 +17,8 @@ from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.errors import UserError
 from latentdiff.eval.features import SHIPPED, FeatureExtractor, build_extractor
 from latentdiff.eval.report import evaluate, reconstruction_report
-from latentdiff.models.folder import load_autoencoder, read_manifest
+from latentdiff.models.folder import Manifest, load_autoencoder, read_manifest
+from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.generate import Pipeline
 
 
@@ -40,10 +41,17 @@ def parse_features(spec: Optional[str], source: str, device: str) -> FeatureExtr
     raise UserError(f"--features {spec!r}: expected domain:NAME, domain:PATH or inception:PATH")
 
 
-def reference_images(manifest: dict[str, Any], n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
+def _data_source(manifest: Manifest) -> str:
+    """The data set a model was trained on; converted checkpoints name none."""
+    if manifest.data is None:
+        raise UserError(f"the model names no training data set (source: {manifest.source or 'unknown'}): "
+                        "there are no held-out images to compare with")
+    return manifest.data.source
+
+
+def reference_images(manifest: Manifest, n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Up to n held-out images (uint8) of the model's data set, at the model's size, and their labels."""
-    d = manifest["data"]
-    cfg = DataConfig(source=d["source"], image_size=manifest["image_size"], channels=manifest["channels"],
+    cfg = DataConfig(source=_data_source(manifest), image_size=manifest.image_size, channels=manifest.channels,
                      split=split, limit=n)
     data = load_dataset(cfg)
     return data.images, data.labels
@@ -51,17 +59,23 @@ def reference_images(manifest: dict[str, Any], n: int, split: str = "test") -> t
 
 def evaluate_samples(model_dir: Path | str, n_samples: int = 1000, batch_size: int = 100, steps: int = 50,
                      sampler: str = "ddim", seed: int = 0, features: Optional[str] = None,
-                     eta: Optional[float] = None, spacing: str = "trailing", device: str = "cpu",
+                     eta: Optional[float] = None, spacing: Optional[str] = None, device: str = "cpu",
                      progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
-    """FID, CMMD, precision/recall of n generated images against n held-out real ones."""
+    """FID, CMMD, precision/recall of n generated images against n held-out real ones.
+
+    The defaults (DDIM, 50 trailing steps) are the measurement protocol of the documented numbers, not the
+    generation defaults: compare FIDs only at equal settings.
+    """
     pipe = Pipeline.load(model_dir, device)
-    extractor = parse_features(features, pipe.manifest["data"]["source"], device)
+    settings = SampleSettings(n_samples, batch_size, steps, sampler, seed, spacing=spacing, eta=eta)
+    pipe.check(settings)
+    extractor = parse_features(features, _data_source(pipe.manifest), device)
     real, _ = reference_images(pipe.manifest, n_samples)
     t0 = time.perf_counter()
-    fake, nfe = pipe.generate(n_samples, batch_size, steps, sampler, seed, eta=eta, callback=progress,
-                              spacing=spacing, return_nfe=True)
+    fake, nfe = pipe.run(settings, callback=progress)
     seconds = time.perf_counter() - t0
     report = evaluate(real, fake, extractor)
+    sampler, spacing = settings.resolved
     return report | {"model": str(model_dir), "sampler": sampler, "spacing": spacing, "steps": steps,
                      "nfe_per_sample": nfe, "seed": seed, "sample_seconds_per_image": seconds / n_samples}
 
@@ -72,13 +86,13 @@ def evaluate_reconstruction(model_dir: Path | str, n: int = 1000, features: Opti
     """PSNR, SSIM and rFID of an autoencoder on held-out images (posterior mode, no sampling)."""
     manifest = read_manifest(model_dir)
     ae = load_autoencoder(model_dir, device)
+    source = _data_source(manifest)
     originals, _ = reference_images(manifest, n)
     recon = []
     for i in range(0, len(originals), 100):
         x = from_uint8_image(originals[i:i + 100]).to(device)
         recon.append(to_uint8_image(ae(x, sample_posterior=False)[0]).cpu())
-    extractor = parse_features(features, manifest["data"]["source"], device) if (
-        features or manifest["data"]["source"] in SHIPPED) else None
+    extractor = parse_features(features, source, device) if features or source in SHIPPED else None
     return reconstruction_report(originals, torch.cat(recon), extractor) | {"model": str(model_dir)}
 
 
@@ -101,9 +115,9 @@ def evaluate_adherence(pipe: Pipeline, prompt_sets: dict[str, list[str]], steps:
     t0 = time.perf_counter()
     for name, group in prompt_sets.items():
         for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            images.append(pipe.generate(len(chunk), batch_size, steps, sampler, seed + i, prompt=chunk,
-                                        guidance=guidance))
+            chunk = tuple(group[i:i + batch_size])
+            settings = SampleSettings(len(chunk), batch_size, steps, sampler, seed + i, prompt=chunk, guidance=guidance)
+            images.append(pipe.run(settings).images)
         prompts += group
         groups += [name] * len(group)
     images = torch.cat(images)

@@ -19,14 +19,16 @@ import torch
 from latentdiff.diffusion.config import DiffusionConfig
 from latentdiff.errors import UserError
 from latentdiff.formats import sd_keys
-from latentdiff.formats.checkpoint import (load_into, load_json, load_tensors, load_weights_only, save_json,
-                                           save_tensors)
+from latentdiff.formats.checkpoint import (load_into, load_json, load_json_object, load_tensors, load_weights_only,
+                                           save_json, save_tensors)
 from latentdiff.formats.clip_keys import (clip_text_config_from_hf, clip_text_config_to_hf, clip_text_from_hf,
                                           clip_text_to_hf)
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPTextTransformer
-from latentdiff.models.conditioning import Conditioner
-from latentdiff.models.folder import MANIFEST, save_model_folder
+from latentdiff.models.concat import ConcatKind
+from latentdiff.models.conditioning import CondKind, Conditioner
+from latentdiff.models.folder import MANIFEST, Conditioning, Manifest, save_model_folder
+from latentdiff.models.settings import SampleSettings
 from latentdiff.models.tokenizer import CLIPTokenizer
 from latentdiff.models.unet import UNet, UNetConfig
 from latentdiff.pipelines.generate import Pipeline
@@ -103,12 +105,14 @@ def _text_encoder_from_single_file(hf: Tensors, open_clip: Tensors, where: str,
 
 
 def _manifest(unet_cfg: UNetConfig, vae: Autoencoder, diffusion: DiffusionConfig, image_size: int,
-              source: str) -> dict[str, Any]:
-    concat = {"concat": "inpaint"} if unet_cfg.in_channels == 2 * vae.latent_channels + 1 else {}
+              source: str) -> Manifest:
+    """What a Stable Diffusion checkpoint says about itself, as a latentdiff model folder's manifest."""
+    inpaint = unet_cfg.in_channels == 2 * vae.latent_channels + 1
     f = vae.downsample_factor
-    return {**concat, "diffusion": dataclasses.asdict(diffusion), "image_size": image_size, "channels": 3,
-            "latent_shape": [vae.latent_channels, image_size // f, image_size // f], "class_names": [],
-            "conditioning": {"kind": "text", "guidance": DEFAULT_GUIDANCE}, "source": source}
+    return Manifest(image_size=image_size, channels=3, components=("autoencoder", "text_encoder", "unet"),
+                    diffusion=diffusion, latent_shape=(vae.latent_channels, image_size // f, image_size // f),
+                    conditioning=Conditioning(CondKind.TEXT, DEFAULT_GUIDANCE), source=source,
+                    concat=ConcatKind.INPAINT if inpaint else None)
 
 
 def _pipeline(unet: UNet, vae: Autoencoder, text: CLIPTextEncoder, diffusion: DiffusionConfig, image_size: int,
@@ -122,9 +126,8 @@ def _pipeline(unet: UNet, vae: Autoencoder, text: CLIPTextEncoder, diffusion: Di
                         f"{vae.latent_channels}-channel latents (expected {vae.latent_channels}, or "
                         f"{2 * vae.latent_channels + 1} for inpainting)")
     manifest = _manifest(unet.config, vae, diffusion, image_size, source)
-    manifest["components"] = ["autoencoder", "text_encoder", "unet"]
     unet, vae, text = unet.to(device), vae.to(device), text.to(device)
-    return Pipeline(unet, vae, diffusion, manifest, path, torch.device(device), Conditioner(unet.config, text, device))
+    return Pipeline(unet, vae, Conditioner(unet.config, text, device), manifest, path, torch.device(device))
 
 
 def load_single_file(path: Path | str, device: str | torch.device = "cpu", prediction: str | None = None,
@@ -154,9 +157,19 @@ def load_single_file(path: Path | str, device: str | torch.device = "cpu", predi
     if prediction is None:
         prediction = "v" if v2 and meta.get("global_step") != 875000 else "eps"
     diffusion = DiffusionConfig(schedule="scaled_linear", num_timesteps=1000, prediction=prediction)
-    size = 768 if v2 and prediction == "v" else 512  # the default; Pipeline.configure(size=...) changes it
+    size = 768 if v2 and prediction == "v" else 512  # the default; each call may ask for another size
     version = "v2" if v2 else "v1"
     return _pipeline(unet, vae, text, diffusion, size, path, f"stable-diffusion {version} single file", device)
+
+
+def _unet_keys(unet: UNet) -> dict[str, str]:
+    """Our UNet's CompVis key -> diffusers key."""
+    return sd_keys.unet_key_map(unet.state_dict(), unet.layout)
+
+
+def _vae_keys(vae: Autoencoder) -> dict[str, str]:
+    """Our autoencoder's CompVis key -> diffusers key."""
+    return sd_keys.vae_key_map(vae.state_dict(), vae.config)
 
 
 def _weights_in(folder: Path) -> Path:
@@ -168,7 +181,7 @@ def _weights_in(folder: Path) -> Path:
 
 def _scheduler(folder: Path) -> DiffusionConfig:
     path = folder / "scheduler" / "scheduler_config.json"
-    cfg = load_json(path) if path.is_file() else {}
+    cfg = load_json_object(path) if path.is_file() else {}
     if cfg.get("trained_betas") is not None:
         raise UserError(f"{path}: trained_betas are not supported")
     schedule = cfg.get("beta_schedule", "scaled_linear")
@@ -190,14 +203,16 @@ def load_diffusers_folder(path: Path | str, device: str | torch.device = "cpu",
                if not (path / p).exists()]
     if missing:
         raise UserError(f"{path}: not a complete diffusers Stable Diffusion folder: missing {', '.join(missing)}")
-    unet_json = load_json(path / "unet" / "config.json")
+    unet_json = load_json_object(path / "unet" / "config.json")
     unet_cfg = UNetConfig(**sd_keys.unet_config_from_diffusers(unet_json, str(path / "unet" / "config.json")))
     file = _weights_in(path / "unet")
-    unet = _load(UNet(unet_cfg), sd_keys.unet_from_diffusers(read_checkpoint(file)[0], unet_cfg), str(file))
-    vae_cfg = AutoencoderConfig(**sd_keys.vae_config_from_diffusers(load_json(path / "vae" / "config.json")))
+    unet = UNet(unet_cfg)
+    unet = _load(unet, sd_keys.unet_from_diffusers(read_checkpoint(file)[0], _unet_keys(unet)), str(file))
+    vae_cfg = AutoencoderConfig(**sd_keys.vae_config_from_diffusers(load_json_object(path / "vae" / "config.json")))
     file = _weights_in(path / "vae")
-    vae = _load(Autoencoder(vae_cfg), sd_keys.vae_from_diffusers(read_checkpoint(file)[0], vae_cfg), str(file))
-    text_cfg = CLIPTextConfig(**clip_text_config_from_hf(load_json(path / "text_encoder" / "config.json")))
+    vae = Autoencoder(vae_cfg)
+    vae = _load(vae, sd_keys.vae_from_diffusers(read_checkpoint(file)[0], _vae_keys(vae)), str(file))
+    text_cfg = CLIPTextConfig(**clip_text_config_from_hf(load_json_object(path / "text_encoder" / "config.json")))
     file = _weights_in(path / "text_encoder")
     text_model = _load(CLIPTextTransformer(text_cfg), clip_text_from_hf(read_checkpoint(file)[0]), str(file))
     text = CLIPTextEncoder(CLIPTokenizer.from_folder(path / "tokenizer"), text_model)
@@ -213,7 +228,10 @@ def is_diffusers_folder(path: Path) -> bool:
     if (path / "unet" / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         return True
     index = path / MANIFEST
-    return index.is_file() and "_class_name" in load_json(index)
+    if not index.is_file():
+        return False
+    manifest = load_json(index)
+    return isinstance(manifest, dict) and "_class_name" in manifest
 
 
 def load_any(path: Path | str, device: str | torch.device = "cpu", prediction: str | None = None) -> Pipeline:
@@ -237,30 +255,42 @@ def load_any(path: Path | str, device: str | torch.device = "cpu", prediction: s
 
 
 # ---- writing -----------------------------------------------------------------------------------------
-def save_latentdiff(pipe: Pipeline, folder: Path | str) -> None:
-    """Write a loaded pipeline as a latentdiff model folder (safetensors + JSON)."""
-    manifest = {k: v for k, v in pipe.manifest.items() if k != "components"}
+def save_latentdiff(pipe: Pipeline, folder: Path | str, image_size: int | None = None) -> None:
+    """Write a loaded pipeline as a latentdiff model folder (safetensors + JSON); ``image_size``: the default
+    side stored in it (else the pipeline's own)."""
+    manifest = _resized(pipe, image_size)
     components = {"unet": (pipe.unet.config.to_dict(), pipe.unet.state_dict()),
                   "autoencoder": (pipe.autoencoder.config.to_dict(), pipe.autoencoder.state_dict())}
     save_model_folder(folder, components, manifest, {"text_encoder": pipe.cond.text_encoder.save})
 
 
-def save_diffusers(pipe: Pipeline, folder: Path | str) -> None:
-    """Write a text-to-image pipeline in diffusers' folder layout (loadable by StableDiffusionPipeline)."""
+def _resized(pipe: Pipeline, image_size: int | None) -> Manifest:
+    """The pipeline's manifest with another default image size (checked) and the latent shape that goes with it."""
+    m = pipe.manifest
+    if image_size is None:
+        return m
+    sized = pipe.check(SampleSettings(width=image_size, height=image_size))
+    return dataclasses.replace(m, image_size=image_size, latent_shape=pipe.latent_shape(sized))
+
+
+def save_diffusers(pipe: Pipeline, folder: Path | str, image_size: int | None = None) -> None:
+    """Write a text-to-image pipeline in diffusers' folder layout (loadable by StableDiffusionPipeline);
+    ``image_size``: the default side stored in it (else the pipeline's own)."""
     folder = Path(folder)
+    size = _resized(pipe, image_size).image_size
     text = pipe.cond.text_encoder
     if not isinstance(text, CLIPTextEncoder) or not isinstance(text.tokenizer, CLIPTokenizer):
         raise UserError("diffusers folders need a CLIP text encoder with the CLIP BPE tokenizer; this model "
                         f"uses {type(text).__name__}")
     unet_cfg, vae_cfg, text_cfg = pipe.unet.config, pipe.autoencoder.config, text.text_model.config
-    unet_json = sd_keys.unet_config_to_diffusers(unet_cfg) | {
-        "sample_size": pipe.manifest["image_size"] // pipe.autoencoder.downsample_factor}
-    save_tensors(sd_keys.unet_to_diffusers(pipe.unet.state_dict(), unet_cfg),
+    unet_json = sd_keys.unet_config_to_diffusers(unet_cfg, pipe.unet.layout) | {
+        "sample_size": size // pipe.autoencoder.downsample_factor}
+    save_tensors(sd_keys.unet_to_diffusers(pipe.unet.state_dict(), _unet_keys(pipe.unet)),
                  folder / "unet" / "diffusion_pytorch_model.safetensors")
     save_json(unet_json, folder / "unet" / "config.json")
-    save_tensors(sd_keys.vae_to_diffusers(pipe.autoencoder.state_dict(), vae_cfg),
+    save_tensors(sd_keys.vae_to_diffusers(pipe.autoencoder.state_dict(), _vae_keys(pipe.autoencoder)),
                  folder / "vae" / "diffusion_pytorch_model.safetensors")
-    save_json(sd_keys.vae_config_to_diffusers(vae_cfg) | {"sample_size": pipe.manifest["image_size"]},
+    save_json(sd_keys.vae_config_to_diffusers(vae_cfg) | {"sample_size": size},
               folder / "vae" / "config.json")
     save_tensors(clip_text_to_hf(text.text_model.state_dict()), folder / "text_encoder" / "model.safetensors")
     save_json(clip_text_config_to_hf(text_cfg, text.tokenizer), folder / "text_encoder" / "config.json")
@@ -274,7 +304,7 @@ def save_diffusers(pipe: Pipeline, folder: Path | str) -> None:
                "num_train_timesteps": d.num_timesteps, "clip_sample": False, "set_alpha_to_one": False,
                "steps_offset": 1, "prediction_type": {v: k for k, v in PREDICTIONS.items()}[d.prediction]},
               folder / "scheduler" / "scheduler_config.json")
-    inpaint = pipe.manifest.get("concat") == "inpaint"
+    inpaint = pipe.concat_kind is ConcatKind.INPAINT
     save_json({"_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],

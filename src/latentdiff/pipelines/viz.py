@@ -15,15 +15,15 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from latentdiff.data.datasets import read_image
+from latentdiff.data.decode import read_image
 from latentdiff.data.images import to_pil
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
-from latentdiff.diffusion import SCHEDULES, Schedule, sample, timesteps_for
+from latentdiff.diffusion import SCHEDULES, Schedule, timesteps_for
 from latentdiff.diffusion.sigmas import SIGMA_SPACINGS, TIMESTEP_SPACINGS, sigmas_for
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import atomic_write
-from latentdiff.models.autoencoder import IdentityAutoencoder
-from latentdiff.pipelines.generate import MAX_SEED, PerSampleNoise, Pipeline
+from latentdiff.models.settings import SampleSettings, check_seed
+from latentdiff.pipelines.generate import Pipeline
 
 __all__ = ["forward_strip", "noised_images", "trajectory", "reverse_trajectory", "save_gif", "schedule_plots",
            "load_image", "parse_timesteps"]
@@ -116,6 +116,7 @@ def noised_images(image: torch.Tensor | str | Path, schedule: Schedule, ts: Sequ
     bad = [t for t in ts if not 0 <= t < T]
     if bad:
         raise UserError(f"timesteps must be in 0..{T - 1} (the schedule's T={T}), got {bad}")
+    check_seed(seed)
     img = load_image(image, image_size)
     x = from_uint8_image(img)
     # one ε for every tile, so the strip shows the same noise growing: (20.8) z_t = √ᾱ_t x + √(1-ᾱ_t) ε
@@ -147,40 +148,30 @@ def _frame(x_t: torch.Tensor, x0: torch.Tensor, caption: str, min_side: int) -> 
     return canvas
 
 
-def trajectory(pipe: Pipeline, sampler: str = "ddim", steps: int = 50, seed: int = 0, spacing: str = "trailing",
-               class_label: Optional[int] = None, prompt: Optional[str] = None,
-               negative_prompt: Optional[str] = None, guidance: Optional[float] = None,
+def trajectory(pipe: Pipeline, sampler: str = SampleSettings.sampler, steps: int = SampleSettings.steps,
+               seed: int = 0, spacing: Optional[str] = None, class_label: Optional[int] = None,
+               prompt: Optional[str] = None, negative_prompt: Optional[str] = None, guidance: Optional[float] = None,
                **sampler_options: float) -> dict[str, Any]:
-    """Per-step uint8 images of one sample: {'t': [t_i], 'x_t': (N, C, H, W), 'x0': (N, C, H, W)}, decoded."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise UserError(f"steps must be a positive integer, got {steps!r}")
-    if not 0 <= seed <= MAX_SEED - 1:
-        raise UserError(f"seed must be in [0, {MAX_SEED - 1}], got {seed}")
-    cond, uncond, guidance = pipe.conditions(1, class_label, prompt, negative_prompt, guidance)
-    schedule = pipe.diffusion.build_schedule()
-    pixel_space = isinstance(pipe.autoencoder, IdentityAutoencoder)
-    # the noise path of Pipeline.generate for sample 0 of seed `seed`: same x_T, same sampler noise
-    noise_src = PerSampleNoise([seed])
-    x_T = noise_src.randn((1, *pipe.latent_shape)).to(pipe.device)
-    eps_fn = pipe.eps_fn(cond, uncond, guidance, schedule)
-    record: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    """Per-step uint8 images of one sample: {'t': [t_i], 'x_t': (N, C, H, W), 'x0': (N, C, H, W)}, decoded.
 
-    def on_step(i: int, t: int, z_t: torch.Tensor, x0: torch.Tensor) -> None:
-        record.append((i, t, z_t.detach().cpu().clone(), x0.detach().cpu().clone()))
-
-    sample(eps_fn, x_T, schedule, sampler, steps, generator=noise_src, callback=on_step, spacing=spacing,
-           clip_x0=1.0 if pixel_space else None, **sampler_options)
-    with torch.no_grad():  # x̂ = D(ẑ / s); for pixel models the identity, clamped by to_uint8_image
-        dec = pipe.autoencoder
-        zs = torch.cat([r[2] for r in record]).to(pipe.device)
-        x0s = torch.cat([r[3] for r in record]).to(pipe.device)
-        xt_img = torch.cat([to_uint8_image(dec.decode_latents(c)).cpu() for c in zs.split(16)])
-        x0_img = torch.cat([to_uint8_image(dec.decode_latents(c)).cpu() for c in x0s.split(16)])
-    return {"t": [r[1] for r in record], "x_t": xt_img, "x0": x0_img}
+    The sample is the one ``pipe.generate(1, 1, steps, sampler, seed)`` draws: the same core, noise and settings.
+    """
+    settings = SampleSettings.build(1, 1, steps, sampler, seed, spacing=spacing, class_label=class_label,
+                                    prompt=prompt, negative_prompt=negative_prompt, guidance=guidance,
+                                    **sampler_options)
+    record: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    pipe.sample_latents(settings, callback=lambda step: record.append(
+        (step.t, step.z_t.detach().cpu().clone(), step.x0.detach().cpu().clone())))
+    # x̂ = D(ẑ / s); for pixel models the identity, clamped by to_uint8_image
+    zs = torch.cat([r[1] for r in record]).to(pipe.device)
+    x0s = torch.cat([r[2] for r in record]).to(pipe.device)
+    xt_img = torch.cat([pipe.core.decode(c) for c in zs.split(16)])
+    x0_img = torch.cat([pipe.core.decode(c) for c in x0s.split(16)])
+    return {"t": [r[0] for r in record], "x_t": xt_img, "x0": x0_img}
 
 
-def reverse_trajectory(pipe: Pipeline, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                       spacing: str = "trailing", every: Optional[int] = None, class_label: Optional[int] = None,
+def reverse_trajectory(pipe: Pipeline, sampler: str = SampleSettings.sampler, steps: int = SampleSettings.steps,
+                       seed: int = 0, spacing: Optional[str] = None, every: Optional[int] = None, class_label: Optional[int] = None,
                        prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                        guidance: Optional[float] = None, frame_size: int = 84, columns: int = STRIP_COLUMNS, **sampler_options: float,
                        ) -> tuple[Image.Image, list[Image.Image]]:

@@ -23,27 +23,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 
-from latentdiff.data.datasets import read_image
+from latentdiff.data.decode import read_image
 from latentdiff.data.images import make_grid, upscale_nearest
 from latentdiff.data.masks import read_mask
-from latentdiff.diffusion.samplers import ONE_STEP, SAMPLERS
-from latentdiff.diffusion.sigmas import SPACINGS, TIMESTEP_SPACINGS
-from latentdiff.pipelines.generate import MAX_SEED, Pipeline
-from latentdiff.errors import UserError
+from latentdiff.diffusion.names import PRESETS, one_step_names
+from latentdiff.diffusion.samplers import SAMPLERS
+from latentdiff.diffusion.sigmas import SPACINGS
+from latentdiff.errors import SettingError, UserError
+from latentdiff.models.concat import ConcatKind
+from latentdiff.models.conditioning import CondKind
+from latentdiff.models.settings import DEFAULT_SAMPLER, SampleSettings, Task
+from latentdiff.pipelines.generate import Pipeline
 from latentdiff.server import runs as run_folders
 from latentdiff.server.jobs import FINISHED, Job, JobQueue, QueueFull
 from latentdiff.server.schemas import (ERRORS, MAX_UPLOAD_SIDE, GenerateRequest, JobInfo, ModelInfo, Problem,
                                        RunInfo, SamplersInfo)
 
 STATIC = Path(__file__).parent / "static"
-# the names other web UIs show -> (our sampler, spacing); docs/samplers.md explains the correspondence
-SAMPLER_PRESETS: dict[str, tuple[str, str]] = {
-    "DDIM": ("ddim", "trailing"), "DDPM": ("ddpm", "trailing"), "Euler": ("euler", "trailing"),
-    "Euler a": ("euler_ancestral", "trailing"), "Heun": ("heun", "trailing"), "LMS": ("lms", "trailing"),
-    "LMS Karras": ("lms", "karras"), "DPM++ 2M": ("dpmpp_2m", "trailing"), "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
-    "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"), "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", "karras"),
-    "DPM adaptive": ("dpm_adaptive", "trailing")}
 SSE_POLL_S = 0.05
+
+
 @dataclass
 class Limits:
     """What one request may ask for, and how many jobs may wait."""
@@ -77,123 +76,71 @@ def load_models(paths: list[Path], device: str = "cpu") -> dict[str, Pipeline]:
 
 def describe_model(key: str, pipe: Pipeline) -> dict[str, Any]:
     """What the model picker needs: conditioning kind, classes, sizes, default guidance."""
-    kind = pipe.cond.kind
-    guidance = pipe.manifest.get("conditioning", {}).get("guidance", 1.0) if kind != "none" else 1.0
-    return {"id": key, "name": Path(pipe.path).name, "kind": kind, "class_names": pipe.class_names,
-            "num_classes": pipe.unet.config.num_classes if kind == "class" else 0,
-            "image_size": pipe.manifest["image_size"], "size_multiple": pipe.size_multiple,
-            "resizable": pipe.concat_kind != "low_res", "tasks": model_tasks(pipe),
-            "low_res_size": pipe.manifest.get("low_res_size"),
-            "channels": pipe.manifest.get("channels"), "default_guidance": guidance,
-            "source": pipe.manifest.get("source", "latentdiff model folder")}
-
-
-def model_tasks(pipe: Pipeline) -> list[str]:
-    """The tasks a model can do: concat models only their own, the others txt2img, img2img and inpaint."""
-    return {"inpaint": ["inpaint"], "low_res": ["upscale"]}.get(pipe.concat_kind, ["txt2img", "img2img", "inpaint"])
-
-
-def inpaint_samplers() -> list[str]:
-    """Sampler names (UI presets) that inpainting by replacement can use: the one-step samplers."""
-    return [k for k, (sampler, _) in SAMPLER_PRESETS.items() if sampler in ONE_STEP]
+    m = pipe.manifest
+    return {"id": key, "name": Path(pipe.path).name, "kind": pipe.cond.kind.value, "class_names": pipe.class_names,
+            "num_classes": pipe.unet.config.num_classes if pipe.cond.kind is CondKind.CLASS else 0,
+            "image_size": m.image_size, "size_multiple": pipe.size_multiple,
+            "resizable": pipe.concat_kind is not ConcatKind.LOW_RES, "tasks": [t.value for t in pipe.tasks],
+            "low_res_size": m.low_res_size, "channels": m.channels, "default_guidance": m.guidance,
+            "source": m.source or "latentdiff model folder"}
 
 
 def _bad(message: str, status: int = 422) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-def resolve_sampler(name: str, spacing: Optional[str]) -> tuple[str, str]:
-    """(sampler, spacing) from a UI name like "DPM++ 2M Karras" or our own names."""
-    if name in SAMPLER_PRESETS:
-        sampler, default_spacing = SAMPLER_PRESETS[name]
-    elif name in SAMPLERS:
-        sampler, default_spacing = name, "trailing"
-    else:
-        raise _bad(f"sampler: unknown sampler {name!r}; choose one of {', '.join([*SAMPLER_PRESETS, *SAMPLERS])}")
-    spacing = spacing or default_spacing
-    if spacing not in SPACINGS:
-        raise _bad(f"spacing: unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    return sampler, spacing
-
-
-def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) -> dict[str, Any]:
-    """The job's settings, or a 422 naming the field and the allowed values."""
+def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) -> tuple[SampleSettings, Task]:
+    """The job's settings and task: this server's limits and the request's shape here, everything a model
+    cannot take from the core's checks (Pipeline.check); any refusal is a 422 naming the field."""
     if req.model not in models:
         raise _bad(f"model: unknown model {req.model!r}; this server has {', '.join(models) or 'none'}")
-    pipe = models[req.model]
+    pipe, task = models[req.model], Task(req.task)
     if req.steps > limits.max_steps:
         raise _bad(f"steps: {req.steps} is over this server's limit of {limits.max_steps}")
     batch_size = req.batch_size or req.n_samples
     for name, v in (("n_samples", req.n_samples), ("batch_size", batch_size)):
         if v > limits.max_batch:
             raise _bad(f"{name}: {v} is over this server's limit of {limits.max_batch}")
-    default = pipe.manifest["image_size"]
     sides = {k: v for k, v in (("size", req.size), ("width", req.width), ("height", req.height)) if v is not None}
     if "size" in sides and len(sides) > 1:
         raise _bad("size: give size (a square) or width and height, not both")
     for name, v in sides.items():
         if v > limits.max_size:
             raise _bad(f"{name}: {v} is over this server's limit of {limits.max_size}")
-        if pipe.concat_kind == "low_res":
-            raise _bad(f"{name}: model {req.model!r} upscales to its fixed {default} px")
-        if v % pipe.size_multiple:
-            raise _bad(f"{name}: {v} does not fit model {req.model!r}: sides must be multiples of {pipe.size_multiple}")
-    if not sides and default > limits.max_size:
-        raise _bad(f"size: the model's {default} px is over this server's limit of {limits.max_size}")
-    tasks = model_tasks(pipe)
-    if req.task not in tasks:
-        raise _bad(f"task: model {req.model!r} does {', '.join(tasks)}, not {req.task}")
-    for name, used in (("image", req.task != "txt2img"), ("mask", req.task == "inpaint"),
-                       ("strength", req.task in ("img2img", "inpaint")),
-                       ("resample", req.task == "inpaint" and pipe.concat_kind is None)):
+    if not sides and pipe.manifest.image_size > limits.max_size:
+        raise _bad(f"size: the model's {pipe.manifest.image_size} px is over this server's limit of {limits.max_size}")
+    for name, used in (("image", task is not Task.TXT2IMG), ("mask", task is Task.INPAINT),
+                       ("strength", task in (Task.IMG2IMG, Task.INPAINT)), ("resample", task is Task.INPAINT)):
         given = getattr(req, name) not in (None, 1) if name == "resample" else getattr(req, name) is not None
         if given and not used:
-            raise _bad(f"{name}: not used by task {req.task} with model {req.model!r}")
+            raise _bad(f"{name}: not used by task {task}")
         if used and name in ("image", "mask") and not given:
-            raise _bad(f"{name}: task {req.task} needs an input {name} (base64)")
+            raise _bad(f"{name}: task {task} needs an input {name} (base64)")
     if req.steps * req.resample > limits.max_steps:
         raise _bad(f"resample: {req.steps} steps x {req.resample} resamples is over this server's limit of "
                    f"{limits.max_steps} steps")
-    kind = pipe.cond.kind
-    if req.class_label is not None:
-        if kind != "class":
-            raise _bad(f"class_label: model {req.model!r} is not class-conditional")
-        if req.class_label >= pipe.unet.config.num_classes:
-            raise _bad(f"class_label: {req.class_label} is out of range 0..{pipe.unet.config.num_classes - 1}")
-    if (req.prompt is not None or req.negative_prompt is not None) and kind != "text":
-        raise _bad(f"prompt: model {req.model!r} was not trained on captions; it takes no prompt")
-    sampler, spacing = resolve_sampler(req.sampler, req.spacing)
-    if req.task == "inpaint" and pipe.concat_kind is None and sampler not in ONE_STEP:
-        raise _bad(f"sampler: inpainting by replacement steps the sampler one step at a time; {req.sampler!r} "
-                   f"cannot; choose one of {', '.join(inpaint_samplers())}")
-    if spacing in TIMESTEP_SPACINGS and req.steps > pipe.diffusion.num_timesteps:
-        raise _bad(f"steps: {req.steps} is more than model {req.model!r}'s {pipe.diffusion.num_timesteps} "
-                   f"timesteps (spacing {spacing}); use fewer steps or a sigma spacing (karras)")
-    seed = secrets.randbelow(2**32) if req.seed is None else req.seed
-    if seed > MAX_SEED - req.n_samples:
-        raise _bad(f"seed: must be at most {MAX_SEED - req.n_samples} with n_samples={req.n_samples}")
-    settings = {"task": req.task, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
-                "class_label": req.class_label, "sampler": sampler, "spacing": spacing, "sampler_name": req.sampler,
-                "steps": req.steps, "guidance": req.guidance, "seed": seed, "n_samples": req.n_samples,
-                "batch_size": batch_size, "width": req.width or req.size or default,
-                "height": req.height or req.size or default}
-    if req.task in ("img2img", "inpaint"):
-        settings["strength"] = req.strength if req.strength is not None else (0.6 if req.task == "img2img" else 1.0)
-    if req.task == "inpaint" and pipe.concat_kind is None:
-        settings["resample"] = req.resample
-    return settings
+    settings = SampleSettings(
+        req.n_samples, batch_size, req.steps, req.sampler, secrets.randbelow(2**32) if req.seed is None else req.seed,
+        spacing=req.spacing, guidance=req.guidance, class_label=req.class_label, prompt=req.prompt,
+        negative_prompt=req.negative_prompt, strength=task.default_strength if req.strength is None else req.strength,
+        resample=req.resample, width=req.width or req.size, height=req.height or req.size)
+    try:
+        return pipe.check(settings, task), task
+    except SettingError as e:  # the request's own name for a side given as size
+        field = "size" if req.size is not None and e.field in ("width", "height") else e.field
+        raise _bad(f"{field}: {e.problem}") from None
 
 
 def decode_inputs(req: GenerateRequest, pipe: Pipeline, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """The job's input images as Pipeline.generate takes them, or a 422 naming the field and the problem."""
-    channels, inputs = pipe.manifest["channels"], {}
+    """The job's input images as Pipeline.run takes them, or a 422 naming the field and the problem."""
+    channels, inputs, task = pipe.manifest.channels, {}, Task(req.task)
     try:
-        if req.task in ("img2img", "inpaint"):
+        if task in (Task.IMG2IMG, Task.INPAINT):
             inputs["images"] = read_image(_upload(req.image, "image")[0], size, channels, name="image")[None]
-        if req.task == "inpaint":
+        if task is Task.INPAINT:
             inputs["mask"] = read_mask(_upload(req.mask, "mask")[0], size, name="mask")
-        if req.task == "upscale":
-            low, (data, (w, h)) = pipe.manifest["low_res_size"], _upload(req.image, "image")
+        if task is Task.UPSCALE:
+            low, (data, (w, h)) = pipe.manifest.low_res_size, _upload(req.image, "image")
             if (w, h) != (low, low):
                 raise _bad(f"image: {w}x{h}; model {req.model!r} upscales {low}x{low} images")
             inputs["low_res"] = read_image(data, low, channels, name="image")[None]
@@ -220,9 +167,13 @@ def _upload(text: str, name: str) -> tuple[bytes, tuple[int, int]]:
 
 def make_runner(models: dict[str, Pipeline], outputs: Path,
                 preview_every: int = 0) -> Callable[[Job, Callable[[int, int], None]], list[Path]]:
-    """The queue's worker function: run the job's task, write PNGs under outputs/<job id>/, preview x0."""
+    """The queue's worker function: run the job's settings, write PNGs under outputs/<job id>/, preview x0.
+
+    Each job carries its own settings (size included) into Pipeline.run: the shared model is never changed.
+    """
     def run(job: Job, progress: Callable[[int, int], None]) -> list[Path]:
-        pipe, s = models[job.model], job.settings
+        pipe, inputs = models[job.model], dict(job.inputs)
+        settings = inputs.pop("settings")
 
         def preview(done: int, images: torch.Tensor) -> None:
             buf = io.BytesIO()
@@ -230,18 +181,9 @@ def make_runner(models: dict[str, Pipeline], outputs: Path,
             job.preview = buf.getvalue()
             job.emit("preview", done=done, url=f"/api/jobs/{job.id}/preview?step={done}")
 
-        try:
-            if (s["height"], s["width"]) != pipe.image_hw:
-                pipe.configure(size=(s["height"], s["width"]))
-            images = pipe.generate(s["n_samples"], s["batch_size"], s["steps"], s["sampler"], s["seed"],
-                                   class_label=s["class_label"], prompt=s["prompt"],
-                                   negative_prompt=s["negative_prompt"], guidance=s["guidance"],
-                                   spacing=s["spacing"], callback=progress, strength=s.get("strength", 1.0),
-                                   resample=s.get("resample", 1), preview=preview if preview_every else None,
-                                   preview_every=preview_every or 1, **job.inputs)
-        finally:
-            pipe.hw = None  # the size is per job; the model is shared
-        paths, _ = pipe.save(images, outputs / job.id, {k: v for k, v in s.items() if k != "n_samples"})
+        images = pipe.run(settings, callback=progress, preview=preview if preview_every else None,
+                          preview_every=preview_every or 1, **inputs).images
+        paths, _ = pipe.save(images, outputs / job.id, job.settings)
         return paths
     return run
 
@@ -297,18 +239,19 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
 
     @app.get("/api/samplers", summary="Sampler names (UI presets and ours) and spacings")
     def list_samplers() -> SamplersInfo:
-        return {"presets": {k: {"sampler": s, "spacing": sp} for k, (s, sp) in SAMPLER_PRESETS.items()},
-                "default": GenerateRequest.model_fields["sampler"].default, "inpaint": inpaint_samplers(),
+        return {"presets": {k: {"sampler": s, "spacing": sp} for k, (s, sp) in PRESETS.items()},
+                "default": DEFAULT_SAMPLER, "inpaint": one_step_names(),
                 "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "limits": vars(limits)}
 
     @app.post("/api/jobs", status_code=202, summary="Queue a generation job",
               responses={400: {"model": Problem, "description": "the body could not be read as text"},
                          429: {"model": Problem, "description": "busy: the waiting line is full (Retry-After)"}})
     def submit(req: GenerateRequest) -> JobInfo:
-        settings = validate(req, models, limits)
-        inputs = decode_inputs(req, models[req.model], (settings["height"], settings["width"]))
+        settings, task = validate(req, models, limits)
+        pipe = models[req.model]
+        inputs = decode_inputs(req, pipe, pipe.image_hw(settings))
         try:
-            job = jobs.submit(req.model, settings, inputs)
+            job = jobs.submit(req.model, pipe.describe(settings, task), {"settings": settings, **inputs})
         except QueueFull as e:
             raise HTTPException(429, detail=str(e), headers={"Retry-After": "5"}) from None
         return job.summary()
@@ -382,4 +325,4 @@ def create_app(models: dict[str, Pipeline], limits: Optional[Limits] = None, out
     return app
 
 
-__all__ = ["Limits", "SAMPLER_PRESETS", "create_app", "load_models"]
+__all__ = ["Limits", "create_app", "load_models"]

@@ -6,9 +6,11 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from latentdiff.pipelines.generate import MAX_SEED
+from latentdiff.models.conditioning import CondKind
+from latentdiff.models.settings import DEFAULT_SAMPLER, REPLACE_SAMPLER, SEED_MAX, SampleSettings, Task
 
-TASKS = ("txt2img", "img2img", "inpaint", "upscale")
+TASKS = tuple(t.value for t in Task)
+KINDS = tuple(k.value for k in CondKind)
 MAX_UPLOAD_CHARS = 16_000_000  # base64 of a ~12 MB image file
 MAX_UPLOAD_SIDE = 4096  # an uploaded image is refused before decoding past this (memory)
 MAX_RESAMPLE = 20
@@ -28,16 +30,18 @@ class GenerateRequest(BaseModel):
                                 description="base64 image, inpaint only: white = redraw, black = keep")
     strength: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False,
                                       description="img2img: how far to noise the input (default 0.6)")
-    resample: int = Field(1, ge=1, le=MAX_RESAMPLE, description="inpaint (not inpainting models): RePaint repeats")
+    resample: int = Field(SampleSettings.resample, ge=1, le=MAX_RESAMPLE,
+                          description="inpaint (not inpainting models): RePaint repeats")
     prompt: Optional[str] = Field(None, max_length=2000)
     negative_prompt: Optional[str] = Field(None, max_length=2000)
     class_label: Optional[int] = Field(None, ge=0)
-    sampler: str = Field("DPM++ 2M Karras", description="a name from GET /api/samplers (UI name or ours)")
+    sampler: Optional[str] = Field(None, description=f"a name from GET /api/samplers (UI name or ours); default "
+                                                     f"{DEFAULT_SAMPLER}, {REPLACE_SAMPLER} to inpaint by replacement")
     spacing: Optional[str] = Field(None, description="timestep/σ spacing; default: the sampler preset's")
-    steps: int = Field(20, ge=1)
+    steps: int = Field(SampleSettings.steps, ge=1)
     guidance: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="null: a random seed (returned in settings)")
-    n_samples: int = Field(1, ge=1)
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="null: a random seed (returned in settings)")
+    n_samples: int = Field(SampleSettings.n_samples, ge=1)
     batch_size: Optional[int] = Field(None, ge=1, description="images per network call; default n_samples")
     size: Optional[int] = Field(None, ge=8, description="image side of a square; default the model's")
     width: Optional[int] = Field(None, ge=8, description="image width (instead of size); default the model's")
@@ -61,7 +65,7 @@ class ModelInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     id: str
     name: str
-    kind: Literal["none", "class", "text"] = Field(description="conditioning")
+    kind: Literal[KINDS] = Field(description="conditioning")
     class_names: list[str]
     num_classes: int
     image_size: int = Field(description="the model's default side")

@@ -8,7 +8,6 @@ autoencoder's config, where latent diffusion reads it (DESIGN.md: z = s · E(x))
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from latentdiff.data.images import make_grid, save_png, upscale_nearest
 from latentdiff.data.transforms import to_uint8_image
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import Autoencoder, measure_scale_factor
-from latentdiff.models.folder import save_model_folder
+from latentdiff.models.folder import DataInfo, FolderKind, Manifest, save_model_folder
 from latentdiff.training.ae_loss import AutoencoderLoss
 from latentdiff.training import distributed
 from latentdiff.training.loop import Batch, TrainingRun
@@ -108,10 +107,10 @@ class AutoencoderTrainer(TrainingRun):
         self.cfg.autoencoder.scale_factor = self.measure_scale()
         self.model.config.scale_factor = self.cfg.autoencoder.scale_factor
         d = self.cfg.data
-        manifest: dict[str, Any] = {
-            "step": self.step, "kind": "autoencoder", "image_size": d.image_size, "channels": d.channels,
-            "scale_factor": self.cfg.autoencoder.scale_factor, "class_names": self.data.class_names,
-            "data": {"source": d.source, "fingerprint": self.data.fingerprint, "images": len(self.data)}}
+        manifest = Manifest(image_size=d.image_size, channels=d.channels, kind=FolderKind.AUTOENCODER, step=self.step,
+                            scale_factor=self.cfg.autoencoder.scale_factor,
+                            class_names=tuple(self.data.class_names or ()),
+                            data=DataInfo(d.source, self.data.fingerprint, len(self.data)))
         save_model_folder(self.out, {"autoencoder": (self.cfg.autoencoder.to_dict(), self.model.state_dict())},
                           manifest)
 

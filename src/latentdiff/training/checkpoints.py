@@ -3,6 +3,10 @@
 A checkpoint folder is written under a temporary name, every file fsynced, then renamed; only then
 does ``latest.json`` (itself written atomically) point at it. A kill at any moment leaves the
 previous checkpoint and pointer intact.
+
+What a training run puts in one: each network's weights, each optimiser's state (flattened to tensors
+plus JSON), the random streams (data order, objective noise, every rank's dropout) and the counters,
+so that ``--resume`` continues exactly (`save_training_state` / `load_training_state`).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import fsync_dir, is_temp_file, load_json, load_tensors, save_json, save_tensors
+from latentdiff.formats.checkpoint import (flatten_optimizer, fsync_dir, is_temp_file, load_into, load_json,
+                                           load_tensors, save_json, save_tensors, unflatten_optimizer)
 
 POINTER = "latest.json"
 TEMP_PREFIX = ".tmp-"  # a checkpoint folder while it is written
@@ -78,3 +84,47 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(folder: Path, groups: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Read the tensor groups and ``state.json`` of one checkpoint folder."""
     return {g: load_tensors(folder / f"{g}.safetensors") for g in groups}, load_json(folder / "state.json")
+
+
+# ---- a training run's state ------------------------------------------------------------------------------
+def save_training_state(root: Path, step: int, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                        rng: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
+    """Checkpoint ``modules``' weights, ``optimizers``' state, the ``rng`` tensors (`rng_tensors`) and JSON ``state``."""
+    groups: dict[str, dict[str, torch.Tensor]] = {k: m.state_dict() for k, m in modules.items()}
+    opt_meta = {}
+    for name, opt in optimizers.items():
+        groups[f"opt_{name}"], opt_meta[name] = flatten_optimizer(opt.state_dict())
+    groups["rng"] = rng
+    return save_checkpoint(root, step, groups, {"optimizers": opt_meta, **state}, keep)
+
+
+def load_training_state(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                        fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load what `save_training_state` wrote into ``modules`` and ``optimizers``; return its rng tensors and state.
+
+    Refuses a checkpoint written for other data (its ``data_fingerprint`` differs from ``fingerprint``).
+    """
+    names = list(modules) + [f"opt_{k}" for k in optimizers] + ["rng"]
+    groups, state = load_checkpoint(folder, names)
+    if state.get("data_fingerprint") != fingerprint:
+        raise UserError(f"{folder}: the data set changed since this checkpoint was written "
+                        "(fingerprint differs); start a new run with another --out")
+    for name, module in modules.items():
+        load_into(module, groups[name], str(folder / f"{name}.safetensors"))
+    for name, opt in optimizers.items():
+        opt.load_state_dict(unflatten_optimizer(groups[f"opt_{name}"], state["optimizers"][name]))
+    return groups["rng"], state
+
+
+def rng_tensors(batches: dict[str, torch.Tensor], noise: torch.Tensor,
+                torch_states: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The random streams as one tensor group: data order (``batches``), objective noise, each rank's torch RNG."""
+    rng = {f"batches.{k}": v for k, v in batches.items()} | {"noise": noise, "torch": torch_states[0]}
+    return rng | {f"torch.rank{r}": s for r, s in enumerate(torch_states) if r}
+
+
+def split_rng_tensors(rng: dict[str, torch.Tensor],
+                      rank: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """`rng_tensors` undone for one rank: data order, objective noise, and its torch RNG (None: not saved)."""
+    own = "torch" if rank == 0 else f"torch.rank{rank}"
+    return {k[len("batches."):]: v for k, v in rng.items() if k.startswith("batches.")}, rng["noise"], rng.get(own)

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from latentdiff.data.images import make_grid, save_png
 from latentdiff.errors import UserError
 from latentdiff.eval.zero_shot import confusion_matrix, zero_shot_predict
 from latentdiff.models.clip import CLIPFeatures, CLIPModel, CLIPTextEncoder, clip_logits, clip_loss
-from latentdiff.models.folder import save_model_folder
+from latentdiff.models.folder import DataInfo, FolderKind, Manifest, save_model_folder
 from latentdiff.models.tokenizer import TrainedTokenizer, load_tokenizer
 from latentdiff.training.checkpoints import latest_checkpoint
 from latentdiff.training import distributed
@@ -130,11 +129,10 @@ class CLIPTrainer(TrainingRun):
         """Write ``clip/``, ``text_encoder/`` (with its tokenizer), ``tokenizer/`` and the manifest."""
         d, c = self.cfg.data, self.cfg.clip
         self.tokenizer.save(self.out / "tokenizer")
-        manifest: dict[str, Any] = {
-            "step": self.step, "kind": "clip", "image_size": d.image_size, "channels": d.channels,
-            "context_length": c.context_length, "width": c.text_width, "class_names": self.data.class_names,
-            "caption_template": c.caption_template,
-            "data": {"source": d.source, "fingerprint": self.data.fingerprint, "images": len(self.data)}}
+        manifest = Manifest(image_size=d.image_size, channels=d.channels, kind=FolderKind.CLIP, step=self.step,
+                            context_length=c.context_length, width=c.text_width,
+                            class_names=tuple(self.data.class_names or ()), caption_template=c.caption_template,
+                            data=DataInfo(d.source, self.data.fingerprint, len(self.data)))
         save_model_folder(self.out, {"clip": (self.model.config_dict(), self.model.state_dict())}, manifest,
                           {"text_encoder": self.text_encoder().save})
 

@@ -88,7 +88,6 @@ class TrainConfig:
     #                               channels start at zero, as SD inpainting started from SD); None: random init
     seed: int = 0
     precision: str = "fp32"  # autocast of the forward: fp32 (none), bf16 (CPU, GPU) or fp16 (GPU; with a GradScaler)
-    bf16: bool = False  # older spelling of precision=bf16 (kept so existing configs load)
     compile: bool = False  # torch.compile the trained network's forward (first steps slower; never required)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     log_every: int = 50  # steps between metrics.csv rows
@@ -105,11 +104,6 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum"):
             check_positive(f"train.{key}", getattr(self, key))
         check_choice("train.precision", self.precision, PRECISIONS)
-        if self.bf16:  # the old key: the same as precision=bf16
-            if self.precision == "fp16":
-                raise UserError("train.bf16=true contradicts train.precision=fp16; set only train.precision")
-            self.precision = "bf16"
-        self.bf16 = self.precision == "bf16"
         for key in ("warmup_steps", "log_every", "sample_every", "checkpoint_every", "threads", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
@@ -166,9 +160,27 @@ class RunConfig:
         unknown = sorted(set(d) - set(hints))
         if unknown:
             raise UserError(f"{where}: unknown section(s) {', '.join(map(str, unknown))}; known: {', '.join(hints)}")
+        d = _without_removed_keys(d, where)
         model = check_type(d.get("model", "diffusion"), str, "model")
         sections = [k for k in hints if k != "model"]
         return cls(model=model, **{k: build_dataclass(hints[k], d.get(k) or {}, k) for k in sections})
+
+
+def _without_removed_keys(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """Refuse train.bf16 (replaced by train.precision) by name, unless it is what older versions wrote.
+
+    Run folders of older versions hold ``bf16: <precision == bf16>`` in config.yaml; that value agrees
+    with train.precision and is dropped, so those runs still resume. Any other use would change nothing
+    silently, so it is an error.
+    """
+    train = d.get("train")
+    if not isinstance(train, dict) or "bf16" not in train:
+        return d
+    train = dict(train)
+    legacy = train.pop("bf16")
+    if legacy is not (train.get("precision", "fp32") == "bf16"):
+        raise UserError(f"{where}: train.bf16 was removed: use train.precision=bf16 (or fp32, fp16)")
+    return {**d, "train": train}
 
 
 def _read_utf8(path: Path) -> str:

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from latentdiff.data.images import make_grid, save_png, upscale_nearest
 from latentdiff.data.masks import random_masks
-from latentdiff.data.transforms import resize_bicubic, to_uint8_image
-from latentdiff.diffusion import as_eps_fn, classifier_free_guidance, diffusion_loss, draw_t_eps, sample
+from latentdiff.data.transforms import resize_bicubic
+from latentdiff.diffusion import diffusion_loss, draw_t_eps
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import IdentityAutoencoder
 from latentdiff.formats.checkpoint import load_into, load_tensors
-from latentdiff.models.concat import inpaint_concat, low_res_concat, widen_input, with_concat
-from latentdiff.models.conditioning import Conditioner, conditioning_kind
-from latentdiff.models.folder import load_autoencoder, save_model_folder
+from latentdiff.models.concat import ConcatKind, inpaint_concat, low_res_concat, widen_input, with_concat
+from latentdiff.models.conditioning import CondKind, Conditioner, conditioning_kind
+from latentdiff.models.folder import Conditioning, DataInfo, Manifest, load_autoencoder, save_model_folder
+from latentdiff.models.sampling import GeneratorNoise, LatentSampler
+from latentdiff.models.settings import SampleSettings
 from latentdiff.models.text_encoder import build_text_encoder
 from latentdiff.models.unet import UNet
 from latentdiff.training.ema import EMA
@@ -92,9 +93,9 @@ class DiffusionTrainer(TrainingRun):
                                              self.cfg.latent.sample_posterior, return_flips=True)
             batch = {"idx": idx, "x0": z, "flip": mirrored}  # the flips, for concat inputs made from the pixels
         n, c = len(batch["idx"]), self.cfg.cond
-        if self.cond.kind != "none":
+        if self.cond.kind is not CondKind.NONE:
             batch["drop"] = self.drop_coins(n)
-        if c.concat == "inpaint":
+        if ConcatKind.of(c.concat) is ConcatKind.INPAINT:
             batch["repaint"] = random_masks(n, self.cfg.data.image_size, self.noise_gen, c.mask_full_prob)
         batch["t"], batch["eps"] = draw_t_eps(self.schedule, (n, *self.latent_shape), self.noise_gen)
         return batch
@@ -102,7 +103,7 @@ class DiffusionTrainer(TrainingRun):
     def _check_low_res(self) -> None:
         """A super-resolution model's low-resolution side must be smaller than the image."""
         c, size = self.cfg.cond, self.cfg.data.image_size
-        if c.concat == "low_res" and not c.low_res_size < size:
+        if ConcatKind.of(c.concat) is ConcatKind.LOW_RES and not c.low_res_size < size:
             raise UserError(f"cond.low_res_size ({c.low_res_size}) must be smaller than data.image_size ({size})")
 
     def concat_inputs(self, images: torch.Tensor, generator: torch.Generator | None = None,
@@ -111,7 +112,7 @@ class DiffusionTrainer(TrainingRun):
         ``generator``) and the masked image's latent (inpainting), or the image downsampled to low_res_size
         and resized to the UNet's grid."""
         c = self.cfg.cond
-        if c.concat == "inpaint":
+        if ConcatKind.of(c.concat) is ConcatKind.INPAINT:
             if repaint is None:
                 repaint = random_masks(len(images), images.shape[-1], generator, c.mask_full_prob)
             return inpaint_concat(self.autoencoder, images, repaint.to(images.device))
@@ -122,20 +123,20 @@ class DiffusionTrainer(TrainingRun):
         u, d = self.cfg.unet, self.cfg.data
         kind = conditioning_kind(u)
         text_encoder = None
-        if kind == "class":
+        if kind is CondKind.CLASS:
             if self.data.labels is None:
                 raise UserError(f"unet.num_classes={u.num_classes} but the data set {d.source!r} has no class labels")
             if int(self.data.labels.max()) >= u.num_classes:
                 raise UserError(f"unet.num_classes={u.num_classes} but the data has "
                                 f"{int(self.data.labels.max()) + 1} classes")
-        if kind == "text":
+        if kind is CondKind.TEXT:
             if not self.data.captions:
                 raise UserError(f"unet.context_dim is set but the data set {d.source!r} has no captions "
                                 "(use a captioned source: shapes, emoji, or a folder with metadata.jsonl / .txt files)")
             c = self.cfg.cond
             text_encoder = build_text_encoder(c.text_encoder, c.context_length, self.device)
         # a frozen encoder's contexts are cached per caption, unless that would not fit in CACHE_BYTES
-        cache = kind == "text" and (len(set(self.data.captions)) * text_encoder.context_length
+        cache = kind is CondKind.TEXT and (len(set(self.data.captions)) * text_encoder.context_length
                                     * text_encoder.width * 4 <= CACHE_BYTES)
         self.cond = Conditioner(u, text_encoder, self.device, cache=cache)
 
@@ -145,11 +146,11 @@ class DiffusionTrainer(TrainingRun):
 
     def condition(self, idx: torch.Tensor, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The labels or captions of images ``idx``, those where ``drop`` (default: fresh coins) replaced by null."""
-        if self.cond.kind == "none":
+        if self.cond.kind is CondKind.NONE:
             return {}
         drop = self.drop_coins(len(idx)) if drop is None else drop
-        labels = self.data.labels[idx] if self.cond.kind == "class" else None
-        captions = [self.data.captions[i] for i in idx.tolist()] if self.cond.kind == "text" else None
+        labels = self.data.labels[idx] if self.cond.kind is CondKind.CLASS else None
+        captions = [self.data.captions[i] for i in idx.tolist()] if self.cond.kind is CondKind.TEXT else None
         return self.cond.dropped(labels, captions, drop)
 
     def train_step(self) -> dict[str, float] | None:
@@ -180,60 +181,53 @@ class DiffusionTrainer(TrainingRun):
                               d.min_snr_offset, t=part["t"], eps=part["eps"])
         return loss, {"loss": float(loss.detach())}
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         """What a pipeline needs beside the weights."""
         d, c = self.cfg.data, self.cfg.cond
-        concat = {"concat": c.concat} if c.concat else {}  # models/concat.py; absent: no concat conditioning
-        if c.concat == "low_res":
-            concat["low_res_size"] = c.low_res_size
-        return {**concat, "step": self.step, "diffusion": dataclasses.asdict(self.cfg.diffusion),
-                "image_size": d.image_size, "channels": d.channels, "latent_shape": list(self.latent_shape),
-                "class_names": self.data.class_names,
-                "conditioning": {"kind": self.cond.kind, "guidance": self.cfg.cond.guidance,
-                                 "guidance_max_t": self.cfg.cond.guidance_max_t},
-                "data": {"source": d.source, "fingerprint": self.data.fingerprint, "images": len(self.data)}}
+        concat = ConcatKind.of(c.concat)
+        return Manifest(image_size=d.image_size, channels=d.channels, step=self.step,
+                        diffusion=dataclasses.replace(self.cfg.diffusion), latent_shape=self.latent_shape,
+                        conditioning=Conditioning(self.cond.kind, c.guidance, c.guidance_max_t), concat=concat,
+                        low_res_size=c.low_res_size if concat is ConcatKind.LOW_RES else None,
+                        class_names=tuple(self.data.class_names or ()),
+                        data=DataInfo(d.source, self.data.fingerprint, len(self.data)))
 
     def export(self) -> None:
         """The model folder holds the EMA UNet and, for latent diffusion, a copy of the autoencoder."""
         components = {"unet": (self.cfg.unet.to_dict(), self.ema.model.state_dict())}
         if self.latents is not None:
             components["autoencoder"] = (self.autoencoder.config.to_dict(), self.autoencoder.state_dict())
-        savers = {"text_encoder": self.cond.text_encoder.save} if self.cond.kind == "text" else {}
+        savers = {"text_encoder": self.cond.text_encoder.save} if self.cond.kind is CondKind.TEXT else {}
         save_model_folder(self.out, components, self.manifest(), savers)
 
     @torch.no_grad()
     def preview(self) -> Path:
         """Sample a grid from the EMA model with a fixed seed, so grids over training are comparable."""
-        tc = self.cfg.train
+        tc, c = self.cfg.train, self.cfg.cond
         n = tc.grid_samples
         g = torch.Generator().manual_seed(tc.seed)
-        noise = torch.randn(n, *self.latent_shape, generator=g).to(self.device)
-        settings: dict[str, Any] = {}
-        if self.cond.kind == "class":  # each row of the grid: one class
-            cond = self.cond.labels(torch.arange(n) % self.cfg.unet.num_classes)
-        elif self.cond.kind == "text":  # the first captions of the data, always the same ones
-            prompts = self.preview_prompts(n)
-            cond, settings = self.cond.prompts(prompts), {"prompts": prompts}
-        else:
-            cond = {}
-        if cond:
-            settings["guidance"] = self.cfg.cond.guidance
-        uncond = self.cond.null(n)
-        if self.cfg.cond.concat:  # the first n images of the data, masks / low-res from the grid's seed
+        kind = self.cond.kind
+        settings = SampleSettings(n, n, tc.grid_steps, tc.grid_sampler, tc.seed)
+        if kind is CondKind.CLASS:  # each row of the grid: one class
+            settings = settings.replace(class_label=tuple(i % self.cfg.unet.num_classes for i in range(n)))
+        elif kind is CondKind.TEXT:  # the first captions of the data, always the same ones
+            settings = settings.replace(prompt=tuple(self.preview_prompts(n)))
+        concat = None
+        if c.concat:  # the first n images of the data, masks / low-res from the grid's seed
             images = self.data.batch(torch.arange(n) % len(self.data)).to(self.device)
-            cond["concat"] = uncond["concat"] = self.concat_inputs(images, g)
-            settings["concat"] = self.cfg.cond.concat
-        scale = self.cfg.cond.guidance if self.cond.kind != "none" else 1.0  # concat alone: nothing to guide
-        model_fn = classifier_free_guidance(with_concat(self.ema.model), cond, uncond, scale,
-                                            self.cfg.cond.guidance_max_t)
-        eps_fn = as_eps_fn(model_fn, self.schedule, self.cfg.diffusion.prediction)
-        clip = 1.0 if self.latents is None else None  # pixels live in [-1, 1]; latents have no fixed range
-        z = sample(eps_fn, noise, self.schedule, tc.grid_sampler, tc.grid_steps, generator=g, clip_x0=clip)
-        x = self.autoencoder.decode_latents(z)
-        images = to_uint8_image(x).cpu()
+            concat = self.concat_inputs(images, g)
+        core = LatentSampler(self.ema.model, self.autoencoder, self.cond, self.cfg.diffusion, self.cfg.data.image_size,
+                             guidance=c.guidance, guidance_max_t=c.guidance_max_t)
+        images = core.decode(core.sample_latents(settings, GeneratorNoise(g), concat=concat).z)
         path = self.out / "samples" / f"step_{self.step:08d}.png"
-        save_png(make_grid(upscale_nearest(images)), path,
-                 {"step": self.step, "sampler": tc.grid_sampler, "steps": tc.grid_steps, "seed": tc.seed} | settings)
+        meta = {"step": self.step, "sampler": tc.grid_sampler, "steps": tc.grid_steps, "seed": tc.seed}
+        if kind is CondKind.TEXT:
+            meta["prompts"] = list(settings.prompt)
+        if kind is not CondKind.NONE:
+            meta["guidance"] = c.guidance
+        if c.concat:
+            meta["concat"] = c.concat
+        save_png(make_grid(upscale_nearest(images)), path, meta)
         return path
 
     def preview_prompts(self, n: int) -> list[str]:

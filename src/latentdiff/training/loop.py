@@ -1,4 +1,5 @@
-"""What every trainer shares: the run folder, data order, RNG, checkpoints, the loop, logs.
+"""What every trainer shares: the run folder, data order, RNG, the loop (the state it checkpoints is
+serialised by training/checkpoints.py, its metrics log written by training/metrics_log.py).
 
 A trainer subclasses :class:`TrainingRun` and supplies ``build`` (networks and optimisers),
 ``train_step``, ``export`` (the model folder) and ``preview`` (an image grid). Everything random is
@@ -12,7 +13,6 @@ step equals one process's step on the whole batch. Only rank 0 writes logs, grid
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 import time
@@ -29,9 +29,11 @@ from latentdiff.training.config import RunConfig, TrainConfig
 from latentdiff.data import ImageData, load_dataset
 from latentdiff.data.transforms import apply_hflip, hflip_coins
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import atomic_write, flatten_optimizer, load_into, unflatten_optimizer
+from latentdiff.formats.checkpoint import atomic_write
 from latentdiff.training import distributed
-from latentdiff.training.checkpoints import latest_checkpoint, load_checkpoint, remove_interrupted_writes, save_checkpoint
+from latentdiff.training.checkpoints import (latest_checkpoint, load_training_state, remove_interrupted_writes,
+                                             rng_tensors, save_training_state, split_rng_tensors)
+from latentdiff.training.metrics_log import CsvLog
 
 Batch = dict[str, torch.Tensor]  # a global batch: tensors whose first dimension runs over its images
 
@@ -280,22 +282,13 @@ class TrainingRun:
 
     def _resume(self) -> None:
         folder = latest_checkpoint(self.out / "checkpoints")
-        names = list(self.modules()) + [f"opt_{k}" for k in self.optimizers()] + ["rng"]
-        groups, state = load_checkpoint(folder, names)
-        if state.get("data_fingerprint") != self.fingerprint():
-            raise UserError(f"{folder}: the data set changed since this checkpoint was written "
-                            "(fingerprint differs); start a new run with another --out")
-        for name, module in self.modules().items():
-            load_into(module, groups[name], str(folder / f"{name}.safetensors"))
-        for name, opt in self.optimizers().items():
-            opt.load_state_dict(unflatten_optimizer(groups[f"opt_{name}"], state["optimizers"][name]))
-        rng = groups["rng"]
-        self.batches.load({k[len("batches."):]: v for k, v in rng.items() if k.startswith("batches.")})
-        self.noise_gen.set_state(rng["noise"])
+        rng, state = load_training_state(folder, self.modules(), self.optimizers(), self.fingerprint())
+        batches, noise, own = split_rng_tensors(rng, self.dist.rank)
+        self.batches.load(batches)
+        self.noise_gen.set_state(noise)
         self.step, self.bad_steps, self.images_seen = state["step"], state["bad_steps"], state["images_seen"]
-        own = "torch" if self.dist.is_main else f"torch.rank{self.dist.rank}"
-        if own in rng:
-            torch.set_rng_state(rng[own])
+        if own is not None:
+            torch.set_rng_state(own)
         else:  # resumed with more processes than were saved: a fresh, still deterministic, dropout stream
             torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.dist.rank + self.step)
         if self.scaler and state.get("grad_scaler"):
@@ -309,18 +302,13 @@ class TrainingRun:
             return self._write_checkpoint(torch_states) if self.dist.is_main else None
 
     def _write_checkpoint(self, torch_states: list[torch.Tensor]) -> Path:
-        groups: dict[str, dict[str, torch.Tensor]] = {k: m.state_dict() for k, m in self.modules().items()}
-        opt_meta = {}
-        for name, opt in self.optimizers().items():
-            groups[f"opt_{name}"], opt_meta[name] = flatten_optimizer(opt.state_dict())
-        rng = {f"batches.{k}": v for k, v in self.batches.state().items()}
-        rng |= {"noise": self.noise_gen.get_state(), "torch": torch_states[0]}
-        groups["rng"] = rng | {f"torch.rank{r}": s for r, s in enumerate(torch_states) if r}
-        state = {"optimizers": opt_meta, "bad_steps": self.bad_steps, "images_seen": self.images_seen,
+        rng = rng_tensors(self.batches.state(), self.noise_gen.get_state(), torch_states)
+        state = {"bad_steps": self.bad_steps, "images_seen": self.images_seen,
                  "data_fingerprint": self.fingerprint(), "config": self.cfg.to_dict(),
                  "extra": self.extra_state(), "world_size": self.dist.world_size,
                  "grad_scaler": self.scaler.state_dict() if self.scaler else None}
-        folder = save_checkpoint(self.out / "checkpoints", self.step, groups, state, self.cfg.train.keep_checkpoints)
+        folder = save_training_state(self.out / "checkpoints", self.step, self.modules(), self.optimizers(), rng,
+                                     state, self.cfg.train.keep_checkpoints)
         self.export()
         return folder
 
@@ -396,47 +384,3 @@ class TrainingRun:
             return None
         return (self.preview() if tc.grid_samples else None) or grid
 
-
-def _write_csv(path: Path | str, rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-
-
-class CsvLog:
-    """metrics.csv: one row per log interval (header fixed by the first row); optionally TensorBoard too."""
-
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, step: int = 0) -> None:
-        self.path = path
-        self.columns: list[str] | None = None
-        # Rows past `step` (the checkpoint this run starts from) were logged by a killed process and will
-        # be logged again: drop them, and a row the kill cut short.
-        if path.exists() and not step:
-            path.unlink()
-        elif path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            self.columns = rows[0] if rows else None
-            keep = [r for r in rows[1:] if len(r) == len(self.columns) and int(r[0]) <= step]
-            if rows and len(keep) + 1 != len(rows):
-                atomic_write(path, lambda tmp: _write_csv(tmp, [self.columns, *keep]))
-        self.tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("train.tensorboard=true needs TensorBoard: pip install 'latentdiff[tensorboard]'") from None
-            self.tb = SummaryWriter(str(tensorboard_dir))
-
-    def write(self, row: dict[str, Any]) -> None:
-        """Append a row (and the header first, for a new file)."""
-        with open(self.path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if self.columns is None:
-                self.columns = list(row)
-                writer.writerow(self.columns)
-            writer.writerow([row.get(k, "") for k in self.columns])
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
-            self.tb.flush()
