@@ -4,8 +4,10 @@ Three stages, each resumable (a second run continues where the first stopped):
 1. the autoencoder (ae-shapes): 32x32 RGB -> 8x8x8 latents;
 2. the text-conditional LDM (ldm-shapes) on those latents, reading prompts through the frozen packaged
    MiniLM encoder, captions dropped 10% of the time for classifier-free guidance;
-3. a grid for a list of prompts (seen and unseen colour-shape pairs, two objects), several seeds each;
-   the prompt-adherence scores of the model-free scorer (eval/adherence.py) on fixed prompt sets; the
+3. a grid for a list of prompts (seen and unseen colour-shape pairs, two objects), several seeds each,
+   two-object prompts with layout guidance (each object guided in its half: pipelines/layout.py);
+   the prompt-adherence scores of the model-free scorer (eval/adherence.py) on fixed prompt sets (the
+   two-object set both from the prompt alone and with layout guidance); the
    diversity of the grid's prompts over DIVERSITY_SEEDS seeds against the data's own (eval/diversity.py);
    and the autoencoder's ceilings: how often the scorer still reads a decoded training-distribution
    scene (one object, two objects) as its caption says.
@@ -23,7 +25,7 @@ import torch
 
 from latentdiff.training.config import load_config
 from latentdiff.data.images import captioned_rows, save_png, upscale_nearest
-from latentdiff.data.shapes import make_shapes
+from latentdiff.data.shapes import make_shapes, parse_caption
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.eval.adherence import format_table, score
 from latentdiff.eval.diversity import diversity_report, format_diversity
@@ -31,6 +33,7 @@ from latentdiff.models.folder import load_autoencoder
 from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.evaluate import adherence_prompt_sets, evaluate_adherence
 from latentdiff.pipelines.generate import Pipeline
+from latentdiff.pipelines.layout import layout_regions
 from latentdiff.training import make_trainer
 from latentdiff.training.checkpoints import latest_checkpoint
 
@@ -48,6 +51,7 @@ GRID_PROMPTS = [
     "a large green triangle below a small purple cross",
     "a blue circle to the right of a red square",
 ]
+LAYOUT_PROMPTS = [p for p in GRID_PROMPTS if len(parse_caption(p).objects) == 2]  # drawn with layout guidance
 GRID_SEEDS = 8  # columns of the grid: the first seeds of the DIVERSITY_SEEDS drawn per prompt
 DIVERSITY_SEEDS = 16
 
@@ -75,16 +79,21 @@ def autoencoder_ceiling(ae_dir: Path, n: int = 500, seed: int = 123, objects: in
 
 
 def prompt_grid(pipe: Pipeline, path: Path, guidance: float | None, model: str = "") -> dict[str, Any]:
-    """DIVERSITY_SEEDS samples of every grid prompt (the same seeds in every row); the first GRID_SEEDS of
-    each are drawn as a grid at ``path``; returns the diversity report over all of them."""
-    n = DIVERSITY_SEEDS
-    images = torch.cat([pipe.run(SampleSettings(n, n, 25, "ddim", 0, prompt=p, guidance=guidance)).images
-                        for p in GRID_PROMPTS])
+    """DIVERSITY_SEEDS samples of every grid prompt (the same seeds in every row), two-object prompts with
+    layout guidance (pipelines/layout.py); the first GRID_SEEDS of each are drawn as a grid at ``path``;
+    returns the diversity report over all of them."""
+    n, images = DIVERSITY_SEEDS, []
+    for p in GRID_PROMPTS:
+        s = SampleSettings(n, n, 25, "ddim", 0, prompt=p, guidance=guidance)
+        regions = layout_regions([p] * n, pipe.image_hw(s), 0) if p in LAYOUT_PROMPTS else None
+        images.append(pipe.run(s, regions=regions).images)
+    images = torch.cat(images)
     shown = images.reshape(len(GRID_PROMPTS), DIVERSITY_SEEDS, *images.shape[1:])[:, :GRID_SEEDS].flatten(0, 1)
     save_png(captioned_rows(upscale_nearest(shown), GRID_PROMPTS, GRID_SEEDS), path,
-             {"prompts": GRID_PROMPTS, "sampler": "ddim", "steps": 25, "seeds": list(range(GRID_SEEDS)),
-              "model": model})
-    return diversity_report(images, [p for p in GRID_PROMPTS for _ in range(DIVERSITY_SEEDS)])
+             {"prompts": GRID_PROMPTS, "layout": LAYOUT_PROMPTS, "sampler": "ddim", "steps": 25,
+              "seeds": list(range(GRID_SEEDS)), "model": model})
+    groups = ["2 objects, layout" if p in LAYOUT_PROMPTS else "1 object" for p in GRID_PROMPTS for _ in range(n)]
+    return diversity_report(images, [p for p in GRID_PROMPTS for _ in range(n)], groups)
 
 
 def run_demo(out: Path, ae_minutes: float = 2.7, ldm_minutes: float = 6.0, n_eval: int = 100,
@@ -102,7 +111,7 @@ def run_demo(out: Path, ae_minutes: float = 2.7, ldm_minutes: float = 6.0, n_eva
     pipe = Pipeline.load(ldm_dir)
     grid = out / "prompts.png"
     diversity = prompt_grid(pipe, grid, guidance, str(ldm_dir))
-    report = evaluate_adherence(pipe, adherence_prompt_sets(n_eval), guidance=guidance)
+    report = evaluate_adherence(pipe, adherence_prompt_sets(n_eval, layout=True), guidance=guidance)
     table, div_table = format_table(report), format_diversity(diversity)
     n_ceiling = min(500, 5 * n_eval)
     ceilings = {"1 object": autoencoder_ceiling(ae_dir, n_ceiling),
