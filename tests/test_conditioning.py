@@ -76,20 +76,24 @@ def test_regional_guidance_formula():
 
 def test_layout_plan_places_each_object_in_its_half():
     from latentdiff.data.shapes import POSITIONS, parse_caption
-    from latentdiff.pipelines.layout import layout_regions, plan
+    from latentdiff.pipelines.layout import BASE_SHARE, layout_regions, plan
 
     rng = np.random.default_rng(0)
     for prompt, first, second in [("a red circle above a large blue square", "top", "bottom"),
                                   ("a small green cross to the right of a white triangle", "right", "left")]:
         sizes, across = set(), set()
         for _ in range(30):
-            (pa, ma), (pb, mb) = plan(prompt, (16, 16), rng)
+            (pa, ma), (pb, mb), (whole, base) = plan(prompt, (16, 16), rng)
+            assert whole == prompt and torch.equal(base, torch.full((16, 16), BASE_SHARE))
             a, b = parse_caption(pa).objects[0], parse_caption(pb).objects[0]
             want = parse_caption(prompt).objects
             assert (a.colour, a.shape, b.colour, b.shape) == (want[0].colour, want[0].shape,
                                                               want[1].colour, want[1].shape)
             assert first in a.position.split() and second in b.position.split() and a.position in POSITIONS
-            assert torch.equal(ma + mb, torch.ones(16, 16)) and ma.sum() == 128
+            assert torch.allclose(ma + mb + base, torch.ones(16, 16)) and (ma > 0).sum() == 128
+            assert torch.equal(ma + mb, torch.full((16, 16), 1 - BASE_SHARE))
+            half = {"top": np.s_[:8, :], "bottom": np.s_[8:, :], "left": np.s_[:, :8], "right": np.s_[:, 8:]}
+            assert (ma[half[first]] > 0).all() and (mb[half[second]] > 0).all()
             sizes.add(a.size)
             across.add(a.position)
             assert b.size == (want[1].size or b.size)  # said sizes are kept
