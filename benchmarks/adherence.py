@@ -6,7 +6,8 @@ MODEL is the demo's output folder (its ldm/ is the model; its adherence.json giv
 times). Every row uses the same prompts and seeds; only the guidance scale changes. Scores come from
 the model-free scorer (eval/adherence.py): count (exactly the named objects), whole (everything
 right) and, over the images that hold exactly the named objects, colour, shape, size, position (one
-object) and relation (two objects). Diversity (eval/diversity.py): for --div-prompts prompts per object
+object) and relation (two objects); the two-object prompts once more with layout guidance (pipelines/layout.py),
+as the row "2 objects, seen, layout". Diversity (eval/diversity.py): for --div-prompts prompts per object
 count, --div-seeds samples each; the spread of place and size of the samples that read right,
 divided by the data's own spread for that caption (1 = as varied as the data), median over prompts.
 """
@@ -54,7 +55,7 @@ def main() -> None:
         pipe.manifest = dataclasses.replace(pipe.manifest, conditioning=dataclasses.replace(
             pipe.manifest.conditioning, guidance_max_t=args.guidance_max_t))
     max_t = pipe.manifest.conditioning.guidance_max_t
-    sets = adherence_prompt_sets(args.n, seed=100)  # other prompts than the demo's own report (seed 0)
+    sets = adherence_prompt_sets(args.n, seed=100, layout=True)  # other prompts than the demo's report (seed 0)
     div_prompts = eval_prompts(args.div_prompts, 1, True, 200) + eval_prompts(args.div_prompts, 2, True, 201)
     demo = json.loads((args.demo / "adherence.json").read_text())
     command = f"python benchmarks/adherence.py {args.demo} --n {args.n}" + (
