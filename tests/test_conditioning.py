@@ -33,6 +33,76 @@ def test_guidance_formula_and_one_batched_call():
     assert calls == [3, 3, 6, 6]  # w = 0 and 1 need one pass; otherwise cond and uncond share one batch
     with pytest.raises(UserError, match="guidance"):
         classifier_free_guidance(model, cond, uncond, -1.0)
+    # A limited interval: steps with t > max_t get the conditional prediction, in one pass.
+    calls.clear()
+    torch.testing.assert_close(classifier_free_guidance(model, cond, uncond, 2.5, max_t=6)(x, t), e_c)
+    guided = classifier_free_guidance(model, cond, uncond, 2.5, max_t=7)
+    torch.testing.assert_close(guided(x, t), e_u + 2.5 * (e_c - e_u))
+    assert calls == [3, 6]
+    mixed = torch.tensor([3, 7, 9])  # per-sample timesteps (training-style): guided where t <= 7
+    want = model(x, mixed, **uncond) + 2.5 * (model(x, mixed, **cond) - model(x, mixed, **uncond))
+    want[2] = model(x, mixed, **cond)[2]
+    torch.testing.assert_close(guided(x, mixed), want)
+    with pytest.raises(UserError, match="max_t"):
+        classifier_free_guidance(model, cond, uncond, 2.5, max_t=-1)
+
+
+def test_regional_guidance_formula():
+    """ε̃ = ε(∅) + w Σ m_i (ε(c_i) − ε(∅)) in one batched call; one full region is plain guidance."""
+    from latentdiff.diffusion import regional_guidance
+
+    calls = []
+
+    def model(x, t, context):
+        calls.append(x.shape[0])
+        return x * context.mean(dim=(1, 2))[:, None, None, None] + torch.as_tensor(t).float()[:, None, None, None]
+
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor(700)
+    c = {n: {"context": torch.full((2, 5, 8), v)} for n, v in (("u", -1.0), ("a", 2.0), ("b", 0.5))}
+    e = {n: model(x, t.expand(2), **c[n]) for n in c}
+    full = torch.ones(2, 1, 4, 4)
+    torch.testing.assert_close(regional_guidance(model, [(c["a"], full)], c["u"], 2.5)(x, t),
+                               classifier_free_guidance(model, c["a"], c["u"], 2.5)(x, t))
+    top = torch.zeros(2, 1, 4, 4)
+    top[:, :, :2] = 1.0
+    calls.clear()
+    out = regional_guidance(model, [(c["a"], top), (c["b"], 1 - top)], c["u"], 2.5)(x, t)
+    assert calls == [6]  # ∅ and both regions as one batch
+    want = e["u"] + 2.5 * (top * (e["a"] - e["u"]) + (1 - top) * (e["b"] - e["u"]))
+    torch.testing.assert_close(out, want)
+    high = regional_guidance(model, [(c["a"], top), (c["b"], 1 - top)], c["u"], 2.5, max_t=500)(x, t)
+    torch.testing.assert_close(high, top * e["a"] + (1 - top) * e["b"])  # unguided above max_t: w = 1
+
+
+def test_layout_plan_places_each_object_in_its_half():
+    from latentdiff.data.shapes import POSITIONS, parse_caption
+    from latentdiff.pipelines.layout import BASE_SHARE, layout_regions, plan
+
+    rng = np.random.default_rng(0)
+    for prompt, first, second in [("a red circle above a large blue square", "top", "bottom"),
+                                  ("a small green cross to the right of a white triangle", "right", "left")]:
+        sizes, across = set(), set()
+        for _ in range(30):
+            (pa, ma), (pb, mb), (whole, base) = plan(prompt, (16, 16), rng)
+            assert whole == prompt and torch.equal(base, torch.full((16, 16), BASE_SHARE))
+            a, b = parse_caption(pa).objects[0], parse_caption(pb).objects[0]
+            want = parse_caption(prompt).objects
+            assert (a.colour, a.shape, b.colour, b.shape) == (want[0].colour, want[0].shape,
+                                                              want[1].colour, want[1].shape)
+            assert first in a.position.split() and second in b.position.split() and a.position in POSITIONS
+            assert torch.allclose(ma + mb + base, torch.ones(16, 16)) and (ma > 0).sum() == 128
+            assert torch.equal(ma + mb, torch.full((16, 16), 1 - BASE_SHARE))
+            half = {"top": np.s_[:8, :], "bottom": np.s_[8:, :], "left": np.s_[:, :8], "right": np.s_[:, 8:]}
+            assert (ma[half[first]] > 0).all() and (mb[half[second]] > 0).all()
+            sizes.add(a.size)
+            across.add(a.position)
+            assert b.size == (want[1].size or b.size)  # said sizes are kept
+        assert sizes == {"small", "large"} or want[0].size is not None  # unsaid sizes vary
+        assert len(across) == 3  # both objects at the left, middle or right of their axis
+    one = plan("a small red circle at the top left", (16, 16), rng)
+    assert len(one) == 1 and one[0][0] == "a small red circle at the top left" and one[0][1].min() == 1
+    assert [p for p, _ in layout_regions(["a red circle above a blue square"] * 2, (16, 16), seed=3)[1]] == \
+        [p for p, _ in plan("a red circle above a blue square", (16, 16), np.random.default_rng(4))]
 
 
 def test_class_labels_are_dropped_at_drop_prob(tiny_cfg, tmp_path):
@@ -151,19 +221,51 @@ def test_autoencoder_ceiling_scores_the_reconstructions(monkeypatch):
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_small_shapes_set(tmp_path):
     """The main job's three stages, cut to seconds: files, report keys, and a resumed second call."""
-    from latentdiff.pipelines.demo import GRID_PROMPTS, run_demo
+    from latentdiff.pipelines.demo import GRID_PROMPTS, GRID_SEEDS, run_demo
 
     small = ["data.shapes_count=256", "train.batch_size=16", "train.steps=4", "train.warmup_steps=1",
              "train.grid_samples=2", "train.grid_steps=2"]
     summary = run_demo(tmp_path, None, n_eval=2, overrides=small, log=lambda m: None)  # the presets' (4) steps
     assert (tmp_path / "prompts.png").is_file() and (tmp_path / "adherence.md").is_file()
-    assert set(summary["groups"]) == {"1 object, seen", "1 object, unseen", "2 objects, seen"}
+    assert set(summary["groups"]) == {"1 object, seen", "1 object, unseen", "2 objects, seen",
+                                      "2 objects, seen, layout"}
     assert all(r["n"] == 2 for r in summary["groups"].values())
     assert 0.0 <= summary["accuracy"]["whole"] <= 1.0
-    assert "| prompts | n |" in summary["table"]
+    assert "| prompts | n | matched |" in summary["table"]
+    div = summary["diversity"]  # every grid prompt drawn DIVERSITY_SEEDS times; ratios None if too few read right
+    assert div["n_prompts"] == len(GRID_PROMPTS) and set(div["groups"]) == {"1 object", "2 objects, layout"}
+    ratios = [v["ratio"]["position"] for v in summary["diversity_prompts"].values()]
+    assert len(ratios) == len(GRID_PROMPTS) and all(r is None or r >= 0 for r in ratios)
+    assert "| prompts | prompts measured |" in summary["diversity_table"]
+    assert set(summary["autoencoder_ceilings"]) == {"1 object", "2 objects"}
+    assert "Diversity over 16 seeds" in (tmp_path / "adherence.md").read_text()
     from latentdiff.data.images import read_png_settings
 
-    assert read_png_settings(tmp_path / "prompts.png")["prompts"] == GRID_PROMPTS
+    settings = read_png_settings(tmp_path / "prompts.png")
+    assert settings["prompts"] == GRID_PROMPTS and settings["seeds"] == list(range(GRID_SEEDS))
+
+
+def test_generate_with_regions(captioned_run):
+    """One full region is plain guidance; regions steer each prompt to its part; bad masks are refused."""
+    pipe = Pipeline.load(captioned_run[0])
+    kw = {"guidance": 3.0, "seed": 5}
+    plain = pipe.generate(2, 2, 3, "ddim", prompt="green square", **kw)
+    full = torch.ones(16, 16)
+    one = pipe.generate(2, 2, 3, "ddim", prompt="green square", regions=[[("green square", full)]], **kw)
+    assert (plain.int() - one.int()).abs().max() <= 1
+    top = torch.zeros(16, 16)
+    top[:8] = 1
+    split = pipe.generate(1, 1, 3, "ddim", prompt="red square",
+                          regions=[[("red square", top), ("blue square", 1 - top)]],
+                          **kw)
+    red = pipe.generate(1, 1, 3, "ddim", prompt="red square", **kw)
+    assert not torch.equal(split, red)
+    with pytest.raises(UserError, match="add up to 1"):
+        pipe.generate(1, 1, 2, "ddim", prompt="red square", regions=[[("red square", top)]])
+    with pytest.raises(UserError, match="16x16"):
+        pipe.generate(1, 1, 2, "ddim", prompt="red square", regions=[[("red square", torch.ones(8, 8))]])
+    with pytest.raises(UserError, match="one per sample"):
+        pipe.generate(3, 3, 2, "ddim", prompt="red square", regions=[[("red square", full)]] * 2)
 
 
 def test_reverse_trajectory_follows_the_prompt(captioned_run):

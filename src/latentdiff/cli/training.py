@@ -127,6 +127,7 @@ def demo(out: Path, minutes: str, n_eval: int, guidance: float | None) -> None:
     t0 = time.perf_counter()
     summary = run_demo(out, check_minutes(minutes), n_eval, guidance, log=lambda m: click.echo(m, err=True))
     click.echo(f"\nprompt adherence (model-free scorer, guidance {summary['guidance']:g}):\n{summary['table']}")
+    click.echo(f"\ndiversity of the grid's prompts (spread over seeds / the data's):\n{summary['diversity_table']}")
     click.echo(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; model: {out / 'ldm'}")
     click.echo(f"prompt grid: {summary['grid']}; try: latentdiff sample {out / 'ldm'} --prompt "
                "\"a large blue circle at the top left\"")

@@ -50,6 +50,7 @@ class Conditioning:
 
     kind: CondKind = CondKind.NONE
     guidance: float = 1.0
+    guidance_max_t: Optional[float] = None  # guided steps: t <= max_t (cond.guidance_max_t); None: all
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,10 @@ class Manifest:
         return c.guidance if c is not None and c.kind is not CondKind.NONE else 1.0
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object written to disk: enums as strings, tuples as lists, None fields left out."""
+        """The JSON object written to disk: enums as strings, tuples as lists, None fields (nested too) left out."""
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+        plain = {k: {a: b for a, b in dataclasses.asdict(v).items() if b is not None}  # None: absent, as above
+                 if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
                  for k, v in plain.items() if v is not None}
         return to_plain(plain)
 

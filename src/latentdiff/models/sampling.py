@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from latentdiff.data.transforms import to_uint8_image
-from latentdiff.diffusion import Schedule, as_eps_fn, classifier_free_guidance, sample
+from latentdiff.diffusion import Schedule, as_eps_fn, classifier_free_guidance, regional_guidance, sample
 from latentdiff.diffusion.config import DiffusionConfig
 from latentdiff.diffusion.samplers import NoiseSource
 from latentdiff.diffusion.sigmas import check_grid
@@ -77,6 +77,19 @@ class Step:
 
 
 @dataclass(frozen=True)
+class RegionConditions:
+    """Regional prompting (pipelines/regions.py): per region slot the UNet's condition for all N samples, and
+    the masks (K, N, 1, h, w) on the latent grid, adding up to 1 at every cell of every sample."""
+
+    conds: tuple[dict[str, Tensor], ...]
+    masks: Tensor
+
+    def part(self, part: slice, extra: dict[str, Tensor]) -> list[tuple[dict[str, Tensor], Tensor]]:
+        """The (condition, mask) pairs of samples ``part``, each condition with the ``extra`` inputs added."""
+        return [({k: v[part] for k, v in c.items()} | extra, m[part]) for c, m in zip(self.conds, self.masks)]
+
+
+@dataclass(frozen=True)
 class Latents:
     """Sampled latents ẑ (N, C, h, w) on the model's device, and network evaluations per sample."""
 
@@ -94,6 +107,7 @@ class LatentSampler:
     diffusion: DiffusionConfig
     image_size: int  # the default side of the images, in pixels
     guidance: float = 1.0  # the guidance scale when the settings give none
+    guidance_max_t: Optional[float] = None  # steps with t > max_t run unguided (one pass); None: all guided
 
     @property
     def device(self) -> torch.device:
@@ -150,21 +164,26 @@ class LatentSampler:
         return (self.cond.prompts(per_sample(s.prompt or "", n, "prompt")),
                 self.cond.prompts(per_sample(s.negative_prompt or "", n, "negative_prompt")), scale)
 
-    def eps_fn(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], guidance: float,
-               schedule: Schedule) -> Callable[[Tensor, Tensor], Tensor]:
-        """The UNet as the ε-predictor the samplers take, with classifier-free guidance."""
+    def eps_fn(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], guidance: float, schedule: Schedule,
+               regions: Optional[list[tuple[dict[str, Tensor], Tensor]]] = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The UNet as the ε-predictor the samplers take, with classifier-free guidance (regional: each
+        region's condition guides only inside its mask, and ``cond`` is not used)."""
         net = with_concat(self.unet)
         dtype = next(self.unet.parameters()).dtype
         if dtype != torch.float32:  # bf16 weights: the sampler's state stays fp32, only the network runs narrow
             net = _cast_inputs(net, dtype)
-        return as_eps_fn(classifier_free_guidance(net, cond, uncond, guidance), schedule, self.diffusion.prediction)
+        model_fn = (classifier_free_guidance(net, cond, uncond, guidance, self.guidance_max_t) if regions is None
+                    else regional_guidance(net, regions, uncond, guidance, self.guidance_max_t))
+        return as_eps_fn(model_fn, schedule, self.diffusion.prediction)
 
     def sample_latents(self, settings: SampleSettings, noise: Optional[SeededNoise | GeneratorNoise] = None,
                        callback: Optional[Callable[[Step], None]] = None, *, init: Optional[Tensor] = None,
-                       mask: Optional[Tensor] = None, concat: Optional[Tensor] = None) -> Latents:
+                       mask: Optional[Tensor] = None, concat: Optional[Tensor] = None,
+                       regions: Optional[RegionConditions] = None) -> Latents:
         """Draw ``settings.n_samples`` latents, ``batch_size`` at a time, from ``noise`` (default: sample i
         from seed + i). ``init`` (N latents) makes it SDEdit at ``strength``, with the keep-``mask``
-        inpainting by replacement; ``concat`` (N, ...) is what a concat model reads beside z_t."""
+        inpainting by replacement; ``concat`` (N, ...) is what a concat model reads beside z_t; ``regions``
+        replace the prompt's condition by regional ones (regional guidance, diffusion/guidance.py)."""
         s = self.check(settings, replace=mask is not None)
         sampler, spacing = s.resolved
         cond_all, uncond_all, scale = self.conditions(s)
@@ -179,8 +198,10 @@ class LatentSampler:
             part = slice(start, min(start + b, n))
             src = noise.chunk(start, part.stop - start)
             x_T = src.randn((part.stop - start, *shape)).to(self.device)
+            extra = {} if concat is None else {"concat": concat[part]}
             eps_fn = self.eps_fn({k: v[part] for k, v in cond_all.items()},
-                                 {k: v[part] for k, v in uncond_all.items()}, scale, schedule)
+                                 {k: v[part] for k, v in uncond_all.items()}, scale, schedule,
+                                 None if regions is None else regions.part(part, extra))
             hook = None if callback is None else _progress(callback, (start // b) * s.steps, total)
             z, nfe = sample(eps_fn, x_T, schedule, sampler, s.steps, generator=src, callback=hook, spacing=spacing,
                             clip_x0=1.0 if isinstance(self.autoencoder, IdentityAutoencoder) else None,

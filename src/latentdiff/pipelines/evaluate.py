@@ -98,19 +98,29 @@ def evaluate_reconstruction(model_dir: Path | str, n: int = 1000, features: Opti
 
 
 
-def adherence_prompt_sets(n: int, seed: int = 0) -> dict[str, list[str]]:
+LAYOUT_SET = "2 objects, seen, layout"  # the two-object prompts again, drawn with layout guidance
+
+
+def adherence_prompt_sets(n: int, seed: int = 0, layout: bool = False) -> dict[str, list[str]]:
     """The shapes prompts a text model is measured on: one object with seen or unseen colour–shape
-    pairs, and two objects (seen pairs), n each; fixed by the seed."""
+    pairs, and two objects (seen pairs), n each; fixed by the seed. ``layout`` adds LAYOUT_SET: the
+    same two-object prompts, for :func:`evaluate_adherence` to draw with layout guidance."""
     from latentdiff.data.shapes import eval_prompts
 
-    return {"1 object, seen": eval_prompts(n, 1, True, seed), "1 object, unseen": eval_prompts(n, 1, False, seed + 1),
+    sets = {"1 object, seen": eval_prompts(n, 1, True, seed), "1 object, unseen": eval_prompts(n, 1, False, seed + 1),
             "2 objects, seen": eval_prompts(n, 2, True, seed + 2)}
+    return sets | ({LAYOUT_SET: sets["2 objects, seen"]} if layout else {})
 
 
 def evaluate_adherence(pipe: Pipeline, prompt_sets: dict[str, list[str]], steps: int = 25, sampler: str = "ddim",
                        guidance: Optional[float] = None, seed: int = 0, batch_size: int = 100) -> dict[str, Any]:
-    """Generate one image per prompt (same seeds for every set) and score it with the model-free scorer."""
+    """Generate one image per prompt (same seeds for every set) and score it with the model-free scorer.
+
+    The set named LAYOUT_SET is drawn with layout guidance (each object of a two-object prompt guided in
+    its half of the image, pipelines/layout.py) and reported as its own group, outside the overall rates.
+    """
     from latentdiff.eval.adherence import adherence_report
+    from latentdiff.pipelines.layout import layout_regions
 
     prompts, groups, images = [], [], []
     t0 = time.perf_counter()
@@ -118,10 +128,18 @@ def evaluate_adherence(pipe: Pipeline, prompt_sets: dict[str, list[str]], steps:
         for i in range(0, len(group), batch_size):
             chunk = tuple(group[i:i + batch_size])
             settings = SampleSettings(len(chunk), batch_size, steps, sampler, seed + i, prompt=chunk, guidance=guidance)
-            images.append(pipe.run(settings).images)
+            regions = layout_regions(chunk, pipe.image_hw(settings), seed + i) if name == LAYOUT_SET else None
+            images.append(pipe.run(settings, regions=regions).images)
         prompts += group
         groups += [name] * len(group)
     images = torch.cat(images)
-    report = adherence_report(images, prompts, groups)
+    plain = [i for i, g in enumerate(groups) if g != LAYOUT_SET]
+    report = adherence_report(images[plain], [prompts[i] for i in plain], [groups[i] for i in plain])
+    if len(plain) < len(groups):
+        laid = [i for i, g in enumerate(groups) if g == LAYOUT_SET]
+        extra = adherence_report(images[laid], [prompts[i] for i in laid], [LAYOUT_SET] * len(laid))
+        report["groups"] |= extra["groups"]
+        by_index = dict(zip(plain, report["scores"])) | dict(zip(laid, extra["scores"]))
+        report["scores"] = [by_index[i] for i in range(len(groups))]  # in the order of prompts and images
     return report | {"images": images, "prompts": prompts, "sampler": sampler, "steps": steps,
                      "guidance": guidance, "seconds_per_image": (time.perf_counter() - t0) / len(prompts)}

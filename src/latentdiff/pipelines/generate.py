@@ -27,9 +27,10 @@ from latentdiff.models.sampling import GeneratorNoise, LatentSampler, Latents, P
 from latentdiff.models.settings import NOT_AN_UPSCALER, SEED_MAX, TASK_HINTS, TASKS, SampleSettings, Task
 from latentdiff.models.text_encoder import load_text_encoder
 from latentdiff.models.unet import UNet
+from latentdiff.pipelines.regions import Regions, region_inputs
 
 __all__ = ["Pipeline", "Generated", "SampleSettings", "Task", "Step", "PerSampleNoise", "SeededNoise", "SEED_MAX"]
-TASK_INPUTS = ("images", "mask", "low_res", "paste", "callback", "preview", "preview_every", "noise")
+TASK_INPUTS = ("images", "mask", "low_res", "paste", "callback", "preview", "preview_every", "noise", "regions")
 
 
 class Generated(NamedTuple):
@@ -90,7 +91,8 @@ class Pipeline:
     def core(self) -> LatentSampler:
         """The generation core over this model's networks (models/sampling.py)."""
         m = self.manifest
-        return LatentSampler(self.unet, self.autoencoder, self.cond, m.diffusion, m.image_size, m.guidance)
+        return LatentSampler(self.unet, self.autoencoder, self.cond, m.diffusion, m.image_size, m.guidance,
+                             m.conditioning.guidance_max_t if m.conditioning else None)
 
     @property
     def diffusion(self) -> DiffusionConfig:
@@ -147,21 +149,25 @@ class Pipeline:
 
     def sample_latents(self, settings: SampleSettings, noise: Optional[SeededNoise | GeneratorNoise] = None,
                        callback: Optional[Callable[[Step], None]] = None, images: Optional[torch.Tensor] = None,
-                       mask: Optional[torch.Tensor] = None, low_res: Optional[torch.Tensor] = None) -> Latents:
+                       mask: Optional[torch.Tensor] = None, low_res: Optional[torch.Tensor] = None,
+                       regions: Optional[Regions] = None) -> Latents:
         """Check the settings for the task the inputs ask for, prepare the inputs, and draw the latents.
 
-        ``callback(step)`` gets every sampler step (progress, t, z_t and x̂ of the current chunk).
+        ``callback(step)`` gets every sampler step (progress, t, z_t and x̂ of the current chunk). ``regions``:
+        per sample (or one for all), (prompt, mask (H, W)) pairs whose masks add up to 1; each prompt guides
+        only inside its mask (regional prompting: pipelines/regions.py; pipelines/layout.py makes them).
         """
         task = Task.of(images, mask, low_res)
         s = self.check(settings, task)
         init, keep, concat = self._task_inputs(s, images, mask, low_res)
-        return self.core.sample_latents(s, noise, callback, init=init, mask=keep, concat=concat)
+        region_conds = None if regions is None else region_inputs(self, regions, s)
+        return self.core.sample_latents(s, noise, callback, init=init, mask=keep, concat=concat, regions=region_conds)
 
     def run(self, settings: SampleSettings, images: Optional[torch.Tensor] = None,
             mask: Optional[torch.Tensor] = None, low_res: Optional[torch.Tensor] = None, paste: bool = True,
             callback: Optional[Callable[[int, int], None]] = None,
             preview: Optional[Callable[[int, torch.Tensor], None]] = None, preview_every: int = 1,
-            noise: Optional[SeededNoise | GeneratorNoise] = None) -> Generated:
+            noise: Optional[SeededNoise | GeneratorNoise] = None, regions: Optional[Regions] = None) -> Generated:
         """Draw ``settings.n_samples`` images (uint8 (N, C, H, W)) and the network evaluations per image.
 
         With ``images`` (uint8, one or n_samples) it is img2img at ``settings.strength``; with a ``mask``
@@ -169,6 +175,7 @@ class Pipeline:
         one or n_samples) is what a super-resolution model upscales. ``callback(done, total)`` follows
         every sampler step; ``preview(done, images)`` gets every ``preview_every`` steps the current
         chunk's predicted x0, decoded (what a web UI shows while it samples; one autoencoder decode each).
+        ``regions``: regional prompts (see :meth:`sample_latents`).
         """
         if not isinstance(preview_every, int) or isinstance(preview_every, bool) or preview_every < 1:
             raise UserError(f"preview_every must be a positive integer, got {preview_every!r}")
@@ -180,7 +187,7 @@ class Pipeline:
                 preview(step.done, self.core.decode(step.x0))  # x̂0 = D(x̂0 / s): where the sampler aims now
 
         hook = None if callback is None and preview is None else on_step
-        latents = self.sample_latents(settings, noise, hook, images, mask, low_res)
+        latents = self.sample_latents(settings, noise, hook, images, mask, low_res, regions)
         b = settings.batch_size  # decoded in the same chunks: memory stays bounded by batch_size
         result = torch.cat([self.core.decode(latents.z[i:i + b]) for i in range(0, len(latents.z), b)])
         if mask is not None and paste:  # pixel-exact known region: latent models reproduce it only up to the VAE

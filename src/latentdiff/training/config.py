@@ -46,6 +46,7 @@ class CondConfig:
     text_encoder: str = "minilm"  # "minilm" (packaged, frozen) or a model folder from `latentdiff train clip-*`
     context_length: int = 32  # tokens of context the minilm encoder gives (a CLIP encoder has its own)
     guidance: float = 4.0  # classifier-free guidance scale for preview grids and the default at sampling
+    guidance_max_t: float | None = None  # guide only the steps with t <= this (the noisiest keep their spread)
     # channels concatenated to z_t (models/concat.py): "inpaint" (mask + masked-image latent, SD inpainting's
     # layout) or "low_res" (the upsampled low-resolution image, SR3 / SD's upscaler); null: none
     concat: str | None = None
@@ -64,6 +65,8 @@ class CondConfig:
             raise UserError(f"cond.mask_full_prob must be in [0, 1], got {self.mask_full_prob}")
         if not self.guidance >= 0:
             raise UserError(f"cond.guidance must be >= 0, got {self.guidance}")
+        if self.guidance_max_t is not None and not self.guidance_max_t >= 0:
+            raise UserError(f"cond.guidance_max_t must be >= 0 (or null: every step), got {self.guidance_max_t}")
         check_positive("cond.context_length", self.context_length)
 
 

@@ -249,7 +249,7 @@ class DiffusionTrainer(TrainingRun):
         concat = ConcatKind.of(c.concat)
         return Manifest(image_size=d.image_size, channels=d.channels, step=self.step,
                         diffusion=dataclasses.replace(self.cfg.diffusion), latent_shape=self.latent_shape,
-                        conditioning=Conditioning(self.cond.kind, c.guidance), concat=concat,
+                        conditioning=Conditioning(self.cond.kind, c.guidance, c.guidance_max_t), concat=concat,
                         low_res_size=c.low_res_size if concat is ConcatKind.LOW_RES else None,
                         class_names=tuple(self.data.class_names or ()),
                         data=DataInfo(d.source, self.data.fingerprint, len(self.data)),
@@ -281,7 +281,7 @@ class DiffusionTrainer(TrainingRun):
             images = self.data.batch(torch.arange(n) % len(self.data)).to(self.device)
             concat = self.concat_inputs(images, g)
         core = LatentSampler(self.ema.model, self.autoencoder, self.cond, self.cfg.diffusion, self.cfg.data.image_size,
-                             guidance=c.guidance)
+                             guidance=c.guidance, guidance_max_t=c.guidance_max_t)
         images = core.decode(core.sample_latents(settings, GeneratorNoise(g), concat=concat).z)
         path = self.out / "samples" / f"step_{self.step:08d}.png"
         meta = {"step": self.step, "sampler": tc.grid_sampler, "steps": tc.grid_steps, "seed": tc.seed}
