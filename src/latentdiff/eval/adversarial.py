@@ -4,8 +4,8 @@ Each probe takes a real one-object scene (its caption, place and size) and chang
 does not allow: a box that is not square (a 3:1 rectangle, ellipse, squashed triangle or cross, a
 10x2 px bar), a shape that is not filled (an outline, a ring), a colour outside the palette (grey, brown,
 pink, cyan, or halfway between two palette colours), or the object replaced by blocky colour noise. The
-scorer's self-tests require that none of them reads as its caption, while the true renderings all do; `benchmarks/scorer_calibration.py`
-puts the scorer's thresholds between the two.
+scorer's self-tests require that none of them reads as its caption, while the true renderings all do;
+`benchmarks/scorer_calibration.py` puts the scorer's thresholds between the two.
 """
 
 from __future__ import annotations
