@@ -187,19 +187,32 @@ def test_deterministic_solvers_show_their_order(dist, sampler, opts, steps, lo, 
 
 @pytest.mark.parametrize("dist", ["gauss", "mixture"])
 def test_dpm_adaptive_meets_its_tolerance_with_fewer_nfe(dist):
-    """rtol = atol = 1e-3 bounds each step's error estimate; the global error stays within 2× of it.
+    """rtol = atol = 1e-3 bounds each step's error estimate (on the data scale z); the global error stays
+    within 3× of it, and below dpmpp_2m's with 1.5× the NFE.
 
-    Measured: 1.4e-3 / 2.2e-4 with 42 / 66 NFE; dpmpp_2m with 1.5× the NFE: 3.7e-3 / 1.6e-3.
+    Measured with the continuous time input: 2.4e-3 / 2.0e-4 with 50 / 74 NFE; dpmpp_2m with 1.5× the
+    NFE: 2.7e-3 / 1.2e-3. (With rounded timesteps it was 1.4e-3 / 2.2e-4 against the same reference.)
     """
     z, nfe = state_at_sigma_min(dist, "dpm_adaptive", 10, rtol=1e-3, atol=1e-3)
     err = distance(z, dist)
     z_fixed, nfe_fixed = state_at_sigma_min(dist, "dpmpp_2m", math.ceil(1.5 * nfe))
     print(dist, "dpm_adaptive", nfe, "NFE", err, "| dpmpp_2m", nfe_fixed, "NFE", distance(z_fixed, dist))
-    assert err < 2e-3
+    assert err < 3e-3
     assert distance(z_fixed, dist) > err
     looser = [state_at_sigma_min(dist, "dpm_adaptive", 10, rtol=tol, atol=tol) for tol in (1e-2, 3e-3)]
     assert looser[0][1] < looser[1][1] < nfe  # a tighter tolerance costs more NFE ...
     assert distance(looser[0][0], dist) > 3 * err  # ... and buys a smaller error (down to the ~2e-4 floor)
+
+
+def test_dpm_adaptive_defaults_pass_the_certificate_at_every_setting():
+    """With its defaults the step count is ignored (only σ_max is used): the Gaussian W2 is the same at
+    every setting and at the noise floor (measured 0.0044 with 50 NFE at 10/25/100/250 steps; the web UIs'
+    (0.05, 0.0078) with the first step at range/steps gave .695/.202/.221/.147, not monotone)."""
+    runs = {n: run_on("gauss", "dpm_adaptive", n, "karras") for n in (10, 25, 100, 250)}
+    errs = {n: w2(x) for n, (x, _) in runs.items()}
+    print("dpm_adaptive defaults W2 by steps:", errs, "NFE", {n: nfe for n, (_, nfe) in runs.items()})
+    assert max(errs.values()) < 0.006 and max(errs.values()) - min(errs.values()) < 1e-9
+    assert all(nfe < 60 for _, nfe in runs.values())
 
 
 @pytest.mark.parametrize("dist", ["gauss", "mixture"])
@@ -246,20 +259,28 @@ def _diffusers_cases():
     d = pytest.importorskip("diffusers")
     b = Schedule.from_name("scaled_linear").betas.numpy()
     return [
-        ("dpmpp_2m", "karras", {}, d.DPMSolverMultistepScheduler(trained_betas=b, use_karras_sigmas=True)),
+        # diffusers' DPMSolverMultistep rounds Karras σ to the nearest timestep: quantize=True
+        ("dpmpp_2m", "karras", {"quantize": True}, d.DPMSolverMultistepScheduler(trained_betas=b, use_karras_sigmas=True)),
         ("euler", "trailing", {}, d.EulerDiscreteScheduler(trained_betas=b, timestep_spacing="trailing")),
-        # diffusers' Euler passes fractional timesteps for Karras sigmas; an integer-timestep model
-        # rounds them, which is what both loops do here (our Denoiser: nearest timestep in log σ)
+        # diffusers' Euler and LMS pass fractional timesteps for Karras sigmas, as our Denoiser does
         ("euler", "karras", {}, d.EulerDiscreteScheduler(trained_betas=b, use_karras_sigmas=True)),
+        ("lms", "karras", {}, d.LMSDiscreteScheduler(trained_betas=b, use_karras_sigmas=True)),
         ("heun", "trailing", {}, d.HeunDiscreteScheduler(trained_betas=b, timestep_spacing="trailing")),
         ("lms", "trailing", {}, d.LMSDiscreteScheduler(trained_betas=b, timestep_spacing="trailing")),
-        ("dpmpp_3m_sde", "karras", {"eta": 0.0},
+        ("dpmpp_3m_sde", "karras", {"eta": 0.0, "quantize": True},
          d.DPMSolverMultistepScheduler(trained_betas=b, use_karras_sigmas=True, solver_order=3)),
         ("euler_ancestral", "trailing", {},
          d.EulerAncestralDiscreteScheduler(trained_betas=b, timestep_spacing="trailing")),
-        ("dpmpp_2m_sde", "karras", {},
+        ("dpmpp_2m_sde", "karras", {"quantize": True},
          d.DPMSolverMultistepScheduler(trained_betas=b, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
     ]
+
+
+def time_input(t: float, n: int) -> torch.Tensor:
+    """The (n,) time input diffusers hands the network: a long tensor on integers, else fractional."""
+    if t == round(t):
+        return torch.full((n,), int(t), dtype=torch.long)
+    return torch.full((n,), t, dtype=torch.float64)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -279,7 +300,7 @@ def test_parity_with_diffusers_schedulers():
         x = noise * (1 + float(sch.sigmas.max()) ** 2) ** 0.5 if sch.init_noise_sigma != 1.0 else noise.clone()
         g = torch.Generator().manual_seed(3)
         for t in sch.timesteps:
-            tt = torch.full((len(x),), int(round(float(t))), dtype=torch.long)
+            tt = time_input(float(t), len(x))
             kw = {"generator": g} if "generator" in inspect.signature(sch.step).parameters else {}
             x = sch.step(eps_fn(sch.scale_model_input(x, t), tt), t, x, **kw).prev_sample
         g = torch.Generator().manual_seed(3)
@@ -287,6 +308,46 @@ def test_parity_with_diffusers_schedulers():
         diff = float((ours - x).abs().max())
         print(name, spacing, type(sch).__name__, "max |diff|", diff)
         assert diff < 1e-4, (name, spacing, diff)
+
+
+# ---- the continuous time input -------------------------------------------------------------------
+def test_continuous_time_input_inverts_the_sigma_map():
+    """ᾱ at t(σ) is 1/(1+σ²) for any σ in range (interpolated in log σ), and the table at integers."""
+    from latentdiff.diffusion.sigmas import Denoiser
+    den = Denoiser(exact_eps(LINEAR), LINEAR)
+    sig = sigmas_for(LINEAR, 37, "karras")[:-1]
+    t = torch.tensor([den.time(float(s)) for s in sig], dtype=torch.float64)
+    assert abs(float(t.min())) < 1e-9 and abs(float(t.max()) - 999) < 1e-9 and bool(((t - t.round()).abs() > 0.1).any())
+    like = torch.zeros(len(t), 1, dtype=torch.float64)
+    torch.testing.assert_close(LINEAR.abar_at(t, like)[:, 0], 1 / (1 + sig**2), rtol=1e-12, atol=0)
+    ints = torch.arange(0, 1000, 111)
+    torch.testing.assert_close(LINEAR.abar_at(ints.double(), like[: len(ints)])[:, 0], LINEAR.alphas_cumprod[ints])
+    assert den.time_input(float(LINEAR.sigmas[500]), like).dtype == torch.long  # timestep spacings stay integer
+
+
+def test_fractional_time_lifts_the_karras_floor():
+    """LMS Karras at 250 steps: with fractional t at the noise floor (diffusers' LMS: 0.0032), rounded t
+    stalls (measured 0.0032 against 0.017)."""
+    frac = w2(run_on("gauss", "lms", 250, "karras")[0])
+    rounded = w2(run_on("gauss", "lms", 250, "karras", quantize=True)[0])
+    print("lms karras 250 steps: fractional", frac, "rounded", rounded)
+    assert frac < 0.005 < 0.01 < rounded
+
+
+def test_no_host_sync_per_step(monkeypatch):
+    """The finite check (a bool tensor per step) is read back once per run, not once per step; bad steps
+    are still named (test_bad_input). Reads of the schedule's CPU tables are not device syncs."""
+    reads = []
+    for name in ("__bool__", "item"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, _o=original: (self.dtype == torch.bool and reads.append(1)) or _o(self))
+    counts = {}
+    for steps in (5, 40):
+        reads.clear()
+        run_on("gauss", "dpmpp_2m", steps, noise=NOISE["gauss"][:8])
+        counts[steps] = len(reads)
+    assert counts[5] == counts[40] == 1, counts
 
 
 # ---- spacings, NFE, callbacks, errors -------------------------------------------------------------

@@ -56,15 +56,53 @@ def randn_cpu(shape: tuple[int, ...], generator: Optional[torch.Generator | Nois
     the pipelines' per-sample noise, which keeps each image independent of the batch it is drawn in).
     """
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
-    return generator.randn(shape).to(like.device, like.dtype)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    else:
+        noise = generator.randn(shape)
+    if like.device.type == "cuda":  # pinned and asynchronous: the copy does not wait for the GPU's queue
+        return noise.pin_memory().to(like.device, like.dtype, non_blocking=True)
+    return noise.to(like.device, like.dtype)
+
+
+def _non_finite(i: int, s: float) -> NonFiniteError:
+    return NonFiniteError(f"non-finite values at sampling step {i} (sigma {s:.4g}); "
+                          "try fp32 or a smaller guidance scale")
+
+
+class Monitor:
+    """The per-step hook ``sample`` hands the samplers: it notes whether each step's state is finite without
+    reading it back (no host sync per step on a GPU), passes the step on to the caller's hook, and
+    :meth:`raise_first` (one sync, at the end) names the first step that went NaN/inf."""
+
+    def __init__(self, hook: Hook = None, record: bool = True) -> None:
+        self.hook, self.record = hook, record
+        self.flags: list[Tensor] = []
+        self.where: list[tuple[int, float]] = []
+
+    def __call__(self, i: int, s: float, s_next: float, x: Tensor, x0: Tensor) -> None:
+        if self.record:
+            self.flags.append(torch.isfinite(x).all())  # a device tensor: nothing is read back here
+            self.where.append((i, s))
+        if self.hook is not None:
+            self.hook(i, s, s_next, x, x0)
+
+    def raise_first(self) -> None:
+        """Raise NonFiniteError naming the first step whose state was not finite, if any."""
+        if self.flags:
+            ok = torch.stack(self.flags).cpu()  # the run's one read-back
+            if not bool(ok.all()):
+                raise _non_finite(*self.where[int((~ok).nonzero()[0])])
+        self.flags, self.where = [], []
 
 
 def _check(x: Tensor, i: int, s: float, s_next: float, hook: Hook, x0: Tensor) -> None:
-    """Stop with the step number on NaN/inf (the black-image failure), then report progress."""
+    """Note NaN/inf (the black-image failure) for the step and report progress: under ``sample`` the hook
+    is a Monitor, which checks without a host sync; a sampler called directly checks at once."""
+    if isinstance(hook, Monitor):
+        hook(i, s, s_next, x, x0)
+        return
     if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"non-finite values at sampling step {i} (sigma {s:.4g}); "
-                             "try fp32 or a smaller guidance scale")
+        raise _non_finite(i, s)
     if hook is not None:
         hook(i, s, s_next, x, x0)
 
@@ -258,18 +296,23 @@ def _dpm_23(model: Model, x: Tensor, s: float, s_next: float, eps: Tensor) -> tu
 
 
 def dpm_adaptive(model: Model, x: Tensor, sigmas: list[float], generator: Optional[torch.Generator] = None,
-                 callback: Hook = None, rtol: float = 0.05, atol: float = 0.0078, max_steps: int = 1000) -> Tensor:
-    """DPM adaptive (k-diffusion): embedded DPM-Solver-2/3 steps in λ, the step set by their difference.
+                 callback: Hook = None, rtol: float = 1e-3, atol: float = 1e-3, h_init: float = 0.05,
+                 max_steps: int = 1000) -> Tensor:
+    """DPM adaptive (k-diffusion's controller): embedded DPM-Solver-2/3 steps in λ, the step set by their difference.
 
-    Integrates from σ = ``sigmas[0]`` to the schedule's σ_min, then denoises (x̂ at σ_min, 1 NFE). The
-    grid's length sets only the first step, (λ_min - λ_max)/steps; each tried step costs 2 NFE, plus
-    1 per accepted step. Error per step: RMS of (x₂ - x₃)/max(atol, rtol·|x|) ≤ 1 (accept_safety 0.81).
+    Integrates from σ = ``sigmas[0]`` to the schedule's σ_min, then denoises (x̂ at σ_min, 1 NFE); the rest
+    of the grid is ignored (as in the web UIs), so the step count does not change the result. The first
+    step is ``h_init`` in λ = -log σ; each tried step costs 2 NFE, plus 1 per accepted step. The error is
+    measured on the VP scale z = x/√(1+σ²) (data scale, where ``atol`` means something at every σ): RMS of
+    (z₂ - z₃)/max(atol, rtol·|z|) ≤ 1 with k-diffusion's accept safety 0.81. The defaults put the
+    certificate's error at its noise floor (docs/samplers.md); the web UIs' (0.05, 0.0078) are far looser.
     """
-    if rtol < 0 or atol <= 0:
-        raise UserError(f"dpm_adaptive needs rtol >= 0 and atol > 0, got rtol={rtol}, atol={atol}")
+    if rtol < 0 or atol <= 0 or h_init <= 0:
+        raise UserError(f"dpm_adaptive needs rtol >= 0, atol > 0 and h_init > 0, got rtol={rtol}, atol={atol}, "
+                        f"h_init={h_init}")
     s, s_end = sigmas[0], model.sigma_min
-    h = math.log(s / s_end) / (len(sigmas) - 1)
-    x_prev, i, tried = x, 0, 0
+    h, i, tried = h_init, 0, 0
+    z_prev = x / (1 + s**2) ** 0.5
     x0 = model(x, s)
     while s > s_end * (1 + 1e-9):
         tried += 1
@@ -277,12 +320,14 @@ def dpm_adaptive(model: Model, x: Tensor, sigmas: list[float], generator: Option
             raise UserError(f"dpm_adaptive took more than max_steps={max_steps} steps; loosen rtol/atol")
         s_next = max(s * math.exp(-h), s_end)
         x_low, x_high = _dpm_23(model, x, s, s_next, (x - x0) / s)
-        delta = torch.maximum(x_low.abs(), x_prev.abs()).mul(rtol).clamp(min=atol)
-        err = float(((x_low - x_high) / delta).pow(2).mean().sqrt())
-        _check(x.new_tensor(err), i, s, s_next, None, x0)  # NaN/inf in the model's output stops here
+        vp = (1 + s_next**2) ** -0.5  # x = z/√ᾱ: back to the data scale
+        delta = torch.maximum(x_low.abs() * vp, z_prev.abs()).mul(rtol).clamp(min=atol)
+        err = float(((x_low - x_high) * vp / delta).pow(2).mean().sqrt())  # the controller's one read-back
+        if not math.isfinite(err):
+            raise _non_finite(i, s)
         factor = 1 + math.atan(max(err, 1e-8) ** (-1 / 3) - 1)  # k-diffusion's limited I-controller
         if factor >= 0.81:  # accept
-            x_prev, x = x_low, x_high
+            z_prev, x = x_low * vp, x_high
             _check(x, i, s, s_next, callback, x0)
             s, i = s_next, i + 1
             x0 = model(x, s)
@@ -329,10 +374,11 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
            generator: Optional[torch.Generator | NoiseSource] = None, callback: Callback = None,
            spacing: str = "trailing", clip_x0: Optional[float] = None, return_nfe: bool = False,
            init: Optional[Tensor] = None, strength: float = 1.0, mask: Optional[Tensor] = None,
-           resample: int = 1, **options: float) -> Tensor | tuple[Tensor, int]:
+           resample: int = 1, quantize: bool = False, **options: float) -> Tensor | tuple[Tensor, int]:
     """Run ``sampler`` for ``steps`` steps from x_T = ``noise`` and return x_0 (and the NFE if asked).
 
-    ``eps_fn(x_t, t)`` takes a batch and a (B,) long tensor of integer timesteps and returns ε̂; models
+    ``eps_fn(x_t, t)`` takes a batch and a (B,) tensor of timesteps (long, or float off the integers) and
+    returns ε̂; models
     that predict x0 or v are adapted with :func:`as_eps_fn`. ``spacing``: one of SPACINGS.
     ``clip_x0`` clamps x̂ to ±value (pixel-space models on [-1, 1]). Options: ``eta`` (ddim,
     euler_ancestral, dpmpp_*_sde), ``order`` (lms), ``rtol``/``atol``/``max_steps`` (dpm_adaptive).
@@ -342,6 +388,11 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
     With ``mask`` as well (1 = known, broadcastable to ``init``) it is inpainting by replacement: after
     every step the known region is replaced by ``init`` noised to the new level (exactly ``init`` at the
     end), and ``resample`` > 1 re-noises each step and repeats it (RePaint) to harmonise the seam.
+
+    The network's time input is continuous (``Denoiser``): off the integer timesteps it gets fractional
+    t; ``quantize=True`` rounds it to the nearest timestep (diffusers' DPMSolverMultistep with Karras σ).
+    NaN/inf values stop the run with a NonFiniteError naming the first bad step, checked once at the end
+    (no host sync per step).
     """
     check_sampler_args(sampler, options, strength, resample, replace=mask is not None)
     if mask is not None and init is None:
@@ -360,9 +411,9 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
         nfe += 1
         return eps_fn(z, t)
 
-    model = Denoiser(counted, schedule, clip_x0)
-    hook = None if callback is None else (
-        lambda i, s, s_next, x, x0: callback(i, model.timestep(s), x * abar_from_sigma(s_next) ** 0.5, x0))
+    model = Denoiser(counted, schedule, clip_x0, quantize)
+    hook = Monitor(None if callback is None else (
+        lambda i, s, s_next, x, x0: callback(i, model.timestep(s), x * abar_from_sigma(s_next) ** 0.5, x0)))
     # x = z/√ᾱ: pure noise is z_T/√ᾱ_T; a noised image is init + σ ε, the σ view of (20.8)
     x = noise / abar_from_sigma(sigmas[0]) ** 0.5 if init is None else init + sigmas[0] * noise
     with torch.no_grad():
@@ -370,6 +421,7 @@ def sample(eps_fn: EpsFn, noise: Tensor, schedule: Schedule, sampler: str = "ddi
             x0 = fn(model, x, sigmas, generator, hook, **options)
         else:
             x0 = _inpaint(fn, model, x, sigmas, init, mask.to(x), generator, hook, resample, options)
+    hook.raise_first()
     return (x0, nfe) if return_nfe else x0
 
 
@@ -379,7 +431,7 @@ def _inpaint(fn: Callable[..., Tensor], model: Denoiser, x: Tensor, sigmas: list
     """One sampler step at a time; after each, the known region is the known image at that noise level."""
     for i, s, s_next in _steps(sigmas):
         for r in range(resample):
-            x = fn(model, x, [s, s_next], generator, None, **options)
+            x = fn(model, x, [s, s_next], generator, Monitor(record=False), **options)  # checked below
             x = mask * (known + s_next * randn_cpu(x.shape, generator, x)) + (1 - mask) * x
             if r + 1 < resample:  # RePaint: back to σ_s with fresh forward noise, then step again
                 x = x + (s**2 - s_next**2) ** 0.5 * randn_cpu(x.shape, generator, x)
