@@ -448,3 +448,10 @@ def _inpaint(fn: Callable[..., Tensor], model: Denoiser, x: Tensor, sigmas: list
                 x = x + (s**2 - s_next**2) ** 0.5 * randn_cpu(x.shape, generator, x)
         _check(x, i, s, s_next, hook, x)
     return x
+
+
+# ---- more multistep solvers, in their own module (they use the helpers above) ---------------------
+from latentdiff.diffusion.multistep import deis, unipc, unipc_bh2  # noqa: E402
+
+SAMPLERS.update(unipc=unipc, unipc_bh2=unipc_bh2, deis=deis)
+DETERMINISTIC += ("unipc", "unipc_bh2", "deis")
