@@ -149,3 +149,17 @@ def test_cli_out_that_is_a_file(run_dir, tmp_path):
     f.write_bytes(b"x")
     r = cli("sample", run_dir, "--n-samples", 1, "--steps", 1, "--out", f)
     assert r.returncode == 2 and "file.png" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_eval_streams_features(run_dir):
+    """eval keeps features, not images: batch by batch they equal the features of a whole run's images."""
+    from latentdiff.pipelines.evaluate import stream_features
+
+    pipe = Pipeline.load(run_dir)
+    s = pipe.check(SampleSettings(n_samples=5, batch_size=2, steps=2, sampler="DPM++ 2M SDE", seed=1))
+    seen = []
+    feats, nfe, _ = stream_features(pipe, s, lambda x: x.flatten(1).float(), lambda d, t: seen.append((d, t)))
+    whole = pipe.run(s).images
+    assert feats.shape == (5, 256) and nfe == 2
+    assert bool((feats == whole.flatten(1).float()).all())
+    assert seen == [(i, 6) for i in range(1, 7)]
