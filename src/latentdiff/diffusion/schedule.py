@@ -194,5 +194,7 @@ def abar_from_sigma(sigma: float) -> float:
 
 def eps_to_x0_at(z_t: Tensor, eps: Tensor, abar: Tensor | float) -> Tensor:
     """x̂ = (z_t - √(1-ᾱ) ε̂) / √ᾱ, the inverse of (20.8), for any ᾱ (a timestep's, or one of the σ view)."""
+    if isinstance(abar, (float, int)):  # the samplers' σ view: a Python number, no host-to-device copy (a sync)
+        return (z_t - (1 - abar) ** 0.5 * eps) / abar**0.5
     a = _as_batch(abar, z_t)
     return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
