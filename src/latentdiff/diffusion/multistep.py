@@ -4,7 +4,8 @@ Each keeps the last few network outputs and extrapolates them over the next step
 samplers.py it is a pure function ``(model, x, sigmas, generator, callback, **opts)`` with one network
 evaluation (NFE) per step, so the one certificate harness (tests/test_samplers.py) checks them too.
 The first steps warm up at lower order (one more past output per step) and the step to σ = 0 lands on x̂,
-as in every sampler here. Registered in samplers.SAMPLERS; names users know in names.py.
+as in every sampler here. The σ view: x = z_t/√ᾱ_t, so that (20.8) reads x = x̂ + σ ε̂ and the
+probability-flow ODE is dx/dσ = ε̂ = (x - x̂)/σ. Registered in samplers.SAMPLERS; names users know in names.py.
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ class Schedule:
 
     def abar_at(self, t: Tensor, like: Tensor) -> Tensor:
         """ᾱ at timesteps t, shaped to broadcast against ``like``: the table at integers; between them the
-        network's continuous time input, log σ interpolated linearly (the inverse of Denoiser's σ -> t)."""
+        network's continuous time input, log σ interpolated linearly (the inverse of Denoiser's σ -> t), and
+        ᾱ = 1/(1+σ²) since σ² = (1-ᾱ)/ᾱ in (20.8)."""
         t = torch.as_tensor(t)
         if not t.is_floating_point():
             return _expand(self.alphas_cumprod, t, like)
