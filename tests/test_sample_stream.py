@@ -163,3 +163,5 @@ def test_eval_streams_features(run_dir):
     assert feats.shape == (5, 256) and nfe == 2
     assert bool((feats == whole.flatten(1).float()).all())
     assert seen == [(i, 6) for i in range(1, 7)]
+    as_numpy, _, _ = stream_features(pipe, s, lambda x: x.flatten(1).float().numpy())  # extractors give numpy
+    assert isinstance(as_numpy, np.ndarray) and np.array_equal(as_numpy, feats.numpy())

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from latentdiff.data import DataConfig, load_dataset
@@ -79,10 +80,10 @@ def evaluate_samples(model_dir: Path | str, n_samples: int = 1000, batch_size: i
 
 
 def stream_features(pipe: Pipeline, settings: SampleSettings, extractor: Callable[[torch.Tensor], torch.Tensor],
-                    progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, float, float]:
+                    progress: Optional[Callable[[int, int], None]] = None) -> tuple[Any, float, float]:
     """Features of ``settings.n_samples`` generated images, drawn batch by batch (image i from seed + i, as in a
     whole run) and dropped once their features are taken: memory holds features, not images.
-    Returns (features (N, D), NFE per image, seconds spent sampling)."""
+    Returns (features (N, D), as the extractor gives them, NFE per image, seconds spent sampling)."""
     n, b = settings.n_samples, settings.batch_size
     total = -(-n // b) * settings.steps
     feats, nfe_sum, seconds = [], 0.0, 0.0
@@ -95,7 +96,8 @@ def stream_features(pipe: Pipeline, settings: SampleSettings, extractor: Callabl
         seconds += time.perf_counter() - t0
         feats.append(extractor(check_images(images, "fake images")))
         nfe_sum += nfe * (end - start)
-    return torch.cat(feats), nfe_sum / n, seconds
+    joined = np.concatenate(feats) if isinstance(feats[0], np.ndarray) else torch.cat(feats)  # the extractor's type
+    return joined, nfe_sum / n, seconds
 
 
 @torch.no_grad()
