@@ -8,27 +8,41 @@ from typing import Optional
 import click
 
 from latentdiff.cli.app import cli
-from latentdiff.cli.options import check_device, naming_options
+from latentdiff.cli.options import apply_options, check_device, naming_options, single_file_options
 from latentdiff.errors import SettingError, UserError
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--to", "layout", default="latentdiff", show_default=True, type=click.Choice(["latentdiff", "diffusers"]),
-              help="Layout of DST: a latentdiff model folder or a diffusers pipeline folder.")
+@click.option("--to", "layout", default="latentdiff", show_default=True,
+              type=click.Choice(["latentdiff", "diffusers", "single-file"]),
+              help="Layout of DST: a latentdiff model folder, a diffusers pipeline folder, or one SD .safetensors "
+                   "file (CompVis / A1111 keys).")
+@click.option("--half", is_flag=True, help="--to single-file: write float16 tensors (half the size).")
 @click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
               help="Single files: override what the UNet predicts (default: read from the file).")
 @click.option("--size", default=None, type=click.IntRange(min=8), help="Default image side stored in DST.")
-def convert(src: Path, dst: Path, layout: str, prediction: Optional[str], size: Optional[int]) -> None:
-    """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to SRC's twin."""
+@apply_options(single_file_options())
+def convert(src: Path, dst: Path, layout: str, half: bool, prediction: Optional[str], size: Optional[int],
+            config: Optional[Path], tokenizer: Optional[Path]) -> None:
+    """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to another layout."""
+    from latentdiff.pipelines.sd_single_file import save_single_file
     from latentdiff.pipelines.stable_diffusion import load_any, save_diffusers, save_latentdiff
 
-    if dst.exists() and any(dst.iterdir()):
+    if layout == "single-file":
+        if dst.exists():
+            raise UserError(f"{dst} exists; choose a new file name")
+    elif dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst} exists and is not empty; choose a new folder")
-    pipe = load_any(src, "cpu", prediction)
+    if half and layout != "single-file":
+        raise UserError("--half applies to --to single-file")
+    pipe = load_any(src, "cpu", prediction, tokenizer, config)
     try:
-        (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst, image_size=size)
+        if layout == "single-file":
+            save_single_file(pipe, dst, half, image_size=size)
+        else:
+            (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst, image_size=size)
     except SettingError as e:
         raise naming_options(e) from None
     click.echo(f"{src} -> {dst} ({layout} layout; {pipe.manifest.source or 'latentdiff model'}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentdiff.data.captions import read_captions
+from latentdiff.data.captions import read_captions, use_captions
 from latentdiff.data.config import EMBEDDED, DataConfig
 from latentdiff.data.decode import decode_image
 from latentdiff.data.source import SourceImages, check_memory, in_test
@@ -35,8 +36,19 @@ def list_images(root: Path) -> list[str]:
     return sorted(out)
 
 
-def load_folder(cfg: DataConfig) -> SourceImages:
-    """The images under the folder ``cfg.source``, split by a hash of their paths, bad files skipped or refused."""
+@dataclass
+class FolderListing:
+    """A folder's images of one split, in order, with their labels and captions (nothing decoded yet)."""
+
+    root: Path
+    files: list[str]  # relative POSIX paths
+    class_names: list[str]
+    labels: list[int] | None  # index into class_names per file (first-level sub-folders), or None
+    captions: list[str] | None  # per file, or None
+
+
+def list_folder(cfg: DataConfig, both_splits: bool = False) -> FolderListing:
+    """The images under the folder ``cfg.source`` of the split ``cfg.split`` (a hash of their paths), or all."""
     root = Path(cfg.source).expanduser()
     if not root.exists():
         raise UserError(f"data.source {cfg.source!r}: no such folder (embedded names: {', '.join(EMBEDDED)})")
@@ -49,28 +61,28 @@ def load_folder(cfg: DataConfig) -> SourceImages:
     labelled = all("/" in f for f in files)
     names = sorted({f.split("/", 1)[0] for f in files}) if labelled else []
     captioned, hint = read_captions(root, files, cfg.caption_column) if cfg.captions != "ignore" else ({}, "")
-    use_captions = cfg.captions == "require" or bool(captioned)
-    if use_captions and len(captioned) < len(files):
-        # Checked over the whole folder, before decoding: both splits agree and errors come early.
-        lacking = [f for f in files if f not in captioned]
-        why = ("data.captions='require'" if cfg.captions == "require"
-               else f"data.captions='auto' needs all or none, and {len(captioned)} have one")
-        more = f" (and {len(lacking) - 5} more)" if len(lacking) > 5 else ""
-        raise UserError(f"{root}: {len(lacking)} of {len(files)} images have no caption ({why}): "
-                        f"{', '.join(lacking[:5])}{more}; add metadata.jsonl lines or .txt files, "
-                        f"or set data.captions=ignore{hint}")
+    captions_on = use_captions(root, cfg.captions, len(files), [f for f in files if f not in captioned], hint)
     if not captioned and hint:
         log.warning("%s: no captions found%s", root, hint)
     # Split by a hash of the relative path, so adding files never moves existing ones across.
-    cands = [f for f in files if in_test(f) == (cfg.split == "test")]
+    cands = files if both_splits else [f for f in files if in_test(f) == (cfg.split == "test")]
     if not cands:
         raise UserError(f"{root}: the {cfg.split!r} split is empty ({len(files)} images; 'test' holds ~10%)")
-    images, kept = _decode_all(root, cands, cfg)
     index = {n: i for i, n in enumerate(names)}
-    labels = torch.tensor([index[f.split("/", 1)[0]] for f in kept], dtype=torch.int64) if labelled else None
-    # Built from `kept`, so images skipped as unreadable drop their captions too.
-    captions = [captioned[f] for f in kept] if use_captions else None
-    return SourceImages(images, labels, names, kept, captions)
+    labels = [index[f.split("/", 1)[0]] for f in cands] if labelled else None
+    return FolderListing(root, cands, names, labels, [captioned[f] for f in cands] if captions_on else None)
+
+
+def load_folder(cfg: DataConfig) -> SourceImages:
+    """The images under the folder ``cfg.source``, split by a hash of their paths, bad files skipped or refused."""
+    listing = list_folder(cfg)
+    images, kept = _decode_all(listing.root, listing.files, cfg)
+    # Built from `kept`, so images skipped as unreadable drop their labels and captions too.
+    row = {f: i for i, f in enumerate(listing.files)}
+    labels = None if listing.labels is None else torch.tensor([listing.labels[row[f]] for f in kept],
+                                                              dtype=torch.int64)
+    captions = None if listing.captions is None else [listing.captions[row[f]] for f in kept]
+    return SourceImages(images, labels, listing.class_names, kept, captions)
 
 
 def _decode_all(root: Path, cands: list[str], cfg: DataConfig) -> tuple[torch.Tensor, list[str]]:
