@@ -95,10 +95,15 @@ def run_on(dist, sampler, steps, spacing="trailing", noise=None, callback=None, 
 # tolerance is its top. First-order samplers carry a visible bias at 100 steps (the ancestral ones
 # shrink the spread).
 FIRST_ORDER = ("ddpm", "euler_ancestral", "ddim", "euler")
+#   unipc            0.0039 / 0.0033 0.017 / 0.017       0.001              0.001
+#   unipc_bh2        0.0042 / 0.0032 0.017 / 0.016       0.001              0.001
+#   deis             0.0057 / 0.0032 0.017 / 0.016       0.001              0.001
 GAUSS_TOL = {"ddpm": 0.085, "euler_ancestral": 0.085, "ddim": 0.04, "euler": 0.04, "heun": 0.007, "lms": 0.007,
-             "dpmpp_2m": 0.007, "dpmpp_2m_sde": 0.018, "dpmpp_3m_sde": 0.018}
+             "dpmpp_2m": 0.007, "dpmpp_2m_sde": 0.018, "dpmpp_3m_sde": 0.018, "unipc": 0.007, "unipc_bh2": 0.007,
+             "deis": 0.008}
 MIX_TOL = {"ddpm": 0.11, "euler_ancestral": 0.11, "ddim": 0.05, "euler": 0.05, "heun": 0.024, "lms": 0.024,
-           "dpmpp_2m": 0.024, "dpmpp_2m_sde": 0.09, "dpmpp_3m_sde": 0.09}
+           "dpmpp_2m": 0.024, "dpmpp_2m_sde": 0.09, "dpmpp_3m_sde": 0.09, "unipc": 0.024, "unipc_bh2": 0.024,
+           "deis": 0.024}
 
 
 def wobble(sampler):
@@ -181,6 +186,13 @@ def measured_order(dist, sampler, steps, **opts):
     ("dpmpp_2m", {}, (20, 40, 80, 160), 1.8, 2.4),
     ("lms", {}, (10, 20, 40), 2.4, 4.5),
     ("dpmpp_3m_sde", {"eta": 0.0}, (10, 20, 40), 2.4, 4.5),
+    # UniPC: the corrector adds one order (measured bh1 order 3: 4.5 / 4.0; bh2 order 2: 2.6 / 3.1 over
+    # 10-40 steps). DEIS order 3 shows 2.1 / 2.3 over 10-40 steps (2.3 / 2.4 to 80): its ε̂ varies faster
+    # in log ρ than x̂ does in λ, so the asymptotic order is not reached here; its trajectory is diffusers'
+    # (test_parity_with_diffusers_multistep).
+    ("unipc", {}, (10, 20, 40), 3.5, 5.5),
+    ("unipc_bh2", {}, (10, 20, 40), 2.4, 3.6),
+    ("deis", {}, (10, 20, 40), 1.8, 2.8),
 ])
 def test_deterministic_solvers_show_their_order(dist, sampler, opts, steps, lo, hi):
     assert lo < measured_order(dist, sampler, steps, **opts) < hi
@@ -188,19 +200,32 @@ def test_deterministic_solvers_show_their_order(dist, sampler, opts, steps, lo, 
 
 @pytest.mark.parametrize("dist", ["gauss", "mixture"])
 def test_dpm_adaptive_meets_its_tolerance_with_fewer_nfe(dist):
-    """rtol = atol = 1e-3 bounds each step's error estimate; the global error stays within 2× of it.
+    """rtol = atol = 1e-3 bounds each step's error estimate (on the data scale z); the global error stays
+    within 3× of it, and below dpmpp_2m's with 1.5× the NFE.
 
-    Measured: 1.4e-3 / 2.2e-4 with 42 / 66 NFE; dpmpp_2m with 1.5× the NFE: 3.7e-3 / 1.6e-3.
+    Measured with the continuous time input: 2.4e-3 / 2.0e-4 with 50 / 74 NFE; dpmpp_2m with 1.5× the
+    NFE: 2.7e-3 / 1.2e-3. (With rounded timesteps it was 1.4e-3 / 2.2e-4 against the same reference.)
     """
     z, nfe = state_at_sigma_min(dist, "dpm_adaptive", 10, rtol=1e-3, atol=1e-3)
     err = distance(z, dist)
     z_fixed, nfe_fixed = state_at_sigma_min(dist, "dpmpp_2m", math.ceil(1.5 * nfe))
     print(dist, "dpm_adaptive", nfe, "NFE", err, "| dpmpp_2m", nfe_fixed, "NFE", distance(z_fixed, dist))
-    assert err < 2e-3
+    assert err < 3e-3
     assert distance(z_fixed, dist) > err
     looser = [state_at_sigma_min(dist, "dpm_adaptive", 10, rtol=tol, atol=tol) for tol in (1e-2, 3e-3)]
     assert looser[0][1] < looser[1][1] < nfe  # a tighter tolerance costs more NFE ...
     assert distance(looser[0][0], dist) > 3 * err  # ... and buys a smaller error (down to the ~2e-4 floor)
+
+
+def test_dpm_adaptive_defaults_pass_the_certificate_at_every_setting():
+    """With its defaults the step count is ignored (only σ_max is used): the Gaussian W2 is the same at
+    every setting and at the noise floor (measured 0.0044 with 50 NFE at 10/25/100/250 steps; the web UIs'
+    (0.05, 0.0078) with the first step at range/steps gave .695/.202/.221/.147, not monotone)."""
+    runs = {n: run_on("gauss", "dpm_adaptive", n, "karras") for n in (10, 25, 100, 250)}
+    errs = {n: w2(x) for n, (x, _) in runs.items()}
+    print("dpm_adaptive defaults W2 by steps:", errs, "NFE", {n: nfe for n, (_, nfe) in runs.items()})
+    assert max(errs.values()) < 0.006 and max(errs.values()) - min(errs.values()) < 1e-9
+    assert all(nfe < 60 for _, nfe in runs.values())
 
 
 @pytest.mark.parametrize("dist", ["gauss", "mixture"])
@@ -219,6 +244,7 @@ def test_equivalent_samplers(spacing):
         return run_on("gauss", name, 12, spacing, noise=NOISE["gauss"][:500], **o)[0]
     for a, b in [(go("euler"), go("ddim")), (go("euler_ancestral"), go("ddpm")), (go("ddim", eta=1.0), go("ddpm")),
                  (go("dpmpp_2m_sde", eta=0.0), go("dpmpp_2m")), (go("lms", order=1), go("euler")),
+                 (go("deis", order=1), go("euler")),
                  (go("euler_ancestral", eta=0.0), go("euler"))]:
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
@@ -247,21 +273,30 @@ def _diffusers_cases():
     d = pytest.importorskip("diffusers")
     b = Schedule.from_name("scaled_linear").betas.numpy()
     return [
-        ("dpmpp_2m", "karras", {}, d.DPMSolverMultistepScheduler(trained_betas=b, use_karras_sigmas=True)),
+        # diffusers' DPMSolverMultistep rounds Karras σ to the nearest timestep: quantize=True
+        ("dpmpp_2m", "karras", {"quantize": True},
+         d.DPMSolverMultistepScheduler(trained_betas=b, use_karras_sigmas=True)),
         ("euler", "trailing", {}, d.EulerDiscreteScheduler(trained_betas=b, timestep_spacing="trailing")),
-        # diffusers' Euler passes fractional timesteps for Karras sigmas; an integer-timestep model
-        # rounds them, which is what both loops do here (our Denoiser: nearest timestep in log σ)
+        # diffusers' Euler and LMS pass fractional timesteps for Karras sigmas, as our Denoiser does
         ("euler", "karras", {}, d.EulerDiscreteScheduler(trained_betas=b, use_karras_sigmas=True)),
+        ("lms", "karras", {}, d.LMSDiscreteScheduler(trained_betas=b, use_karras_sigmas=True)),
         ("heun", "trailing", {}, d.HeunDiscreteScheduler(trained_betas=b, timestep_spacing="trailing")),
         ("lms", "trailing", {}, d.LMSDiscreteScheduler(trained_betas=b, timestep_spacing="trailing")),
-        ("dpmpp_3m_sde", "karras", {"eta": 0.0},
+        ("dpmpp_3m_sde", "karras", {"eta": 0.0, "quantize": True},
          d.DPMSolverMultistepScheduler(trained_betas=b, use_karras_sigmas=True, solver_order=3)),
         ("euler_ancestral", "trailing", {},
          d.EulerAncestralDiscreteScheduler(trained_betas=b, timestep_spacing="trailing")),
-        ("dpmpp_2m_sde", "karras", {},
+        ("dpmpp_2m_sde", "karras", {"quantize": True},
          d.DPMSolverMultistepScheduler(trained_betas=b, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
         ("lcm", "lcm", {}, d.LCMScheduler(trained_betas=b)),
     ]
+
+
+def time_input(t: float, n: int) -> torch.Tensor:
+    """The (n,) time input diffusers hands the network: a long tensor on integers, else fractional."""
+    if t == round(t):
+        return torch.full((n,), int(t), dtype=torch.long)
+    return torch.full((n,), t, dtype=torch.float64)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -281,7 +316,7 @@ def test_parity_with_diffusers_schedulers():
         x = noise * (1 + float(sch.sigmas.max()) ** 2) ** 0.5 if sch.init_noise_sigma != 1.0 else noise.clone()
         g = torch.Generator().manual_seed(3)
         for t in sch.timesteps:
-            tt = torch.full((len(x),), int(round(float(t))), dtype=torch.long)
+            tt = time_input(float(t), len(x))
             kw = {"generator": g} if "generator" in inspect.signature(sch.step).parameters else {}
             x = sch.step(eps_fn(sch.scale_model_input(x, t), tt), t, x, **kw).prev_sample
         g = torch.Generator().manual_seed(3)
@@ -289,6 +324,100 @@ def test_parity_with_diffusers_schedulers():
         diff = float((ours - x).abs().max())
         print(name, spacing, type(sch).__name__, "max |diff|", diff)
         assert diff < 1e-4, (name, spacing, diff)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("steps", [10, 20])
+def test_parity_with_diffusers_multistep(steps):
+    """UniPC (bh1/bh2, orders 2 and 3) and DEIS (orders 2 and 3) against diffusers' schedulers, state by state.
+
+    diffusers' UniPC bh1 turns NaN on the step to σ = 0 (B(h) = -h with h = ∞) and its DEIS ends at σ_min
+    without the final denoising step, so the states before the last step are compared. Measured max |Δ|:
+    2e-6 … 9e-6; DEIS order 3, whose coefficients diffusers computes in float32: 9e-5 / 1.1e-4.
+    """
+    d = pytest.importorskip("diffusers")
+    schedule = Schedule.from_name("scaled_linear")
+    b, eps_fn, noise = schedule.betas.numpy(), exact_eps(schedule), qmc_normal(512, 3).float()
+    U, D = d.UniPCMultistepScheduler, d.DEISMultistepScheduler
+    cases = [
+        ("unipc_bh2", "trailing", {}, U(trained_betas=b, timestep_spacing="trailing"), 1e-4),
+        ("unipc_bh2", "karras", {"quantize": True}, U(trained_betas=b, use_karras_sigmas=True), 1e-4),
+        ("unipc", "trailing", {"order": 2}, U(trained_betas=b, timestep_spacing="trailing", solver_type="bh1"), 1e-4),
+        ("unipc", "trailing", {}, U(trained_betas=b, timestep_spacing="trailing", solver_type="bh1", solver_order=3),
+         1e-4),
+        ("unipc", "karras", {"quantize": True},
+         U(trained_betas=b, use_karras_sigmas=True, solver_type="bh1", solver_order=3), 1e-4),
+        ("deis", "trailing", {"order": 2}, D(trained_betas=b, timestep_spacing="trailing"), 1e-4),
+        ("deis", "trailing", {}, D(trained_betas=b, timestep_spacing="trailing", solver_order=3), 2.5e-4),
+        ("deis", "karras", {"quantize": True}, D(trained_betas=b, use_karras_sigmas=True, solver_order=3), 2.5e-4)]
+    for name, spacing, opts, sch, tol in cases:
+        sch.set_timesteps(steps)
+        x, theirs = noise.clone(), []
+        for t in sch.timesteps:
+            x = sch.step(eps_fn(sch.scale_model_input(x, t), time_input(float(t), len(x))), t, x).prev_sample
+            theirs.append(x)
+        ours = []
+        sample(eps_fn, noise, schedule, name, steps, spacing=spacing, callback=lambda i, t, z, x0: ours.append(z),
+               **opts)
+        diff = max(float((a - b_).abs().max()) for a, b_ in zip(ours[:-1], theirs[:-1]))
+        print(name, spacing, opts, type(sch).__name__, "max |diff| before the last step", diff)
+        assert len(ours) == len(theirs) == steps and diff < tol, (name, spacing, opts, diff)
+
+
+# ---- the continuous time input -------------------------------------------------------------------
+def test_continuous_time_input_inverts_the_sigma_map():
+    """ᾱ at t(σ) is 1/(1+σ²) for any σ in range (interpolated in log σ), and the table at integers."""
+    from latentdiff.diffusion.sigmas import Denoiser
+    den = Denoiser(exact_eps(LINEAR), LINEAR)
+    sig = sigmas_for(LINEAR, 37, "karras")[:-1]
+    t = torch.tensor([den.time(float(s)) for s in sig], dtype=torch.float64)
+    assert abs(float(t.min())) < 1e-9 and abs(float(t.max()) - 999) < 1e-9 and bool(((t - t.round()).abs() > 0.1).any())
+    like = torch.zeros(len(t), 1, dtype=torch.float64)
+    torch.testing.assert_close(LINEAR.abar_at(t, like)[:, 0], 1 / (1 + sig**2), rtol=1e-12, atol=0)
+    ints = torch.arange(0, 1000, 111)
+    torch.testing.assert_close(LINEAR.abar_at(ints.double(), like[: len(ints)])[:, 0], LINEAR.alphas_cumprod[ints])
+    assert den.time_input(float(LINEAR.sigmas[500]), like).dtype == torch.long  # timestep spacings stay integer
+
+
+def test_fractional_time_lifts_the_karras_floor():
+    """LMS Karras at 250 steps: with fractional t at the noise floor (diffusers' LMS: 0.0032), rounded t
+    stalls (measured 0.0032 against 0.017)."""
+    frac = w2(run_on("gauss", "lms", 250, "karras")[0])
+    rounded = w2(run_on("gauss", "lms", 250, "karras", quantize=True)[0])
+    print("lms karras 250 steps: fractional", frac, "rounded", rounded)
+    assert frac < 0.005 < 0.01 < rounded
+
+
+def test_no_host_sync_per_step(monkeypatch):
+    """The finite check (a bool tensor per step) is read back once per run, not once per step; bad steps
+    are still named (test_bad_input). Reads of the schedule's CPU tables are not device syncs."""
+    reads = []
+    for name in ("__bool__", "item"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, _o=original: (self.dtype == torch.bool and reads.append(1)) or _o(self))
+    counts = {}
+    for steps in (5, 40):
+        reads.clear()
+        run_on("gauss", "dpmpp_2m", steps, noise=NOISE["gauss"][:8])
+        counts[steps] = len(reads)
+    assert counts[5] == counts[40] == 1, counts
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_dpmpp_3m_sde_at_few_karras_steps():
+    """10 Karras steps: long steps take the 2M midpoint form (THIRD_ORDER_MAX_STEP), where k-diffusion's
+    quadratic extrapolation overshoots (W2 1.32). Measured 0.14 against diffusers' 3M SDE 0.37."""
+    d = pytest.importorskip("diffusers")
+    sch = d.DPMSolverMultistepScheduler(trained_betas=LINEAR.betas.numpy(), use_karras_sigmas=True, solver_order=3,
+                                        algorithm_type="sde-dpmsolver++")
+    sch.set_timesteps(10)
+    x, g = NOISE["gauss"].clone(), torch.Generator().manual_seed(3)  # DPMSolverMultistep steps z_t (VP)
+    for t in sch.timesteps:
+        x = sch.step(exact_eps(LINEAR)(x, time_input(float(t), len(x))), t, x, generator=g).prev_sample
+    ours, theirs = w2(run_on("gauss", "dpmpp_3m_sde", 10, "karras")[0]), w2(x)
+    print("dpmpp_3m_sde 10 Karras steps: ours", ours, "diffusers", theirs)
+    assert ours < 0.2 and ours < theirs
 
 
 # ---- few-step models: LCM ---------------------------------------------------------------------------

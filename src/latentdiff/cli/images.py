@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +20,7 @@ def generate_images(path: Path, task: str, params: dict[str, Any], image: Option
     from latentdiff.data.decode import read_image
     from latentdiff.data.masks import read_mask
     from latentdiff.models.settings import Task
+    from latentdiff.pipelines.stream import stream_images
 
     task = Task(task)
     pipe = load_model(path, params["device"], **{k: params[k] for k in LOAD_PARAMS})
@@ -36,14 +36,12 @@ def generate_images(path: Path, task: str, params: dict[str, Any], image: Option
         inputs["mask"] = read_mask(mask, hw)
     if low_res is not None:
         inputs["low_res"] = _read_low_res(low_res, pipe.manifest.low_res_size, channels)
-    t0 = time.perf_counter()
-    images, nfe = pipe.run(settings, **inputs)
-    dt = time.perf_counter() - t0
     files = {k: str(v) for k, v in (("input", image or low_res), ("mask", mask)) if v is not None}
-    meta = pipe.describe(settings, task) | files | {"nfe": nfe, "seconds_per_image": dt / len(images)}
-    paths, grid = pipe.save(images, params["out"], meta)
-    click.echo(f"{len(paths)} images in {params['out']} ({dt / len(images):.3f} s/image, {meta['sampler']} "
-               f"{meta['spacing']}, {nfe:g} network evaluations per image); grid: {grid}")
+    meta = pipe.describe(settings, task) | files
+    done = stream_images(pipe, settings, params["out"], meta, params["fmt"], params["overwrite"], inputs)
+    kept = f", {done.reused} kept from an earlier run" if done.reused else ""
+    click.echo(f"{done.drawn} images drawn in {params['out']}{kept} ({done.seconds_per_image:.3f} s/image, "
+               f"{meta['sampler']} {meta['spacing']}, {done.nfe:g} network evaluations per image); grid: {done.grid}")
 
 
 def _default_strength(task: str) -> float:

@@ -166,7 +166,15 @@ def image_options(f: Any) -> Any:
         setting("--batch-size", type=click.IntRange(min=1),
                 help="Images per network call; memory depends on this, not on --n-samples."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
-                     show_default=True, help="Folder for the PNGs and grid.png."),
+                     show_default=True,
+                     help="Folder for the images (written as each batch finishes, named by seed) and grid.png "
+                          "(the first 64). A rerun with the same arguments resumes: images already there are "
+                          "kept and skipped (by default; --overwrite draws them again)."),
+        click.option("--format", "fmt", type=click.Choice(["png", "npz"]), default="png", show_default=True,
+                     help="png: one file per image with its settings; npz: one uint8 shard per batch "
+                          "(images, seeds, settings), for evaluation pipelines."),
+        click.option("--overwrite", is_flag=True, default=False,
+                     help="Draw every image again instead of keeping those --out already holds."),
         click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, ...")])
     return model_options(sampling_options(condition_options(f)))
 

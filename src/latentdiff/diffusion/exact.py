@@ -22,8 +22,9 @@ def _f64(values) -> Tensor:
 
 
 def _abar(schedule: Schedule, t: Tensor, like: Tensor, extra_dims: int) -> Tensor:
-    assert t.dtype == torch.long and t.shape == (like.shape[0],), "eps_fn takes a (B,) long tensor of timesteps"
-    return schedule.alphas_cumprod[t.cpu()].to(like.device, like.dtype).reshape(-1, *[1] * extra_dims)
+    """ᾱ at (B,) timesteps: the table at integers, the continuous time input's ᾱ between them (abar_at)."""
+    assert t.shape == (like.shape[0],), "eps_fn takes a (B,) tensor of timesteps"
+    return schedule.abar_at(t, like).reshape(-1, *[1] * extra_dims)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "LMS Karras": ("lms", "karras"), "DPM++ 2M": ("dpmpp_2m", "trailing"), "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
     "DPM++ 2M SDE": ("dpmpp_2m_sde", "trailing"), "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
     "DPM++ 3M SDE": ("dpmpp_3m_sde", "trailing"), "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", "karras"),
-    "DPM adaptive": ("dpm_adaptive", "trailing"), "LCM": ("lcm", "lcm")}
+    "DPM adaptive": ("dpm_adaptive", "trailing"), "LCM": ("lcm", "lcm"), "UniPC": ("unipc", "trailing"),
+    "UniPC Karras": ("unipc", "karras"), "DEIS": ("deis", "trailing"), "DEIS Karras": ("deis", "karras")}
 OWN_SPACING = "trailing"  # the spacing of a sampler named by our own name: always starts at pure noise
 
 # our sampler -> (diffusers scheduler, k-diffusion function, network evaluations for N steps, kind)
@@ -40,7 +41,13 @@ EQUIVALENTS: dict[str, tuple[str, str, str, str]] = {
                      "stochastic, 3rd-order multistep"),
     "dpm_adaptive": ("none", "`sample_dpm_adaptive`", "chosen by the solver", "deterministic, adaptive 3(2)"),
     "lcm": ("`LCMScheduler` (its timesteps: `spacing=\"lcm\"`)", "`sample_lcm`", "N",
-            "consistency model, fresh noise every step")}
+            "consistency model, fresh noise every step"),
+    "unipc": ('`UniPCMultistepScheduler(solver_type="bh1", solver_order=3)`', "— (ComfyUI `uni_pc`)", "N",
+              "deterministic, predictor-corrector, order 3 + 1"),
+    "unipc_bh2": ("`UniPCMultistepScheduler` (defaults: bh2, order 2)", "— (ComfyUI `uni_pc_bh2`)", "N",
+                  "deterministic, predictor-corrector, order 2 + 1"),
+    "deis": ("`DEISMultistepScheduler(solver_order=3)`", "— (ComfyUI `deis`)", "N",
+             "deterministic, Adams–Bashforth in log ρ (order 3)")}
 
 
 def resolve(name: str, spacing: Optional[str] = None) -> tuple[str, str]:

@@ -25,6 +25,14 @@ def _expand(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def interp_log_sigma(log_sigmas: Tensor, t: Tensor) -> Tensor:
+    """log σ at (fractional) timesteps t: linear between the table's neighbours (k-diffusion's t_to_sigma)."""
+    t = t.double().clamp(0, len(log_sigmas) - 1)
+    lo = t.floor().long().clamp(max=len(log_sigmas) - 2)
+    w = t - lo
+    return (1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]
+
+
 def _as_batch(a: Tensor | float, like: Tensor) -> Tensor:
     """Broadcast a scalar or per-sample (B,) value against ``like``."""
     a = torch.as_tensor(a, device=like.device, dtype=like.dtype)
@@ -96,6 +104,16 @@ class Schedule:
         a = self.alphas_cumprod
         return (a / (1 - a)).log()
 
+    def abar_at(self, t: Tensor, like: Tensor) -> Tensor:
+        """ᾱ at timesteps t, shaped to broadcast against ``like``: the table at integers; between them the
+        network's continuous time input, log σ interpolated linearly (the inverse of Denoiser's σ -> t), and
+        ᾱ = 1/(1+σ²) since σ² = (1-ᾱ)/ᾱ in (20.8)."""
+        t = torch.as_tensor(t)
+        if not t.is_floating_point():
+            return _expand(self.alphas_cumprod, t, like)
+        sigma = interp_log_sigma(self.sigmas.log(), t.cpu().reshape(-1)).exp()
+        return (1 / (1 + sigma**2)).to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
     def snr(self, t: Tensor) -> Tensor:
         """SNR(t) = ᾱ_t / (1-ᾱ_t) for integer timesteps t, float64."""
         a = self.alphas_cumprod[torch.as_tensor(t).long().to(self.alphas_cumprod.device)]
@@ -120,27 +138,27 @@ class Schedule:
 
     # ---- parameterisations (Dieleman's denoising-autoencoder view) ----------------------------
     def eps_to_x0(self, z_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x̂ = (z_t - √(1-ᾱ_t) ε̂) / √ᾱ_t, the inverse of (20.8), at integer timesteps t."""
-        return eps_to_x0_at(z_t, eps, _expand(self.alphas_cumprod, t, z_t))
+        """x̂ = (z_t - √(1-ᾱ_t) ε̂) / √ᾱ_t, the inverse of (20.8), at timesteps t (see :meth:`abar_at`)."""
+        return eps_to_x0_at(z_t, eps, self.abar_at(t, z_t))
 
     def x0_to_eps(self, z_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """ε̂ = (z_t - √ᾱ_t x̂) / √(1-ᾱ_t), the inverse of (20.8)."""
-        a = _expand(self.alphas_cumprod, t, z_t)
+        a = self.abar_at(t, z_t)
         return (z_t - a.sqrt() * x0) / (1 - a).sqrt()
 
     def v_target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """v = √ᾱ_t ε - √(1-ᾱ_t) x."""
-        a = _expand(self.alphas_cumprod, t, x0)
+        a = self.abar_at(t, x0)
         return a.sqrt() * eps - (1 - a).sqrt() * x0
 
     def v_to_eps(self, z_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """ε = √(1-ᾱ_t) z_t + √ᾱ_t v (from v and (20.8), using ᾱ + (1-ᾱ) = 1)."""
-        a = _expand(self.alphas_cumprod, t, z_t)
+        a = self.abar_at(t, z_t)
         return (1 - a).sqrt() * z_t + a.sqrt() * v
 
     def v_to_x0(self, z_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """x = √ᾱ_t z_t - √(1-ᾱ_t) v."""
-        a = _expand(self.alphas_cumprod, t, z_t)
+        a = self.abar_at(t, z_t)
         return a.sqrt() * z_t - (1 - a).sqrt() * v
 
     def to_eps(self, prediction: Tensor, z_t: Tensor, t: Tensor, kind: str) -> Tensor:
@@ -187,5 +205,7 @@ def abar_from_sigma(sigma: float) -> float:
 
 def eps_to_x0_at(z_t: Tensor, eps: Tensor, abar: Tensor | float) -> Tensor:
     """x̂ = (z_t - √(1-ᾱ) ε̂) / √ᾱ, the inverse of (20.8), for any ᾱ (a timestep's, or one of the σ view)."""
+    if isinstance(abar, (float, int)):  # the samplers' σ view: a Python number, no host-to-device copy (a sync)
+        return (z_t - (1 - abar) ** 0.5 * eps) / abar**0.5
     a = _as_batch(abar, z_t)
     return (z_t - (1 - a).sqrt() * eps) / a.sqrt()

@@ -92,14 +92,17 @@ def sigmas_for(schedule: Schedule, steps: int, spacing: str = "trailing") -> Ten
 class Denoiser:
     """D(x, σ) = x̂: the discrete ε-model of ``schedule`` seen from the σ view (k-diffusion's wrapper).
 
-    σ is mapped to the *nearest* discrete timestep in log σ, because the ε-model takes integer
-    timesteps: exact on timestep spacings, and the same rounding as diffusers' DPMSolverMultistep with
-    Karras sigmas (and k-diffusion with ``quantize=True``). Interpolating t in log σ would need
-    fractional timesteps, which the ε-model contract excludes. ``clip_x0`` clamps x̂ (pixel models).
+    The network's time input is continuous: σ maps to t(σ), the timestep index interpolated linearly in
+    log σ between the schedule's neighbours (k-diffusion's ``sigma_to_t``, diffusers' ``_sigma_to_t``), so
+    any σ grid is evaluated where it asks; on a timestep spacing t(σ) is that integer timestep, passed as
+    a long tensor as before. ``quantize=True`` rounds t(σ) to the nearest timestep instead (k-diffusion's
+    ``quantize``; what diffusers' DPMSolverMultistep does with Karras sigmas), which leaves an error
+    floor where σ and the timestep disagree. ``clip_x0`` clamps x̂ (pixel models).
     """
 
-    def __init__(self, eps_fn: EpsFn, schedule: Schedule, clip_x0: Optional[float] = None) -> None:
-        self.eps_fn, self.clip_x0 = eps_fn, clip_x0
+    def __init__(self, eps_fn: EpsFn, schedule: Schedule, clip_x0: Optional[float] = None,
+                 quantize: bool = False) -> None:
+        self.eps_fn, self.clip_x0, self.quantize = eps_fn, clip_x0, quantize
         self.log_sigmas = schedule.sigmas.log()
         self.sigma_min, self.sigma_max = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
 
@@ -107,9 +110,23 @@ class Denoiser:
         """The discrete timestep whose σ_t is nearest to σ in log σ."""
         return int((self.log_sigmas - math.log(sigma)).abs().argmin())
 
+    def time(self, sigma: float) -> float:
+        """t(σ): the timestep index interpolated linearly in log σ (clamped to [0, T-1])."""
+        ls, T = self.log_sigmas, len(self.log_sigmas)
+        i = int(torch.searchsorted(ls, torch.tensor([math.log(sigma)], dtype=ls.dtype)).clamp(1, T - 1))
+        w = (math.log(sigma) - float(ls[i - 1])) / float(ls[i] - ls[i - 1])
+        return min(max(i - 1 + w, 0.0), T - 1.0)
+
+    def time_input(self, sigma: float, x: Tensor) -> Tensor:
+        """The (B,) time input of the network at σ: long where t(σ) is an integer (or quantized), else float."""
+        t = self.timestep(sigma) if self.quantize else self.time(sigma)
+        if abs(t - round(t)) < 1e-6:
+            return torch.full((x.shape[0],), round(t), dtype=torch.long, device=x.device)
+        return torch.full((x.shape[0],), t, dtype=x.dtype if x.dtype == torch.float64 else torch.float32,
+                          device=x.device)
+
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
-        t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.long, device=x.device)
         abar = abar_from_sigma(sigma)
         z_t = x * abar**0.5  # the VP latent the ε-model reads: x = z_t/√ᾱ
-        x0 = eps_to_x0_at(z_t, self.eps_fn(z_t, t), abar)  # the inverse of (20.8); in σ terms x - σ ε̂
+        x0 = eps_to_x0_at(z_t, self.eps_fn(z_t, self.time_input(sigma, x)), abar)  # (20.8) inverted: x - σ ε̂
         return x0 if self.clip_x0 is None else x0.clamp(-self.clip_x0, self.clip_x0)

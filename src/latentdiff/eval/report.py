@@ -23,12 +23,18 @@ def evaluate(real: torch.Tensor, fake: torch.Tensor, extractor: FeatureExtractor
     real, fake = check_images(real, "real images"), check_images(fake, "fake images")
     if min(len(real), len(fake)) <= k:
         raise UserError(f"evaluate: need more than k={k} images per set, got {len(real)} real and {len(fake)} fake")
-    fr, ff = extractor(real), extractor(fake)
+    return evaluate_features(extractor(real), extractor(fake), extractor.name, k)
+
+
+def evaluate_features(fr: torch.Tensor, ff: torch.Tensor, feature: str, k: int = 3) -> dict[str, Any]:
+    """:func:`evaluate` on features already extracted (real (N, D), fake (M, D)): what a streaming run keeps."""
+    if min(len(fr), len(ff)) <= k:
+        raise UserError(f"evaluate: need more than k={k} images per set, got {len(fr)} real and {len(ff)} fake")
     precision, recall = precision_recall(fr, ff, k=k)
     return {
-        "feature": extractor.name,
-        "n_real": len(real),
-        "n_fake": len(fake),
+        "feature": feature,
+        "n_real": len(fr),
+        "n_fake": len(ff),
         "fid": fid_from_features(fr, ff),  # biased upwards for small n: compare only at equal n
         "cmmd": mmd_rbf(_unit_rows(fr), _unit_rows(ff)),
         "precision": precision,

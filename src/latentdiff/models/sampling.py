@@ -194,6 +194,7 @@ class LatentSampler:
         shape, n, b = self.latent_shape(s), s.n_samples, s.batch_size
         total = -(-n // b) * s.steps
         out, nfes = [], []
+        options: dict[str, Any] = dict(s.sampler_options)  # the sampler's own keywords (checked by s.check)
         for start in range(0, n, b):
             part = slice(start, min(start + b, n))
             src = noise.chunk(start, part.stop - start)
@@ -206,7 +207,7 @@ class LatentSampler:
             z, nfe = sample(eps_fn, x_T, schedule, sampler, s.steps, generator=src, callback=hook, spacing=spacing,
                             clip_x0=1.0 if isinstance(self.autoencoder, IdentityAutoencoder) else None,
                             return_nfe=True, init=None if init is None else init[part], strength=s.strength,
-                            mask=mask, resample=s.resample, **s.sampler_options)
+                            mask=mask, resample=s.resample, **options)
             out.append(z)
             nfes.append(nfe)
         return Latents(torch.cat(out), sum(nfes) / len(nfes))

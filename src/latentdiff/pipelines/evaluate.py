@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from latentdiff.data import DataConfig, load_dataset
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
 from latentdiff.errors import UserError
-from latentdiff.eval.features import SHIPPED, FeatureExtractor, build_extractor
-from latentdiff.eval.report import evaluate, reconstruction_report
+from latentdiff.eval.features import SHIPPED, FeatureExtractor, build_extractor, check_images
+from latentdiff.eval.report import evaluate_features, reconstruction_report
 from latentdiff.models.folder import Manifest, load_autoencoder, read_manifest
 from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.generate import Pipeline
@@ -72,13 +73,32 @@ def evaluate_samples(model_dir: Path | str, n_samples: int = 1000, batch_size: i
     pipe.check(settings)
     extractor = parse_features(features, _data_source(pipe.manifest), device)
     real, _ = reference_images(pipe.manifest, n_samples)
-    t0 = time.perf_counter()
-    fake, nfe = pipe.run(settings, callback=progress)
-    seconds = time.perf_counter() - t0
-    report = evaluate(real, fake, extractor)
+    fake_features, nfe, seconds = stream_features(pipe, settings, extractor, progress)
+    report = evaluate_features(extractor(check_images(real, "real images")), fake_features, extractor.name)
     sampler, spacing = settings.resolved
     return report | {"model": str(model_dir), "sampler": sampler, "spacing": spacing, "steps": steps,
                      "nfe_per_sample": nfe, "seed": seed, "sample_seconds_per_image": seconds / n_samples}
+
+
+def stream_features(pipe: Pipeline, settings: SampleSettings, extractor: Callable[[torch.Tensor], torch.Tensor],
+                    progress: Optional[Callable[[int, int], None]] = None) -> tuple[Any, float, float]:
+    """Features of ``settings.n_samples`` generated images, drawn batch by batch (image i from seed + i, as in a
+    whole run) and dropped once their features are taken: memory holds features, not images.
+    Returns (features (N, D), as the extractor gives them, NFE per image, seconds spent sampling)."""
+    n, b = settings.n_samples, settings.batch_size
+    total = -(-n // b) * settings.steps
+    feats, nfe_sum, seconds = [], 0.0, 0.0
+    for start in range(0, n, b):
+        end = min(n, start + b)
+        done = (start // b) * settings.steps
+        hook = None if progress is None else (lambda d, _t, done=done: progress(min(done + d, total), total))
+        t0 = time.perf_counter()
+        images, nfe = pipe.run(settings.replace(n_samples=end - start, seed=settings.seed + start), callback=hook)
+        seconds += time.perf_counter() - t0
+        feats.append(extractor(check_images(images, "fake images")))
+        nfe_sum += nfe * (end - start)
+    joined = np.concatenate(feats) if isinstance(feats[0], np.ndarray) else torch.cat(feats)  # the extractor's type
+    return joined, nfe_sum / n, seconds
 
 
 @torch.no_grad()
