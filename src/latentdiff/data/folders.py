@@ -14,7 +14,7 @@ from PIL import Image
 
 from latentdiff.data.captions import read_captions
 from latentdiff.data.config import EMBEDDED, DataConfig
-from latentdiff.data.decode import decode_image
+from latentdiff.data.decode import decode_image, image_file_problem
 from latentdiff.data.source import SourceImages, check_memory, in_test
 from latentdiff.errors import UserError
 
@@ -61,11 +61,31 @@ def load_folder(cfg: DataConfig) -> SourceImages:
                         f"or set data.captions=ignore{hint}")
     if not captioned and hint:
         log.warning("%s: no captions found%s", root, hint)
+    # Every file of both splits is checked cheaply first (special files never opened), so a bad held-out
+    # file is reported now, not when `eval` trips on it.
+    bad = find_bad_files(root, files)
+    if bad and cfg.on_bad_file == "fail":
+        rel = next(iter(bad))
+        raise UserError(f"{root / rel}: cannot read image ({bad[rel]})")
     # Split by a hash of the relative path, so adding files never moves existing ones across.
-    cands = [f for f in files if in_test(f) == (cfg.split == "test")]
-    if not cands:
+    split = [f for f in files if in_test(f) == (cfg.split == "test")]
+    if not split:
         raise UserError(f"{root}: the {cfg.split!r} split is empty ({len(files)} images; 'test' holds ~10%)")
-    images, kept = _decode_all(root, cands, cfg)
+    found = [f for f in split if f in bad]
+    images, kept, bad_decodes = _decode_all(root, [f for f in split if f not in bad], cfg,
+                                            {f: bad[f] for f in found})
+    skipped = {f: bad[f] for f in found} | bad_decodes
+    if skipped:
+        first = next(iter(skipped))
+        other = len(bad) - len(found)
+        elsewhere = f"; {other} more in the other split" if other else ""
+        log.warning("%s: skipped %d unreadable image file(s); first: %s (%s)%s", root, len(skipped), first,
+                    skipped[first], elsewhere)
+    elif bad:
+        other = "test" if cfg.split == "train" else "train"
+        first = next(iter(bad))
+        log.warning("%s: %d unreadable image file(s) in the %r split (not used by this run; eval would skip them); "
+                    "first: %s (%s)", root, len(bad), other, first, bad[first])
     index = {n: i for i, n in enumerate(names)}
     labels = torch.tensor([index[f.split("/", 1)[0]] for f in kept], dtype=torch.int64) if labelled else None
     # Built from `kept`, so images skipped as unreadable drop their captions too.
@@ -73,13 +93,29 @@ def load_folder(cfg: DataConfig) -> SourceImages:
     return SourceImages(images, labels, names, kept, captions)
 
 
-def _decode_all(root: Path, cands: list[str], cfg: DataConfig) -> tuple[torch.Tensor, list[str]]:
-    """Decode candidates in order until data.limit images are read; bad files per data.on_bad_file."""
+def find_bad_files(root: Path, files: list[str]) -> dict[str, str]:
+    """{relative path: problem} of the files under ``root`` that cannot be images, in ``files``' order, by
+    decode.image_file_problem (type and header, no decoding) in a thread pool."""
+    # PIL warns (on stderr) about images between 1x and 2x MAX_IMAGE_PIXELS: an error here, counted as bad.
+    # Set once around the pool: catch_warnings is not thread-safe.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        problems = pool.map(lambda rel: image_file_problem(root / rel), files, chunksize=64)
+        return {rel: p for rel, p in zip(files, problems) if p is not None}
+
+
+def _decode_all(root: Path, cands: list[str], cfg: DataConfig,
+                known_bad: dict[str, str]) -> tuple[torch.Tensor, list[str], dict[str, str]]:
+    """Decode candidates in order until data.limit images are read; bad files per data.on_bad_file.
+
+    Returns the images, their files and {file: problem} of the files that failed to decode. ``known_bad``:
+    the split's files already found bad (reported with these when nothing decodes).
+    """
     n_max = min(len(cands), cfg.limit or len(cands))
     check_memory(n_max, cfg.channels, cfg.image_size)
     out = np.empty((n_max, cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
     kept: list[str] = []
-    n_bad, first_bad = 0, ""
+    failed: dict[str, str] = {}
 
     def try_decode(rel: str) -> np.ndarray | str:
         try:
@@ -99,12 +135,12 @@ def _decode_all(root: Path, cands: list[str], cfg: DataConfig) -> tuple[torch.Te
                 if isinstance(res, str):
                     if cfg.on_bad_file == "fail":
                         raise UserError(f"{root / rel}: cannot read image ({res})")
-                    n_bad, first_bad = n_bad + 1, first_bad or f"{rel} ({res})"
+                    failed[rel] = res
                 else:
                     out[len(kept)] = res
                     kept.append(rel)
     if not kept:
-        raise UserError(f"{root}: no decodable images ({n_bad} bad files, first: {first_bad})")
-    if n_bad:
-        log.warning("%s: skipped %d unreadable image file(s); first: %s", root, n_bad, first_bad)
-    return torch.from_numpy(out[: len(kept)].copy() if len(kept) < n_max else out), kept
+        every = known_bad | failed
+        first = next(iter(every), "")
+        raise UserError(f"{root}: no decodable images ({len(every)} bad files, first: {first} ({every.get(first)}))")
+    return torch.from_numpy(out[: len(kept)].copy() if len(kept) < n_max else out), kept, failed
