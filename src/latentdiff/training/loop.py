@@ -110,6 +110,10 @@ class TrainingRun:
         self.batches = Batches(len(self.data), tc.batch_size, tc.seed + 1)
         self.noise_gen = torch.Generator().manual_seed(tc.seed + 2)  # t and ε of the objective, posterior samples
         self.step, self.bad_steps, self.images_seen = 0, 0, 0
+        # the running sums of the logs since the last metrics.csv row, and their count: checkpointed, so a
+        # resumed run's next row averages the same steps as an uninterrupted run's
+        self.log_sums: dict[str, float] = {}
+        self.log_count = 0
         if resume:
             self._resume()
 
@@ -287,6 +291,10 @@ class TrainingRun:
         self.batches.load(batches)
         self.noise_gen.set_state(noise)
         self.step, self.bad_steps, self.images_seen = state["step"], state["bad_steps"], state["images_seen"]
+        names, sums = state.get("log_names", []), state.get("log_sums", [])
+        if len(names) != len(sums):
+            raise UserError(f"{folder / 'state.json'}: log_names and log_sums differ in length")
+        self.log_sums, self.log_count = dict(zip(names, sums)), state.get("log_count", 0)
         if own is not None:
             torch.set_rng_state(own)
         else:  # resumed with more processes than were saved: a fresh, still deterministic, dropout stream
@@ -304,6 +312,8 @@ class TrainingRun:
     def _write_checkpoint(self, torch_states: list[torch.Tensor]) -> Path:
         rng = rng_tensors(self.batches.state(), self.noise_gen.get_state(), torch_states)
         state = {"bad_steps": self.bad_steps, "images_seen": self.images_seen,
+                 "log_names": list(self.log_sums), "log_sums": list(self.log_sums.values()),
+                 "log_count": self.log_count,
                  "data_fingerprint": self.fingerprint(), "config": self.cfg.to_dict(),
                  "extra": self.extra_state(), "world_size": self.dist.world_size,
                  "grad_scaler": self.scaler.state_dict() if self.scaler else None}
@@ -342,7 +352,7 @@ class TrainingRun:
             m.train()
         logger = CsvLog(self.out / "metrics.csv", self.out / "tensorboard" if tc.tensorboard else None,
                         self.step) if main else None
-        t0, seen0, sums, count = time.perf_counter(), self.images_seen, {}, 0
+        t0, seen0 = time.perf_counter(), self.images_seen
         deadline = time.perf_counter() + tc.time_limit * 60 if tc.time_limit else float("inf")
         while self.step < tc.steps:
             if tc.time_limit and distributed.broadcast_flag(time.perf_counter() > deadline, self.device):
@@ -359,13 +369,14 @@ class TrainingRun:
                 self.scaler.update()
             self.step += 1
             bar.update(1)
-            count += 1
+            self.log_count += 1
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
+                self.log_sums[k] = self.log_sums.get(k, 0.0) + v
             if logger and tc.log_every and (self.step % tc.log_every == 0 or self.step == tc.steps):
                 rate = (self.images_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
-                row = {"step": self.step, **{k: v / count for k, v in sums.items()}, "lr": lr_at(self.step - 1, tc),
-                       "images_per_s": rate, "bad_steps": self.bad_steps}
+                means = {k: v / self.log_count for k, v in self.log_sums.items()}
+                row = {"step": self.step, **means, "lr": lr_at(self.step - 1, tc), "images_per_s": rate,
+                       "bad_steps": self.bad_steps}
                 logger.write(row)
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}")
                 if not show:
@@ -373,7 +384,7 @@ class TrainingRun:
                           file=sys.stderr)
                 if on_log:
                     on_log(row)
-                t0, seen0, sums, count = time.perf_counter(), self.images_seen, {}, 0
+                t0, seen0, self.log_sums, self.log_count = time.perf_counter(), self.images_seen, {}, 0
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                 self.save()
             if main and tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
