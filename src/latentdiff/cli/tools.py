@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import click
 
 from latentdiff.cli.app import cli
-from latentdiff.cli.options import check_device, naming_options
+from latentdiff.cli.options import OutputPath, check_device, naming_options
 from latentdiff.errors import SettingError, UserError
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("dst", type=OutputPath())
 @click.option("--to", "layout", default="latentdiff", show_default=True, type=click.Choice(["latentdiff", "diffusers"]),
               help="Layout of DST: a latentdiff model folder or a diffusers pipeline folder.")
 @click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
@@ -24,8 +25,15 @@ def convert(src: Path, dst: Path, layout: str, prediction: Optional[str], size: 
     """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to SRC's twin."""
     from latentdiff.pipelines.stable_diffusion import load_any, save_diffusers, save_latentdiff
 
+    from latentdiff.formats.paths import check_free_space
+
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"{dst} exists and is not empty; choose a new folder")
+    if src.exists():  # at least half the source's size (fp16 weights are written as fp32; a .ckpt may hold EMA too)
+        size = src.stat().st_size if src.is_file() else sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(src) for f in names
+            if os.path.isfile(os.path.join(d, f)))
+        check_free_space(dst, size // 2, "DST", f"the converted weights of {src}")
     pipe = load_any(src, "cpu", prediction)
     try:
         (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst, image_size=size)
@@ -49,7 +57,7 @@ def convert(src: Path, dst: Path, layout: str, prediction: Optional[str], size: 
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sample i uses seed+i.")
 @click.option("--features", default=None, help="domain:fashion-mnist | domain:mnist5k | domain:PATH | "
               "inception:PATH (FID Inception weights). Default: the data set's shipped classifier.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here.")
+@click.option("--out", type=OutputPath(folder=False), default=None, help="Also write the JSON here.")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, ...")
 def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, spacing: Optional[str],
              seed: int, features: Optional[str], out: Optional[Path], device: str) -> None:
@@ -89,7 +97,7 @@ def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampl
               help="Show the predicted image every N steps while sampling (one autoencoder decode each); 0: never.")
 @click.option("--keep-jobs", default=200, show_default=True, type=click.IntRange(min=1),
               help="Finished jobs the server remembers (their PNGs stay in --out).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True,
+@click.option("--out", type=OutputPath(), default=Path("outputs"), show_default=True,
               help="Folder for result PNGs (one subfolder per job).")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow scripts on this origin to call the API (CORS is closed by default).")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from latentdiff.cli.app import cli
-from latentdiff.cli.options import Finite, check_device
+from latentdiff.cli.options import Finite, OutputPath, check_device, undecodable
 from latentdiff.errors import UserError
 
 
@@ -16,8 +16,7 @@ from latentdiff.errors import UserError
 @click.argument("preset_or_yaml")
 @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
 @click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps (overrides train.steps).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run folder (default: runs/PRESET).")
+@click.option("--out", type=OutputPath(), default=None, help="Run folder (default: runs/PRESET).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint "
               "(model, EMA, optimiser, data order and RNG), up to --steps.")
 @click.option("--device", default="auto", show_default=True, callback=check_device,
@@ -30,10 +29,15 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
     `torchrun --nproc-per-node N -m latentdiff train ...` it trains data-parallel on N processes;
     train.batch_size is then the global batch of a step (README: Training on several GPUs).
     """
-    from latentdiff.training.config import load_config
+    from latentdiff.formats.paths import check_free_space, check_output_folder
     from latentdiff.training import make_trainer
+    from latentdiff.training.config import load_config
 
-    out = out or Path("runs") / Path(preset_or_yaml).stem
+    for override in overrides:  # the run's config.yaml is UTF-8: undecodable bytes could not be written to it
+        if undecodable(override):
+            raise UserError(f"override {undecodable(override)}")
+    if out is None:
+        out = check_output_folder(Path("runs") / Path(preset_or_yaml).stem, "--out")
     if resume and (out / "config.yaml").is_file():
         cfg = _resumed_config(out, preset_or_yaml, list(overrides))
     else:
@@ -44,6 +48,8 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
 
     try:  # under torchrun every process runs this; rank 0 writes and reports
         trainer = make_trainer(cfg, out, resume=resume, device=device)
+        need = checkpoint_bytes(trainer)
+        check_free_space(out, need, "--out", "a checkpoint and the exported model")
         grid = trainer.run()
     finally:
         distributed.teardown()
@@ -51,6 +57,14 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
         click.echo(f"model: {out}")
         if grid:
             click.echo(f"samples: {grid}")
+
+
+def checkpoint_bytes(trainer) -> int:
+    """A lower bound of what a run writes to disk: its weights twice (a checkpoint and the exported model)
+    and the optimisers' moments (AdamW: two per weight)."""
+    weights = sum(t.numel() * t.element_size() for m in trainer.modules().values() for t in m.state_dict().values())
+    return 2 * weights + sum(2 * p.numel() * p.element_size() for opt in trainer.optimizers().values()
+                             for group in opt.param_groups for p in group["params"])
 
 
 def _resumed_config(out: Path, preset: str, overrides: list[str]):
@@ -82,7 +96,7 @@ def _setting(cfg, override: str):
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+@click.option("--out", type=OutputPath(), default=Path("runs/demo"),
               show_default=True, help="Folder for both models, the prompt grid and the adherence report.")
 @click.option("--ae-minutes", default=2.7, show_default=True, type=Finite(min=0.1),
               help="Time limit of the autoencoder's training (its 700 steps: ~2.5 min on 2 CPU cores).")
