@@ -23,17 +23,16 @@ from latentdiff.errors import SettingError, UserError
 @click.option("--size", default=None, type=click.IntRange(min=8), help="Default image side stored in DST.")
 def convert(src: Path, dst: Path, layout: str, prediction: Optional[str], size: Optional[int]) -> None:
     """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to SRC's twin."""
-    from latentdiff.pipelines.stable_diffusion import load_any, save_diffusers, save_latentdiff
-
     from latentdiff.formats.paths import check_free_space
+    from latentdiff.pipelines.stable_diffusion import load_any, save_diffusers, save_latentdiff
 
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"{dst} exists and is not empty; choose a new folder")
     if src.exists():  # at least half the source's size (fp16 weights are written as fp32; a .ckpt may hold EMA too)
-        size = src.stat().st_size if src.is_file() else sum(
+        src_bytes = src.stat().st_size if src.is_file() else sum(
             os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(src) for f in names
             if os.path.isfile(os.path.join(d, f)))
-        check_free_space(dst, size // 2, "DST", f"the converted weights of {src}")
+        check_free_space(dst, src_bytes // 2, "DST", f"the converted weights of {src}")
     pipe = load_any(src, "cpu", prediction)
     try:
         (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst, image_size=size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -59,7 +60,7 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
             click.echo(f"samples: {grid}")
 
 
-def checkpoint_bytes(trainer) -> int:
+def checkpoint_bytes(trainer: Any) -> int:
     """A lower bound of what a run writes to disk: its weights twice (a checkpoint and the exported model)
     and the optimisers' moments (AdamW: two per weight)."""
     weights = sum(t.numel() * t.element_size() for m in trainer.modules().values() for t in m.state_dict().values())
