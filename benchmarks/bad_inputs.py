@@ -515,10 +515,12 @@ def more_cases(case: Callable[..., None], root: Path, model: Path, run: Path, te
     manifest = json.loads((model / "model_index.json").read_text())
     without = {k: v for k, v in manifest.items() if k != "image_size"}
     for label, value, needle in [
+        ("null", None, "model_index.json: expected a JSON object of settings, got null"),
         ("a list", [1, 2], "model_index.json: expected a JSON object"),
         ("a string", "model", "model_index.json: expected a JSON object"),
         ("a number", 5, "model_index.json: expected a JSON object"),
         ("image_size null", manifest | {"image_size": None}, "model_index.json: image_size"),
+        ("image_size the string \"16\"", manifest | {"image_size": "16"}, "model_index.json: image_size: expected int"),
         ("image_size missing", without, "model_index.json: missing key(s) image_size"),
         ("channels a float", manifest | {"channels": 1.5}, "model_index.json: channels"),
         ("components a string", manifest | {"components": "unet"}, "model_index.json: components"),
@@ -534,6 +536,7 @@ def more_cases(case: Callable[..., None], root: Path, model: Path, run: Path, te
     unet = json.loads((model / "unet" / "config.json").read_text())
     for label, value, needle in [
         ("null", None, "unet/config.json: expected a JSON object"),
+        ("a list", [unet], "unet/config.json: expected a JSON object"),
         ("a string", "unet", "unet/config.json: expected a JSON object"),
         ("model_channels null", unet | {"model_channels": None}, "model_channels"),
         ("channel_mult a string", unet | {"channel_mult": "12"}, "channel_mult"),
