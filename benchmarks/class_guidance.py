@@ -75,7 +75,7 @@ def write(rows: list[dict], model: Path, train_s: float | None, args: argparse.N
             "command": "python benchmarks/class_guidance.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)}
     (res / "class_guidance.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Class accuracy vs classifier-free guidance (Fashion-MNIST, class-conditional LDM)", "",
+    lines = ["# Class accuracy vs classifier-free guidance (Fashion-MNIST, class-conditional LDM)", "",
              f"Machine: {meta['machine']}. Command: `{meta['command']}`.", "",
              f"Samples: {args.n_per_class} per class × 10 classes, {meta['sampler']}, the same seeds for every "
              "row. Class accuracy: the shipped Fashion-MNIST domain classifier (91.9 % on real test images) "

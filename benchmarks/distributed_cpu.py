@@ -56,7 +56,7 @@ def main() -> None:
     results = [run(n, t, args.preset, args.steps, args.batch) for n, t in ((1, 2), (1, 1), (2, 1))]
     gap = max(abs(a - b) / abs(a) for r in results[1:] for a, b in zip(results[0]["loss"], r["loss"]))
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, load average {load:.1f} at start"
-    lines = [f"# Data-parallel training on the CPU (gloo)", "", f"Machine: {machine}", "",
+    lines = ["# Data-parallel training on the CPU (gloo)", "", f"Machine: {machine}", "",
              f"`python benchmarks/distributed_cpu.py --preset {args.preset} --steps {args.steps} "
              f"--batch {args.batch}`", "",
              "| processes | threads each | images/s | wall (s) |", "| --- | --- | --- | --- |"]

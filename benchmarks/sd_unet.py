@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
-from latentdiff.formats import sd_keys
+from latentdiff.formats import sd_configs, sd_keys
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.models.unet import UNet, UNetConfig
 
@@ -60,7 +60,7 @@ def build(bf16: bool):
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02)
-    dcfg = sd_keys.unet_config_to_diffusers(cfg, ours.layout)
+    dcfg = sd_configs.unet_config_to_diffusers(cfg, ours.layout)
     dcfg.pop("_class_name")
     ref = diffusers.UNet2DConditionModel(**dcfg, sample_size=64).eval()
     state = ours.state_dict()

@@ -159,7 +159,7 @@ def test_text_encoder_save_load_round_trip(tmp_path):
 
 
 def test_trainer_on_captions_exports_a_model_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr("latentdiff.training.loop.load_dataset", lambda cfg: _captioned_data())
+    monkeypatch.setattr("latentdiff.training.loop.open_dataset", lambda cfg, **kw: _captioned_data())
     cfg = load_config("clip-fashion", TINY + ["clip.caption_template=null", "clip.patch_size=4",
                                               "data.image_size=16", "train.steps=4", "train.batch_size=8"])
     trainer = CLIPTrainer(cfg, tmp_path, progress=False)

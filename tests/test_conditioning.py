@@ -155,7 +155,7 @@ def test_demo_end_to_end_on_a_small_shapes_set(tmp_path):
 
     small = ["data.shapes_count=256", "train.batch_size=16", "train.steps=4", "train.warmup_steps=1",
              "train.grid_samples=2", "train.grid_steps=2"]
-    summary = run_demo(tmp_path, 1.0, 1.0, n_eval=2, overrides=small, log=lambda m: None)
+    summary = run_demo(tmp_path, None, n_eval=2, overrides=small, log=lambda m: None)  # the presets' (4) steps
     assert (tmp_path / "prompts.png").is_file() and (tmp_path / "adherence.md").is_file()
     assert set(summary["groups"]) == {"1 object, seen", "1 object, unseen", "2 objects, seen"}
     assert all(r["n"] == 2 for r in summary["groups"].values())

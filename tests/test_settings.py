@@ -123,7 +123,7 @@ def test_sampler_names_users_know_resolve_to_our_samplers():
         resolve("ddim", "karas")
     assert all(s in SAMPLERS and sp in SPACINGS for s, sp in PRESETS.values())
     assert list(EQUIVALENTS) == list(SAMPLERS)  # every sampler documented, in the same order
-    assert one_step_names() == ["DDIM", "DDPM", "Euler", "Euler a", "Heun"]
+    assert one_step_names() == ["DDIM", "DDPM", "Euler", "Euler a", "Heun", "LCM"]
 
 
 def test_docs_samplers_tables_are_the_data():

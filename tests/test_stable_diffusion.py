@@ -15,81 +15,22 @@ import torch
 from safetensors.torch import save_file
 
 from latentdiff.errors import UserError
-from latentdiff.models import UNet, UNetConfig
-from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
-from latentdiff.models.tokenizer import CLIPTokenizer
+from latentdiff.models import UNetConfig
 from latentdiff.models.concat import ConcatKind
-from latentdiff.pipelines.generate import Pipeline, PerSampleNoise, SampleSettings
+from latentdiff.pipelines.generate import Pipeline, SampleSettings
 from latentdiff.pipelines.stable_diffusion import (load_any, load_diffusers_folder, load_single_file, read_checkpoint,
                                                    save_diffusers, save_latentdiff)
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+from sd_helpers import (PROMPT, TOL, ddim, diffusers_pipeline, diffusers, open_clip_state, ours_image, perturb, reference_image,
+                        single_file, text_model, transformers)
+
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-TOL = 1e-4  # fp32 module parity bar of the issue
-PROMPT = "a red circle above a blue square"
-# Tiny SD v1 shape: heads are 8 (SD v1's count, which the single-file loader assumes), text heads 64 wide.
-UNET_V1 = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8)
-VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, sample_size=16)
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere, so zero-initialised layers take part in the comparison too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def _text_model(layers: int = 2, act: str = "quick_gelu") -> torch.nn.Module:
-    cfg = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=64, num_hidden_layers=layers,
-                                      num_attention_heads=1, intermediate_size=96, max_position_embeddings=77,
-                                      hidden_act=act, eos_token_id=2)
-    return _perturb(transformers.CLIPTextModel(cfg), 3)
-
-
-def _ddim(pipe) -> None:
-    """diffusers' DDIM on trailing timesteps ending at ᾱ = 1, the schedule latentdiff's ddim runs."""
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
-                                                         set_alpha_to_one=True)
-    pipe.set_progress_bar_config(disable=True)
-
-
-def _reference_image(pipe, seed: int, prompt: str = PROMPT, negative: str | None = None) -> torch.Tensor:
-    """diffusers' text-to-image run from latentdiff's noise for ``seed``: DDIM 10 steps, guidance 7.5, uint8."""
-    latents = PerSampleNoise([seed]).randn((1, 4, 8, 8))
-    out = pipe(prompt, negative_prompt=negative, num_inference_steps=10, guidance_scale=7.5, latents=latents,
-               output_type="pt").images
-    return (out * 255).round().to(torch.uint8)
-
-
-def _ours(pipe: Pipeline, seed: int, prompt: str = PROMPT, negative: str | None = None,
-          size: int | None = None) -> torch.Tensor:
-    return pipe.generate(n_samples=1, steps=10, sampler="ddim", seed=seed, prompt=prompt, negative_prompt=negative,
-                         guidance=7.5, spacing="trailing", width=size, height=size)
-
 
 @pytest.fixture(scope="module")
 def sd_v1(tmp_path_factory) -> tuple[Path, object]:
     """A random tiny SD v1-shaped diffusers pipeline saved in the diffusers folder layout."""
     root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    CLIPTokenizer.default().save(root / "clip-tokenizer")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "clip-tokenizer")
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=_perturb(diffusers.AutoencoderKL(**VAE), 1), text_encoder=_text_model(), tokenizer=tokenizer,
-        unet=_perturb(diffusers.UNet2DConditionModel(**UNET_V1), 2),
-        scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "diffusers")
-    _ddim(pipe)
-    return root, pipe
+    return root, diffusers_pipeline(root / "diffusers")
 
 
 def test_diffusers_folder_modules_match(sd_v1) -> None:
@@ -115,8 +56,8 @@ def test_text_to_image_matches_stable_diffusion_pipeline(sd_v1) -> None:
     root, ref = sd_v1
     ours = load_diffusers_folder(root / "diffusers")
     for seed, negative in ((7, None), (8, "blurry")):
-        expected = _reference_image(ref, seed, negative=negative)
-        got = _ours(ours, seed, negative=negative)
+        expected = reference_image(ref, seed, negative=negative)
+        got = ours_image(ours, seed, negative=negative)
         assert expected.float().std() > 5  # not a flat image: the comparison means something
         assert (got.int() - expected.int()).abs().max() <= 1
 
@@ -124,69 +65,40 @@ def test_text_to_image_matches_stable_diffusion_pipeline(sd_v1) -> None:
 def test_export_to_diffusers_and_latentdiff_round_trip(sd_v1, tmp_path) -> None:
     root, ref = sd_v1
     ours = load_diffusers_folder(root / "diffusers")
-    expected = _reference_image(ref, 11)
+    expected = reference_image(ref, 11)
     save_diffusers(ours, tmp_path / "exported")
     again = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "exported", safety_checker=None)
-    _ddim(again)
-    assert torch.equal(_reference_image(again, 11), expected)
+    ddim(again)
+    assert torch.equal(reference_image(again, 11), expected)
     save_latentdiff(ours, tmp_path / "own")
     own = load_any(tmp_path / "own")
     assert isinstance(own, Pipeline) and (tmp_path / "own" / "unet" / "model.safetensors").is_file()
-    assert (_ours(own, 11).int() - expected.int()).abs().max() <= 1
-
-
-def _single_file(text_state: dict[str, torch.Tensor], unet_cfg: UNetConfig, text_prefix: str,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
-    """A single-file checkpoint in the CompVis layout from random latentdiff models (CompVis names)."""
-    torch.manual_seed(seed)
-    unet = _perturb(UNet(unet_cfg), seed)
-    vae = _perturb(Autoencoder(AutoencoderConfig(in_channels=3, out_channels=3, base_channels=32,
-                                                 channel_mult=(1, 2), num_res_blocks=1)), seed + 1)
-    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    state |= {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
-    return state | {text_prefix + k: v.contiguous() for k, v in text_state.items()}
+    assert (ours_image(own, 11).int() - expected.int()).abs().max() <= 1
 
 
 def test_single_file_v1_matches_diffusers_from_single_file(sd_v1, tmp_path) -> None:
     root, _ = sd_v1
-    hf = _text_model()
+    hf = text_model()
     cfg = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
                      attention_resolutions=(1,), num_heads=8, context_dim=64)
     text = {"text_model." + k.removeprefix("text_model."): v for k, v in hf.state_dict().items()}
-    save_file(_single_file(text, cfg, "cond_stage_model.transformer."), tmp_path / "v1.safetensors")
+    save_file(single_file(text, cfg, "cond_stage_model.transformer."), tmp_path / "v1.safetensors")
     ref = diffusers.StableDiffusionPipeline.from_single_file(
         tmp_path / "v1.safetensors", config=str(root / "diffusers"), safety_checker=None, local_files_only=True)
-    _ddim(ref)
+    ddim(ref)
     ours = load_any(tmp_path / "v1.safetensors")
     assert ours.unet.config == cfg and ours.manifest.image_size == 512 and ours.diffusion.prediction == "eps"
-    assert (_ours(ours, 3, size=16).int() - _reference_image(ref, 3).int()).abs().max() <= 1  # tiny: 8x8 latents
-
-
-def _open_clip_state(hf: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """transformers CLIP text weights renamed to OpenCLIP's layout (q, k, v packed into in_proj)."""
-    s = {k.removeprefix("text_model."): v for k, v in hf.state_dict().items()}
-    out = {"token_embedding.weight": s["embeddings.token_embedding.weight"],
-           "positional_embedding": s["embeddings.position_embedding.weight"],
-           "ln_final.weight": s["final_layer_norm.weight"], "ln_final.bias": s["final_layer_norm.bias"],
-           "text_projection": torch.randn(64, 64), "logit_scale": torch.tensor(4.6)}
-    for n in range(hf.config.num_hidden_layers):
-        p, q = f"encoder.layers.{n}.", f"transformer.resblocks.{n}."
-        for kind in ("weight", "bias"):
-            out[q + f"attn.in_proj_{kind}"] = torch.cat([s[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
-            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                out[q + f"{b}.{kind}"] = s[p + f"{a}.{kind}"]
-    return out
+    assert (ours_image(ours, 3, size=16).int() - reference_image(ref, 3).int()).abs().max() <= 1  # tiny: 8x8 latents
 
 
 def test_single_file_v2_open_clip_v_prediction(tmp_path) -> None:
     """SD v2: OpenCLIP text tower read at its penultimate block, 64-wide heads, linear projections, v-prediction."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
 
-    open_clip = _open_clip_state(_text_model(layers=3, act="gelu"))
+    open_clip = open_clip_state(text_model(layers=3, act="gelu"))
     cfg = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(1, 2), num_head_channels=64, context_dim=64, use_linear_projection=True)
-    state = _single_file(open_clip, cfg, "cond_stage_model.model.", seed=4)
+    state = single_file(open_clip, cfg, "cond_stage_model.model.", seed=4)
     save_file(state, tmp_path / "v2.safetensors")
     ours = load_single_file(tmp_path / "v2.safetensors")
     assert ours.unet.config == cfg and ours.diffusion.prediction == "v" and ours.manifest.image_size == 768
@@ -217,10 +129,10 @@ def test_single_file_v2_open_clip_v_prediction(tmp_path) -> None:
 def test_inpainting_variant_is_detected(sd_v1, tmp_path) -> None:
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    hf = _text_model()
+    hf = text_model()
     cfg = UNetConfig(in_channels=9, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(1,), num_heads=8, context_dim=64)
-    state = _single_file({"text_model." + k.removeprefix("text_model."): v for k, v in hf.state_dict().items()},
+    state = single_file({"text_model." + k.removeprefix("text_model."): v for k, v in hf.state_dict().items()},
                          cfg, "cond_stage_model.transformer.", seed=6)
     save_file(state, tmp_path / "inpaint.safetensors")
     ours = load_any(tmp_path / "inpaint.safetensors")
@@ -302,16 +214,16 @@ def test_broken_diffusers_folders_are_named(sd_v1, tmp_path) -> None:
 
 
 def test_components_that_disagree_are_refused(tmp_path) -> None:
-    hf = _text_model()  # 64 wide
+    hf = text_model()  # 64 wide
     cfg = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(1,), num_heads=8, context_dim=32)
-    state = _single_file({"text_model." + k.removeprefix("text_model."): v for k, v in hf.state_dict().items()},
+    state = single_file({"text_model." + k.removeprefix("text_model."): v for k, v in hf.state_dict().items()},
                          cfg, "cond_stage_model.transformer.")
     save_file(state, tmp_path / "mixed.safetensors")
     with pytest.raises(UserError, match="text encoder is 64 wide but the UNet's cross-attention reads 32"):
         load_any(tmp_path / "mixed.safetensors")
     cfg.in_channels, cfg.context_dim = 6, 64
-    save_file(_single_file({"text_model." + k.removeprefix("text_model."): v for k, v in hf.state_dict().items()},
+    save_file(single_file({"text_model." + k.removeprefix("text_model."): v for k, v in hf.state_dict().items()},
                            cfg, "cond_stage_model.transformer."), tmp_path / "channels.safetensors")
     with pytest.raises(UserError, match="takes 6 input channels but the VAE makes 4-channel latents"):
         load_any(tmp_path / "channels.safetensors", prediction="eps")
@@ -330,7 +242,7 @@ def test_cli_convert_and_sample_a_checkpoint(sd_v1, tmp_path) -> None:
     from PIL import Image
 
     root, ref = sd_v1
-    expected = _reference_image(ref, 4)
+    expected = reference_image(ref, 4)
     r = _cli("convert", root / "diffusers", tmp_path / "own")
     assert r.returncode == 0, r.stderr
     r = _cli("convert", tmp_path / "own", tmp_path / "back", "--to", "diffusers")
@@ -352,12 +264,12 @@ def test_cli_convert_and_sample_a_checkpoint(sd_v1, tmp_path) -> None:
 def test_attention_slicing_and_bf16_keep_the_result(sd_v1) -> None:
     root, _ = sd_v1
     pipe = load_diffusers_folder(root / "diffusers")
-    full = _ours(pipe, 9)
+    full = ours_image(pipe, 9)
     pipe.configure(attention_slice=1)
-    assert torch.equal(_ours(pipe, 9), full) or (_ours(pipe, 9).int() - full.int()).abs().max() <= 1
+    assert torch.equal(ours_image(pipe, 9), full) or (ours_image(pipe, 9).int() - full.int()).abs().max() <= 1
     pipe.configure(precision="bf16", attention_slice=0)
     assert next(pipe.unet.parameters()).dtype == torch.bfloat16
-    narrow = _ours(pipe, 9)
+    narrow = ours_image(pipe, 9)
     assert (narrow.float() - full.float()).abs().mean() < 4  # measured 1.1 grey levels on this random model
     assert pipe.latent_shape(SampleSettings(width=32, height=32)) == (4, 16, 16)
     assert pipe.latent_shape() == (4, 8, 8) and pipe.manifest.image_size == 16  # a size is per call, never stored
@@ -388,12 +300,12 @@ def test_tiled_autoencoder_blends_exactly_where_tiles_agree(sd_v1) -> None:
 def test_diffusers_folder_v2_like(sd_v1, tmp_path) -> None:
     """Per-level head counts (64-wide heads), linear projections, GELU text encoder, v-prediction scheduler."""
     root, v1 = sd_v1
-    unet = _perturb(diffusers.UNet2DConditionModel(
+    unet = perturb(diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=(1, 2), use_linear_projection=True), 7)
     pipe = diffusers.StableDiffusionPipeline(
-        vae=v1.vae, text_encoder=_text_model(act="gelu"), tokenizer=v1.tokenizer, unet=unet,
+        vae=v1.vae, text_encoder=text_model(act="gelu"), tokenizer=v1.tokenizer, unet=unet,
         scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                           prediction_type="v_prediction", clip_sample=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -406,5 +318,5 @@ def test_diffusers_folder_v2_like(sd_v1, tmp_path) -> None:
     with torch.no_grad():
         assert (ours.unet(x, t, c) - unet(x, t, c).sample).abs().max() < TOL
         assert (ours.cond.text_encoder.text_model(ids)[0] - pipe.text_encoder(ids).last_hidden_state).abs().max() < TOL
-    _ddim(pipe)  # v-prediction through the whole run as well
-    assert (_ours(ours, 2).int() - _reference_image(pipe, 2).int()).abs().max() <= 1
+    ddim(pipe)  # v-prediction through the whole run as well
+    assert (ours_image(ours, 2).int() - reference_image(pipe, 2).int()).abs().max() <= 1

@@ -1,7 +1,7 @@
 """Tokenizers: CLIP ids identical to transformers, a trained BPE, the shared call interface, folders."""
 
 import gzip
-import importlib.util
+import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import latentdiff.models
 from latentdiff.errors import UserError
 from latentdiff.models import tokenizer as tokmod
 from latentdiff.models.tokenizer import CLIPTokenizer, TrainedTokenizer, load_tokenizer
@@ -53,10 +54,11 @@ STRINGS = [
 
 
 def _open_clip_bpe() -> Path:
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open-clip-torch not installed (make setup installs it)")
-    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    """The merges file latentdiff ships, checked to be OpenAI's byte for byte (the hash of clip/ in OpenAI's repo)."""
+    path = Path(latentdiff.models.__file__).parent / "clip_vocab" / "bpe_simple_vocab_16e6.txt.gz"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == \
+        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -221,14 +223,13 @@ def test_from_folder_names_missing_files(clip_folder, tmp_path):
         CLIPTokenizer.from_folder(tmp_path)
 
 
-def test_default_finds_open_clip_or_says_what_to_install(monkeypatch, tmp_path):
+def test_default_uses_the_shipped_vocabulary_without_open_clip(monkeypatch):
+    """The vocabulary ships with latentdiff: no open-clip-torch needed (its import is made to fail here)."""
     _open_clip_bpe()
+    monkeypatch.setitem(sys.modules, "open_clip", None)
     assert CLIPTokenizer.default().encode("a cat") == [320, 2368]
-    monkeypatch.setattr(tokmod, "_open_clip_dir", lambda: None)
-    with pytest.raises(UserError, match="pip install --no-deps open-clip-torch"):
-        CLIPTokenizer.default()
-    monkeypatch.setattr(tokmod, "_open_clip_dir", lambda: str(tmp_path))
-    with pytest.raises(UserError, match="bpe_simple_vocab_16e6.txt.gz is missing"):
+    monkeypatch.setattr(tokmod, "OPEN_CLIP_BPE", "gone.txt.gz")
+    with pytest.raises(UserError, match="gone.txt.gz is missing from this installation.*--tokenizer"):
         CLIPTokenizer.default()
 
 

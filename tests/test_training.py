@@ -149,13 +149,24 @@ def test_mismatched_weights_name_the_keys(tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tiny_cfg, tmp_path):
+    """Non-finite steps are skipped on the device (weights, EMA and AdamW state untouched) and counted when
+    the loop next reads its logs (every log_every = 2 steps, and before a checkpoint, here at step 3): past
+    max_bad_steps it stops, naming the steps."""
     tiny_cfg.train.max_bad_steps = 2
     trainer = Trainer(tiny_cfg, tmp_path, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.model.state_dict().items()}
     trainer.data.images = trainer.data.images.float() * float("nan")  # poison every batch
-    trainer.data.batch = lambda idx: trainer.data.images[idx]
-    with pytest.raises(UserError, match="non-finite loss"):
+    with pytest.raises(UserError, match=r"step 3: 3 steps had a non-finite loss \(1 in step 3; limit"):
         trainer.run()
-    assert trainer.step == 0 and trainer.bad_steps == 3
+    assert trainer.step == 3 and trainer.bad_steps == 3
+    assert latest_checkpoint(tmp_path / "checkpoints") is None  # stopped before the checkpoint of step 3
+    for got, want in ((trainer.model.state_dict(), before), (trainer.ema.model.state_dict(), ema_before)):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    assert all(float(s["step"]) == 0 for s in trainer.opt.state.values())
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[1].startswith("2,nan,") and rows[1].endswith(",2")  # step 2: no finite loss to average, 2 bad
 
 
 def test_lr_schedule():
@@ -225,6 +236,29 @@ def test_trainer_applies_the_configured_loss_weighting(tiny_cfg, tmp_path):
     for name, weighting, offset in (("plain", "uniform", 0.0), ("capped_v", "min_snr", 1.0), ("paper", "min_snr", 0.0)):
         tiny_cfg.diffusion.weighting, tiny_cfg.diffusion.min_snr_gamma = weighting, 1e9
         tiny_cfg.diffusion.min_snr_offset = offset
-        losses[name] = Trainer(tiny_cfg, tmp_path / name, progress=False).train_step()["loss"]
+        losses[name] = float(Trainer(tiny_cfg, tmp_path / name, progress=False).train_step()["loss"])
     assert losses["capped_v"] == pytest.approx(losses["plain"], rel=1e-6)
     assert abs(losses["paper"] - losses["plain"]) > 1e-3 * losses["plain"]
+
+
+def test_deferred_loss_reads_log_the_per_step_means(tiny_cfg, tmp_path):
+    """The loop reads the losses only when it writes a row (every log_every steps), summed on the device in
+    float64: each metrics.csv row is exactly the mean of the losses the steps returned, as when every step
+    was read on the host (with gradient accumulation, whose micro-step losses are averaged too)."""
+    tiny_cfg.train.grad_accum = 2
+    tiny_cfg.train.log_every = 3
+    tiny_cfg.train.steps = 7
+    trainer = Trainer(tiny_cfg, tmp_path, progress=False)
+    seen, step = [], trainer.train_step
+
+    def recorded():
+        logs = step()
+        seen.append(float(logs["loss"]))
+        return logs
+
+    trainer.train_step = recorded
+    trainer.run()
+    rows = [r.split(",") for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [3, 6, 7]
+    for (first, last), row in zip(((0, 3), (3, 6), (6, 7)), rows):
+        assert float(row[1]) == sum(seen[first:last]) / (last - first)  # bit for bit

@@ -12,7 +12,7 @@ from latentdiff.cli.app import cli
 from latentdiff.cli.options import Finite, image_options, load_model, naming_options, setting, settings_from
 from latentdiff.errors import SettingError, UserError
 
-LOAD_PARAMS = ("prediction", "precision", "attention_slice", "vae_tile")
+LOAD_PARAMS = ("prediction", "precision", "attention_slice", "vae_tile", "config", "tokenizer", "loras")
 
 
 def generate_images(path: Path, task: str, params: dict[str, Any], image: Optional[Path] = None,

@@ -21,6 +21,10 @@ class Finite(click.FloatRange):
 
     name = "finite float"
 
+    def _describe_range(self) -> str:
+        """No '[x<=None]' in --help when there are no bounds."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
         """The float, or a usage error naming the option."""
         rv = super().convert(value, param, ctx)
@@ -141,6 +145,11 @@ def _apply(f: Any, options: list[Callable[[Any], Any]]) -> Any:
     return f
 
 
+def apply_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """A decorator applying click options in their listed order."""
+    return lambda f: _apply(f, options)
+
+
 def condition_options(f: Any) -> Any:
     """What a conditional model is told: a class or a prompt, and the guidance scale."""
     return _apply(f, [
@@ -150,7 +159,7 @@ def condition_options(f: Any) -> Any:
                      help="Text for text-conditional models (cut to the encoder's context)."),
         click.option("--negative-prompt", default=None, type=Text(),
                      help="Text to steer away from (replaces the empty prompt in classifier-free guidance)."),
-        click.option("--guidance", type=Finite(), default=None,
+        click.option("--guidance", type=Finite(min=0), default=None,
                      help="Classifier-free guidance scale (1: none; default: the model's own, from training).")])
 
 
@@ -160,7 +169,7 @@ def sampling_options(f: Any) -> Any:
         setting("--sampler", shown=_default_sampler, type=Text(),
                 help='A name users know ("DPM++ 2M Karras", "Euler a", ...) or ours (dpmpp_2m, ddim, ...); '
                      "docs/samplers.md lists them all."),
-        setting("--spacing", type=Text(), help="Timesteps: trailing, leading, linspace; or σ grids karras, "
+        setting("--spacing", type=Text(), help="Timesteps: trailing, leading, linspace, lcm; or σ grids karras, "
                                                "exponential (default: the sampler name's own; trailing for our names)."),
         setting("--steps", type=click.IntRange(min=1), help="Sampler steps (network evaluations for most samplers)."),
         click.option("--eta", default=None, type=Finite(min=0),
@@ -168,11 +177,25 @@ def sampling_options(f: Any) -> Any:
         setting("--seed", type=click.IntRange(min=0), help="Image i uses seed+i, whatever the batch size.")])
 
 
+def single_file_options() -> list[Callable[[Any], Any]]:
+    """What a single-file checkpoint does not hold: its config and its tokenizer."""
+    return [
+        click.option("--config", "config", default=None, type=click.Path(path_type=Path),
+                     help="Single files: the model's config (a diffusers folder or config.json, or a CompVis "
+                          ".yaml) for head counts, groups and schedule; default: SD's conventions."),
+        click.option("--tokenizer", default=None, type=click.Path(file_okay=False, path_type=Path),
+                     help="Single files: a CLIP tokenizer folder (vocab.json + merges.txt); default: the shipped one.")]
+
+
 def model_options(f: Any) -> Any:
-    """How to load a model: Stable Diffusion overrides and the memory savers."""
+    """How to load a model: Stable Diffusion overrides, LoRAs and the memory savers."""
     return _apply(f, [
         click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
                      help="Stable Diffusion single files only: override what the UNet predicts (read from the file)."),
+        *single_file_options(),
+        click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+                     help="Apply a LoRA (kohya / A1111 or diffusers / PEFT .safetensors) at strength SCALE "
+                          "(default 1), fused into the weights; repeat for several."),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
                      help="UNet and text encoder weights in bf16 (half the memory; the VAE stays fp32)."),
         click.option("--attention-slice", default=0, show_default=True, type=click.IntRange(min=0),
@@ -211,11 +234,16 @@ def settings_from(params: dict[str, Any], **fixed: Any) -> Any:
 
 
 def load_model(path: Path, device: str, prediction: Optional[str] = None, precision: str = "fp32",
-               attention_slice: int = 0, vae_tile: int = 0) -> Any:
-    """Any model: a latentdiff model folder, a diffusers SD folder or an SD .safetensors/.ckpt file."""
+               attention_slice: int = 0, vae_tile: int = 0, config: Optional[Path] = None,
+               tokenizer: Optional[Path] = None, loras: tuple[str, ...] = ()) -> Any:
+    """Any model: a latentdiff model folder, a diffusers SD folder or an SD .safetensors/.ckpt file, with LoRAs."""
+    from latentdiff.pipelines.lora import load_lora, parse_lora_spec
     from latentdiff.pipelines.stable_diffusion import load_any
 
-    return load_any(path, device, prediction).configure(precision, attention_slice, vae_tile)
+    pipe = load_any(path, device, prediction, tokenizer, config)
+    for spec in loras:  # fused in full precision, before any bf16 cast
+        load_lora(pipe, *parse_lora_spec(spec))
+    return pipe.configure(precision, attention_slice, vae_tile)
 
 
 def naming_options(e: SettingError) -> UserError:

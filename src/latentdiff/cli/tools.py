@@ -9,33 +9,49 @@ from typing import Optional
 import click
 
 from latentdiff.cli.app import cli
-from latentdiff.cli.options import OutputPath, check_device, naming_options
+from latentdiff.cli.options import OutputPath, apply_options, check_device, naming_options, single_file_options
 from latentdiff.errors import SettingError, UserError
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=OutputPath())
-@click.option("--to", "layout", default="latentdiff", show_default=True, type=click.Choice(["latentdiff", "diffusers"]),
-              help="Layout of DST: a latentdiff model folder or a diffusers pipeline folder.")
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "layout", default="latentdiff", show_default=True,
+              type=click.Choice(["latentdiff", "diffusers", "single-file"]),
+              help="Layout of DST: a latentdiff model folder, a diffusers pipeline folder, or one SD .safetensors "
+                   "file (CompVis / A1111 keys).")
+@click.option("--half", is_flag=True, help="--to single-file: write float16 tensors (half the size).")
 @click.option("--prediction", default=None, type=click.Choice(["eps", "v"]),
               help="Single files: override what the UNet predicts (default: read from the file).")
 @click.option("--size", default=None, type=click.IntRange(min=8), help="Default image side stored in DST.")
-def convert(src: Path, dst: Path, layout: str, prediction: Optional[str], size: Optional[int]) -> None:
-    """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to SRC's twin."""
-    from latentdiff.formats.paths import check_free_space
+@apply_options(single_file_options())
+def convert(src: Path, dst: Path, layout: str, half: bool, prediction: Optional[str], size: Optional[int],
+            config: Optional[Path], tokenizer: Optional[Path]) -> None:
+    """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to another layout."""
+    from latentdiff.formats.paths import check_free_space, check_output_file, check_output_folder
+    from latentdiff.pipelines.sd_single_file import save_single_file
     from latentdiff.pipelines.stable_diffusion import load_any, save_diffusers, save_latentdiff
 
-    if dst.exists() and any(dst.iterdir()):
+    # checked before any weight is read: below a regular file, a special file, a folder that cannot be written
+    (check_output_file if layout == "single-file" else check_output_folder)(dst, "DST")
+    if layout == "single-file":
+        if dst.exists():
+            raise UserError(f"{dst} exists; choose a new file name")
+    elif dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst} exists and is not empty; choose a new folder")
+    if half and layout != "single-file":
+        raise UserError("--half applies to --to single-file")
     if src.exists():  # at least half the source's size (fp16 weights are written as fp32; a .ckpt may hold EMA too)
         src_bytes = src.stat().st_size if src.is_file() else sum(
             os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(src) for f in names
             if os.path.isfile(os.path.join(d, f)))
-        check_free_space(dst, src_bytes // 2, "DST", f"the converted weights of {src}")
-    pipe = load_any(src, "cpu", prediction)
+        check_free_space(dst, src_bytes // (4 if half else 2), "DST", f"the converted weights of {src}")
+    pipe = load_any(src, "cpu", prediction, tokenizer, config)
     try:
-        (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst, image_size=size)
+        if layout == "single-file":
+            save_single_file(pipe, dst, half, image_size=size)
+        else:
+            (save_diffusers if layout == "diffusers" else save_latentdiff)(pipe, dst, image_size=size)
     except SettingError as e:
         raise naming_options(e) from None
     click.echo(f"{src} -> {dst} ({layout} layout; {pipe.manifest.source or 'latentdiff model'}, "

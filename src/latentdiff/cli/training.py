@@ -22,40 +22,65 @@ from latentdiff.errors import UserError
               "(model, EMA, optimiser, data order and RNG), up to --steps.")
 @click.option("--device", default="auto", show_default=True, callback=check_device,
               help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--minutes", default=None, help="Plan the whole run to end within this many minutes, everything "
+              "included (steps, LR decay, EMA length, the split between a recipe's stages): train.time_budget.")
 def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, out: Path | None,
-          resume: bool, device: str) -> None:
-    """Train a diffusion model, an autoencoder or a CLIP model from a preset (`latentdiff presets`) or a YAML file.
+          resume: bool, device: str, minutes: str | None) -> None:
+    """Train a diffusion model, an autoencoder or a CLIP model from a preset (`latentdiff presets`) or a YAML file,
+    or several of them from a recipe (`fashion`, `shapes`: autoencoder then latent diffusion).
 
-    Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`. Started as
+    Overrides look like `train.lr=1e-4 data.source=path/to/images unet.model_channels=64`. A LoRA for any
+    text-to-image model: `latentdiff train lora BASE_MODEL data.source=FOLDER [lora.rank=16 ...]`. Started as
     `torchrun --nproc-per-node N -m latentdiff train ...` it trains data-parallel on N processes;
     train.batch_size is then the global batch of a step (README: Training on several GPUs).
     """
     from latentdiff.formats.paths import check_free_space, check_output_folder
     from latentdiff.training import make_trainer
     from latentdiff.training.config import load_config
+    from latentdiff.training.plan import check_minutes, process_age
+    from latentdiff.training.recipe import is_recipe, run_recipe
 
+    started = time.perf_counter() - process_age()  # a budget counts the start-up too
     for override in overrides:  # the run's config.yaml is UTF-8: undecodable bytes could not be written to it
         if undecodable(override):
             raise UserError(f"override {undecodable(override)}")
+    budget = check_minutes(minutes) if minutes is not None else None
+    if budget is not None and steps is not None:
+        raise UserError("give --steps or --minutes, not both (a budget plans the steps)")
     if out is None:
         out = check_output_folder(Path("runs") / Path(preset_or_yaml).stem, "--out")
+    if preset_or_yaml == "lora" and overrides and "=" not in overrides[0]:  # latentdiff train lora BASE_MODEL ...
+        overrides = (f"lora.base={overrides[0]}", *overrides[1:])
+    if is_recipe(preset_or_yaml):
+        if steps is not None:
+            raise UserError(f"--steps does not apply to the recipe {preset_or_yaml} (each stage has its preset's); "
+                            "give --minutes or override train.steps")
+        click.echo(f"model: {run_recipe(preset_or_yaml, out, budget, list(overrides), device, resume, started)}")
+        return
     if resume and (out / "config.yaml").is_file():
         cfg = _resumed_config(out, preset_or_yaml, list(overrides))
     else:
         cfg = load_config(preset_or_yaml, list(overrides))
     if steps is not None:
         cfg.train.steps = steps
+    if budget is not None:
+        cfg.train.time_budget = budget
     from latentdiff.training import distributed
 
     try:  # under torchrun every process runs this; rank 0 writes and reports
-        trainer = make_trainer(cfg, out, resume=resume, device=device)
-        need = checkpoint_bytes(trainer)
-        check_free_space(out, need, "--out", "a checkpoint and the exported model")
+        if cfg.model == "lora":  # the base model may be any SD file: loading it is the pipelines' job
+            from latentdiff.pipelines.lora import make_lora_trainer
+
+            trainer = make_lora_trainer(cfg, out, resume=resume, device=device)
+        else:
+            trainer = make_trainer(cfg, out, resume=resume, device=device, started=started)
+        check_free_space(out, checkpoint_bytes(trainer), "--out", "a checkpoint and the exported model")
         grid = trainer.run()
     finally:
         distributed.teardown()
     if trainer.dist.is_main:
-        click.echo(f"model: {out}")
+        click.echo(f"LoRA: {out / 'lora.safetensors'} (use: --lora {out / 'lora.safetensors'})" if cfg.model == "lora"
+                   else f"model: {out}")
         if grid:
             click.echo(f"samples: {grid}")
 
@@ -69,13 +94,14 @@ def checkpoint_bytes(trainer: Any) -> int:
 
 
 def _resumed_config(out: Path, preset: str, overrides: list[str]):
-    """On --resume the run's own config.yaml is authoritative; only train.* may be overridden.
+    """On --resume the run's own config.yaml is authoritative; only train.* and data.workers (how many processes
+    decode, never what they decode) may be overridden.
 
     Other overrides must repeat the run's values, so the command that started a run also resumes it.
     """
     from latentdiff.training.config import load_config
 
-    train = [o for o in overrides if o.startswith("train.")]
+    train = [o for o in overrides if o.startswith(("train.", "data.workers="))]
     saved = load_config(str(out / "config.yaml"), train)
     asked = load_config(str(out / "config.yaml"), overrides)
     bad = [o for o in overrides if o not in train and _setting(asked, o) != _setting(saved, o)]
@@ -99,21 +125,21 @@ def _setting(cfg, override: str):
 @cli.command()
 @click.option("--out", type=OutputPath(), default=Path("runs/demo"),
               show_default=True, help="Folder for both models, the prompt grid and the adherence report.")
-@click.option("--ae-minutes", default=2.7, show_default=True, type=Finite(min=0.1),
-              help="Time limit of the autoencoder's training (its 700 steps: ~2.5 min on 2 CPU cores).")
-@click.option("--ldm-minutes", default=6.0, show_default=True, type=Finite(min=0.1),
-              help="Time limit of the text-conditional LDM's training (its 2 000 steps: ~5.4 min).")
+@click.option("--minutes", default="8.5", show_default=True,
+              help="Training budget of both models together, everything included: the `shapes` recipe plans the "
+              "split, steps, LR decay and EMA to it (a slower machine trains fewer steps, still annealed).")
 @click.option("--n-eval", default=100, show_default=True, type=click.IntRange(min=1),
               help="Prompts per adherence set (one object seen / unseen, two objects).")
 @click.option("--guidance", type=Finite(min=0), default=None,
               help="Guidance scale for the grid and the scores (default: the model's own).")
-def demo(out: Path, ae_minutes: float, ldm_minutes: float, n_eval: int, guidance: float | None) -> None:
+def demo(out: Path, minutes: str, n_eval: int, guidance: float | None) -> None:
     """Text-to-image from scratch: train an autoencoder and a text-conditional LDM on the embedded shapes,
     draw a grid of prompts and print how well the images follow them."""
     from latentdiff.pipelines.demo import run_demo
+    from latentdiff.training.plan import check_minutes
 
     t0 = time.perf_counter()
-    summary = run_demo(out, ae_minutes, ldm_minutes, n_eval, guidance, log=lambda m: click.echo(m, err=True))
+    summary = run_demo(out, check_minutes(minutes), n_eval, guidance, log=lambda m: click.echo(m, err=True))
     click.echo(f"\nprompt adherence (model-free scorer, guidance {summary['guidance']:g}):\n{summary['table']}")
     click.echo(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; model: {out / 'ldm'}")
     click.echo(f"prompt grid: {summary['grid']}; try: latentdiff sample {out / 'ldm'} --prompt "
@@ -122,8 +148,11 @@ def demo(out: Path, ae_minutes: float, ldm_minutes: float, n_eval: int, guidance
 
 @cli.command()
 def presets() -> None:
-    """List the training presets that ship with latentdiff."""
+    """List the training presets (and the recipes, several presets in a row) that ship with latentdiff."""
     from latentdiff.training.config import list_presets
+    from latentdiff.training.recipe import list_recipes
 
     for name in list_presets():
         click.echo(name)
+    for name in list_recipes():
+        click.echo(f"{name} (recipe)")

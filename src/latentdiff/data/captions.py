@@ -93,3 +93,23 @@ def read_captions(root: Path, files: list[str], column: str) -> tuple[dict[str, 
     if metas and column not in keys:
         hint = f"; {metas[0]} has no {column!r} key (keys: {', '.join(sorted(keys))}): set data.caption_column"
     return captions, hint
+
+
+def use_captions(where: Path | str, mode: str, total: int, lacking: list[str], hint: str = "",
+                 n_lacking: int | None = None) -> bool:
+    """Whether ``total`` images train with captions under data.captions ``mode``: 'ignore' never, 'auto' when
+    any has one, 'require' always; a UserError naming ``lacking`` (the images without, or the first of
+    ``n_lacking``) when some but not all do."""
+    if mode == "ignore":
+        return False
+    n_lacking = len(lacking) if n_lacking is None else n_lacking
+    use = mode == "require" or n_lacking < total
+    if use and n_lacking:
+        # Checked over the whole set, before decoding: both splits agree and errors come early.
+        why = ("data.captions='require'" if mode == "require"
+               else f"data.captions='auto' needs all or none, and {total - n_lacking} have one")
+        more = f" (and {n_lacking - 5} more)" if n_lacking > 5 else ""
+        raise UserError(f"{where}: {n_lacking} of {total} images have no caption ({why}): "
+                        f"{', '.join(lacking[:5])}{more}; add metadata.jsonl lines or .txt files, "
+                        f"or set data.captions=ignore{hint}")
+    return use

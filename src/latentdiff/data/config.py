@@ -31,6 +31,13 @@ class DataConfig(ConfigMixin):
     emoji_font: str | None = None  # "emoji" source: a CBDT colour emoji font; default: Noto's path
     shapes_count: int = 20000  # "shapes" source: how many captioned images to draw (before limit)
     two_object_fraction: float = 0.3  # "shapes" source: share of images with two objects and a relation
+    # read images from disk as batches need them, decoded in `workers` processes (data/streamed.py);
+    # null: yes for a folder of WebDataset .tar shards (`latentdiff data pack`), no for image folders and
+    # the embedded sets, which are decoded once into memory
+    stream: bool | None = None
+    workers: int = 2  # streamed sources: DataLoader worker processes that decode ahead (0: in the training process)
+    buckets: str | None = None  # aspect-ratio buckets (streamed): "auto" or "WxH,WxH,..." within image_size² pixels
+    bucket_step: int = 64  # buckets=auto: the sides are multiples of this
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> UserError:
@@ -67,6 +74,23 @@ class DataConfig(ConfigMixin):
         frac = self.two_object_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
             raise bad("two_object_fraction", "a number from 0 to 1")
+        if self.stream is not None and not isinstance(self.stream, bool):
+            raise bad("stream", "true, false or null (automatic)")
+        if not is_int(self.workers) or self.workers < 0:
+            raise bad("workers", "a non-negative integer")
+        if not is_int(self.bucket_step) or self.bucket_step <= 0:
+            raise bad("bucket_step", "a positive integer")
+        if self.buckets is not None:
+            from latentdiff.data.buckets import parse_buckets
+
+            if self.is_embedded:
+                raise UserError(f"data.buckets: the embedded set {self.source!r} is square; buckets need a "
+                                "folder or shards of images of mixed aspect ratios")
+            parse_buckets(self.buckets, self.image_size, self.bucket_step)  # refuses a malformed spec here
+            if self.stream is False:
+                raise bad("stream", "true or null with data.buckets (images of several sizes are read as needed)")
+        if self.stream and self.is_embedded:
+            raise bad("stream", f"false or null for the embedded set {self.source!r} (it is held in memory)")
 
     @property
     def is_embedded(self) -> bool:

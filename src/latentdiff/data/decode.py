@@ -77,6 +77,26 @@ def decode_image(path: Path | io.BytesIO, size: int | tuple[int, int], channels:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
+def probe_image(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image file's bytes as decode_image sees it (after EXIF rotation), once every pixel
+    has been decoded: raises on any defect, as decode_image would."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} exceeds Image.MAX_IMAGE_PIXELS")
+            img.load()
+            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+            return (img.height, img.width) if turned else (img.width, img.height)
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) after EXIF rotation from an image's header alone (nothing decoded); raises if unreadable."""
+    with Image.open(io.BytesIO(data)) as img:
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)
+        return (img.height, img.width) if turned else (img.width, img.height)
+
+
 def _flatten_mode(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 'L' or 'RGB': alpha composited on white, 16-bit scaled, CMYK via ICC."""
     mode = img.mode

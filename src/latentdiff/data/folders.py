@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,11 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentdiff.data.captions import read_captions
+from latentdiff.data.captions import read_captions, use_captions
 from latentdiff.data.config import EMBEDDED, DataConfig
 from latentdiff.data.decode import decode_image, image_file_problem
 from latentdiff.data.source import SourceImages, check_memory, in_test
 from latentdiff.errors import UserError
+from latentdiff.formats.paths import not_a_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,22 @@ def list_images(root: Path) -> list[str]:
     return sorted(out)
 
 
-def load_folder(cfg: DataConfig) -> SourceImages:
-    """The images under the folder ``cfg.source``, split by a hash of their paths, bad files skipped or refused."""
+@dataclass
+class FolderListing:
+    """A folder's images of one split, in order, with their labels and captions (nothing decoded yet)."""
+
+    root: Path
+    files: list[str]  # relative POSIX paths
+    class_names: list[str]
+    labels: list[int] | None  # index into class_names per file (first-level sub-folders), or None
+    captions: list[str] | None  # per file, or None
+    other_split: list[str] = field(default_factory=list)  # the files of the other split (both_splits: none)
+    special: dict[str, str] = field(default_factory=dict)  # {file: what it is} of both splits, never listed
+
+
+def list_folder(cfg: DataConfig, both_splits: bool = False, report_special: bool = True) -> FolderListing:
+    """The images under the folder ``cfg.source`` of the split ``cfg.split`` (a hash of their paths), or all;
+    special files refused (data.on_bad_file=fail) or left out (with a warning when ``report_special``)."""
     root = Path(cfg.source).expanduser()
     if not root.exists():
         raise UserError(f"data.source {cfg.source!r}: no such folder (embedded names: {', '.join(EMBEDDED)})")
@@ -49,48 +65,65 @@ def load_folder(cfg: DataConfig) -> SourceImages:
     labelled = all("/" in f for f in files)
     names = sorted({f.split("/", 1)[0] for f in files}) if labelled else []
     captioned, hint = read_captions(root, files, cfg.caption_column) if cfg.captions != "ignore" else ({}, "")
-    use_captions = cfg.captions == "require" or bool(captioned)
-    if use_captions and len(captioned) < len(files):
-        # Checked over the whole folder, before decoding: both splits agree and errors come early.
-        lacking = [f for f in files if f not in captioned]
-        why = ("data.captions='require'" if cfg.captions == "require"
-               else f"data.captions='auto' needs all or none, and {len(captioned)} have one")
-        more = f" (and {len(lacking) - 5} more)" if len(lacking) > 5 else ""
-        raise UserError(f"{root}: {len(lacking)} of {len(files)} images have no caption ({why}): "
-                        f"{', '.join(lacking[:5])}{more}; add metadata.jsonl lines or .txt files, "
-                        f"or set data.captions=ignore{hint}")
+    captions_on = use_captions(root, cfg.captions, len(files), [f for f in files if f not in captioned], hint)
     if not captioned and hint:
         log.warning("%s: no captions found%s", root, hint)
-    # Every file of both splits is checked cheaply first (special files never opened), so a bad held-out
-    # file is reported now, not when `eval` trips on it.
-    bad = find_bad_files(root, files)
+    # Special files (FIFOs, sockets, devices) of both splits are told apart by stat alone and never listed:
+    # opening a FIFO named x.png blocks its reader forever (this folder's loaders, data pack, streaming).
+    special = {f: f"{kind}, not a regular file" if kind.startswith("a ") else kind
+               for f in files if (kind := not_a_regular_file(root / f)) is not None}
+    if special and cfg.on_bad_file == "fail":
+        rel = next(iter(special))
+        raise UserError(f"{root / rel}: cannot read image ({special[rel]})")
+    if special and report_special:
+        rel = next(iter(special))
+        log.warning("%s: skipped %d file(s) that are not regular files; first: %s (%s)", root, len(special), rel,
+                    special[rel])
+    # Split by a hash of the relative path, so adding files never moves existing ones across.
+    in_split = [f for f in files if both_splits or in_test(f) == (cfg.split == "test")]
+    if not in_split:
+        raise UserError(f"{root}: the {cfg.split!r} split is empty ({len(files)} images; 'test' holds ~10%)")
+    cands = [f for f in in_split if f not in special]
+    other = [f for f in files if f not in special and not both_splits and in_test(f) != (cfg.split == "test")]
+    index = {n: i for i, n in enumerate(names)}
+    labels = [index[f.split("/", 1)[0]] for f in cands] if labelled else None
+    return FolderListing(root, cands, names, labels, [captioned[f] for f in cands] if captions_on else None,
+                         other, special)
+
+
+def load_folder(cfg: DataConfig) -> SourceImages:
+    """The images under the folder ``cfg.source``, split by a hash of their paths, bad files skipped or refused."""
+    listing = list_folder(cfg, report_special=False)
+    root = listing.root
+    # Every file of both splits is checked cheaply first (header and PNG checksums, no pixel decoded), so a
+    # bad held-out file is reported now, not when `eval` trips on it.
+    bad = listing.special | find_bad_files(root, listing.files + listing.other_split)
     if bad and cfg.on_bad_file == "fail":
         rel = next(iter(bad))
         raise UserError(f"{root / rel}: cannot read image ({bad[rel]})")
-    # Split by a hash of the relative path, so adding files never moves existing ones across.
-    split = [f for f in files if in_test(f) == (cfg.split == "test")]
-    if not split:
-        raise UserError(f"{root}: the {cfg.split!r} split is empty ({len(files)} images; 'test' holds ~10%)")
-    found = [f for f in split if f in bad]
-    images, kept, bad_decodes = _decode_all(root, [f for f in split if f not in bad], cfg,
-                                            {f: bad[f] for f in found})
-    skipped = {f: bad[f] for f in found} | bad_decodes
+    mine = {f: p for f, p in bad.items() if in_test(f) == (cfg.split == "test")}
+    images, kept, failed = _decode_all(root, [f for f in listing.files if f not in bad], cfg, mine)
+    _report_bad(root, cfg.split, mine | failed, len(bad) - len(mine), bad)
+    # Built from `kept`, so images skipped as unreadable drop their labels and captions too.
+    row = {f: i for i, f in enumerate(listing.files)}
+    labels = None if listing.labels is None else torch.tensor([listing.labels[row[f]] for f in kept],
+                                                              dtype=torch.int64)
+    captions = None if listing.captions is None else [listing.captions[row[f]] for f in kept]
+    return SourceImages(images, labels, listing.class_names, kept, captions)
+
+
+def _report_bad(root: Path, split: str, skipped: dict[str, str], elsewhere: int, bad: dict[str, str]) -> None:
+    """One warning: the unreadable files this split skipped, and those of the other split (unused here)."""
     if skipped:
         first = next(iter(skipped))
-        other = len(bad) - len(found)
-        elsewhere = f"; {other} more in the other split" if other else ""
+        more = f"; {elsewhere} more in the other split" if elsewhere else ""
         log.warning("%s: skipped %d unreadable image file(s); first: %s (%s)%s", root, len(skipped), first,
-                    skipped[first], elsewhere)
+                    skipped[first], more)
     elif bad:
-        other = "test" if cfg.split == "train" else "train"
+        other = "test" if split == "train" else "train"
         first = next(iter(bad))
         log.warning("%s: %d unreadable image file(s) in the %r split (not used by this run; eval would skip them); "
                     "first: %s (%s)", root, len(bad), other, first, bad[first])
-    index = {n: i for i, n in enumerate(names)}
-    labels = torch.tensor([index[f.split("/", 1)[0]] for f in kept], dtype=torch.int64) if labelled else None
-    # Built from `kept`, so images skipped as unreadable drop their captions too.
-    captions = [captioned[f] for f in kept] if use_captions else None
-    return SourceImages(images, labels, names, kept, captions)
 
 
 def find_bad_files(root: Path, files: list[str]) -> dict[str, str]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from latentdiff.data.config import DataConfig
 from latentdiff.errors import UserError
 
 
@@ -20,6 +22,28 @@ class SourceImages:
     class_names: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # folder sources: relative path of each image
     captions: list[str] | None = None  # one caption per image
+
+
+def fingerprint_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The settings that shape a data set's pixels and labels, for its fingerprint.
+
+    Moving a folder, pointing fashion_mnist_dir elsewhere, toggling hflip / on_bad_file, or how images are
+    read (stream, workers) keeps the fingerprint, and so any cache or resume keyed on it. The caption settings
+    act through the captions themselves, which the fingerprints hash.
+    """
+    settings = cfg.to_dict()
+    for key in ("fashion_mnist_dir", "hflip", "on_bad_file", "captions", "caption_column", "emoji_font", "stream",
+                "workers"):
+        settings.pop(key)
+    if cfg.source != "shapes":  # shapes-only settings: other sources' fingerprints stay as they were
+        for key in ("shapes_count", "two_object_fraction"):
+            settings.pop(key)
+    if cfg.buckets is None:  # unbucketed fingerprints stay as they were before buckets existed
+        for key in ("buckets", "bucket_step"):
+            settings.pop(key)
+    if not cfg.is_embedded:
+        settings["source"] = "folder"
+    return settings
 
 
 def in_test(key: str) -> bool:

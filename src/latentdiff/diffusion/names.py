@@ -21,7 +21,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "LMS Karras": ("lms", "karras"), "DPM++ 2M": ("dpmpp_2m", "trailing"), "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
     "DPM++ 2M SDE": ("dpmpp_2m_sde", "trailing"), "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
     "DPM++ 3M SDE": ("dpmpp_3m_sde", "trailing"), "DPM++ 3M SDE Karras": ("dpmpp_3m_sde", "karras"),
-    "DPM adaptive": ("dpm_adaptive", "trailing")}
+    "DPM adaptive": ("dpm_adaptive", "trailing"), "LCM": ("lcm", "lcm")}
 OWN_SPACING = "trailing"  # the spacing of a sampler named by our own name: always starts at pure noise
 
 # our sampler -> (diffusers scheduler, k-diffusion function, network evaluations for N steps, kind)
@@ -38,7 +38,9 @@ EQUIVALENTS: dict[str, tuple[str, str, str, str]] = {
                      "N", "stochastic, 2nd order"),
     "dpmpp_3m_sde": ("none (`η=0` is `DPMSolverMultistepScheduler(solver_order=3)`)", "`sample_dpmpp_3m_sde`", "N",
                      "stochastic, 3rd-order multistep"),
-    "dpm_adaptive": ("none", "`sample_dpm_adaptive`", "chosen by the solver", "deterministic, adaptive 3(2)")}
+    "dpm_adaptive": ("none", "`sample_dpm_adaptive`", "chosen by the solver", "deterministic, adaptive 3(2)"),
+    "lcm": ("`LCMScheduler` (its timesteps: `spacing=\"lcm\"`)", "`sample_lcm`", "N",
+            "consistency model, fresh noise every step")}
 
 
 def resolve(name: str, spacing: Optional[str] = None) -> tuple[str, str]:

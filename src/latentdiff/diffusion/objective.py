@@ -24,7 +24,7 @@ def loss_weight(schedule: Schedule, t: Tensor, prediction: str, weighting: str =
     the v-loss (Salimans & Ho's "SNR+1" weighting) instead, so those steps keep the weight 1 of plain v.
     """
     if weighting == "uniform":
-        return torch.ones(t.shape, dtype=torch.float32)
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     if weighting != "min_snr":
         raise UserError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     snr = schedule.snr(t)
@@ -35,11 +35,13 @@ def loss_weight(schedule: Schedule, t: Tensor, prediction: str, weighting: str =
     return per_target[prediction].float()
 
 
-def draw_t_eps(schedule: Schedule, shape: tuple[int, ...], generator: Optional[torch.Generator] = None
-               ) -> tuple[Tensor, Tensor]:
-    """t ~ U{0..T-1} per sample and ε ~ N(0, I) of ``shape``, on the CPU ``generator`` (any device, same draw)."""
+def draw_t_eps(schedule: Schedule, shape: tuple[int, ...], generator: Optional[torch.Generator] = None,
+               eps_generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """t ~ U{0..T-1} per sample and ε ~ N(0, I) of ``shape``, on the CPU ``generator`` (any device, same draw);
+    ε on ``eps_generator``'s device when one is given (a trainer on a GPU draws it there)."""
     t = torch.randint(0, schedule.num_timesteps, (shape[0],), generator=generator)
-    return t, torch.randn(shape, generator=generator)
+    g = eps_generator or generator
+    return t, torch.randn(shape, generator=g, device=g.device if g is not None else None)
 
 
 def diffusion_loss(model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: Schedule,

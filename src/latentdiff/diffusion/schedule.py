@@ -7,6 +7,7 @@ Stable Diffusion's timesteps valid as they are. Tables are kept in float64 and c
 
 from __future__ import annotations
 
+import copy
 import math
 import torch
 from torch import Tensor
@@ -69,6 +70,15 @@ class Schedule:
     def __repr__(self) -> str:
         return f"Schedule({self.name!r}, T={self.num_timesteps}, abar_T={float(self.alphas_cumprod[-1]):.3g})"
 
+    def to(self, device: torch.device | str) -> "Schedule":
+        """This schedule with its tables on ``device``: a trainer on a GPU indexes them there, with no host
+        round trip per step (the CPU schedule itself is returned for the CPU)."""
+        if torch.device(device).type == "cpu":
+            return self
+        moved = copy.copy(self)
+        moved.betas, moved.alphas_cumprod = self.betas.to(device), self.alphas_cumprod.to(device)
+        return moved
+
     @property
     def num_timesteps(self) -> int:
         """T, the number of diffusion steps."""
@@ -88,7 +98,7 @@ class Schedule:
 
     def snr(self, t: Tensor) -> Tensor:
         """SNR(t) = ᾱ_t / (1-ᾱ_t) for integer timesteps t, float64."""
-        a = self.alphas_cumprod[torch.as_tensor(t).long().cpu()]
+        a = self.alphas_cumprod[torch.as_tensor(t).long().to(self.alphas_cumprod.device)]
         return a / (1 - a)
 
     # ---- forward process -------------------------------------------------------------------

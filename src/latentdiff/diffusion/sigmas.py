@@ -17,9 +17,10 @@ from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, eps_to_x0_a
 from latentdiff.errors import SettingError
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # integer timesteps (diffusers' timestep_spacing)
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "lcm")  # integer timesteps (diffusers' timestep_spacing)
 SIGMA_SPACINGS = ("karras", "exponential")  # σ grids between the schedule's σ_min and σ_max
 SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS
+LCM_ORIGINAL_STEPS = 50  # the timesteps LCM was distilled on: (1..50) · T/50 - 1 (diffusers' original_inference_steps)
 KARRAS_RHO = 7.0  # Karras et al. (2022) eq. 5; diffusers' use_karras_sigmas uses the same ρ
 
 
@@ -29,6 +30,9 @@ def check_grid(num_timesteps: int, steps: int, spacing: str) -> None:
         raise SettingError("steps", f"must be a positive integer, got {steps!r}")
     if spacing not in SPACINGS:
         raise SettingError("spacing", f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing == "lcm" and steps > LCM_ORIGINAL_STEPS:
+        raise SettingError("steps", f"spacing lcm takes at most {LCM_ORIGINAL_STEPS} steps (LCM's distillation "
+                                    f"timesteps), got {steps}")
     if spacing in TIMESTEP_SPACINGS and steps > num_timesteps:
         raise SettingError("steps", f"{steps} is more than the schedule's {num_timesteps} timesteps (spacing "
                                     f"{spacing}); use fewer steps or a sigma spacing (karras, exponential)")
@@ -49,6 +53,9 @@ def timesteps_for(schedule: Schedule, steps: int, spacing: str = "trailing", off
         ts = [round(T - 1 - i * T / steps) for i in range(steps)]
     elif spacing == "leading":
         ts = [i * (T // steps) + offset for i in range(steps)][::-1]
+    elif spacing == "lcm":  # evenly spaced picks from LCM's distillation timesteps, as diffusers' LCMScheduler
+        n = min(LCM_ORIGINAL_STEPS, T)
+        ts = [(n - i * n // steps) * (T // n) - 1 for i in range(steps)]
     else:  # linspace
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
     return [min(max(t, 0), T - 1) for t in ts]

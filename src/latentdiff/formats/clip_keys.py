@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from latentdiff.errors import UserError
+from latentdiff.formats.sd_configs import KeyTable, check_config_keys
 
 _FIXED = {
     "embeddings.token_embedding.weight": "token_embedding.weight",
@@ -66,8 +67,51 @@ def clip_text_from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def clip_text_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
-    """A transformers CLIPTextConfig dict (config.json) as keyword arguments of our CLIPTextConfig."""
+# Every key of transformers' CLIPTextConfig, as formats/sd_configs.py's tables: honoured, accepted at SD's
+# value only, or accepted because it cannot change the text tower's hidden states.
+CLIP_TEXT_KEYS: KeyTable = {
+    "vocab_size": ("read", (), "clip.text.vocab_size"),
+    "hidden_size": ("read", (), "clip.text.width (the UNet's context_dim)"),
+    "intermediate_size": ("read", (), "clip.text.intermediate_size"),
+    "projection_dim": ("read", (), "clip.text.projection_dim (the pooled projection; SD does not use it)"),
+    "num_hidden_layers": ("read", (), "clip.text.layers"),
+    "num_attention_heads": ("read", (), "clip.text.heads"),
+    "max_position_embeddings": ("read", (), "clip.text.context_length (77)"),
+    "hidden_act": ("only", ("quick_gelu", "gelu"), "clip.text.act"),
+    "layer_norm_eps": ("read", (), "clip.text.layer_norm_eps"),
+    "attention_dropout": ("only", (0, 0.0), "training-time dropout; latentdiff's text tower has none"),
+    "dropout": ("only", (0, 0.0), "training-time dropout; latentdiff's text tower has none"),
+    "initializer_range": ("inert", (), "initialisation only"),
+    "initializer_factor": ("inert", (), "initialisation only"),
+    "eos_token_id": ("read", (), "clip.text.eos_id, where the pooled output is read (2: the largest id)"),
+    "bos_token_id": ("inert", (), "the tokenizer folder sets the ids"),
+    "pad_token_id": ("inert", (), "the tokenizer folder sets the ids"),
+    "architectures": ("only", ("CLIPTextModel", None), "a text tower without projection"),
+    "model_type": ("only", ("clip_text_model",), "a CLIP text tower"),
+    "pruned_heads": ("only", ({},), "all heads present"),
+    "is_encoder_decoder": ("only", (False,), "an encoder"),
+    "is_decoder": ("only", (False,), "an encoder"),
+    "add_cross_attention": ("only", (False,), "no cross-attention in the text tower"),
+}
+# transformers' generic PretrainedConfig settings (generation, task heads, output flags, dtype, versions):
+# none of them changes the text tower's hidden states
+CLIP_GENERIC_KEYS = (
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "torch_dtype", "dtype", "use_bfloat16",
+    "tf_legacy_loss", "tie_word_embeddings", "chunk_size_feed_forward", "cross_attention_hidden_size",
+    "tie_encoder_decoder", "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "finetuning_task", "id2label", "label2id", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "problem_type", "transformers_version",
+    "gradient_checkpointing", "use_cache")
+CLIP_KEYS_ALL: KeyTable = CLIP_TEXT_KEYS | {k: ("inert", (), "transformers' generic settings") for k in CLIP_GENERIC_KEYS}
+
+
+def clip_text_config_from_hf(config: dict[str, Any], where: str = "text_encoder/config.json") -> dict[str, Any]:
+    """A transformers CLIPTextConfig dict (config.json) as keyword arguments of our CLIPTextConfig (every key checked)."""
+    check_config_keys(config, CLIP_KEYS_ALL, where)
     try:
         eos = config.get("eos_token_id", 2)
         return {"vocab_size": config["vocab_size"], "context_length": config["max_position_embeddings"],
@@ -78,7 +122,7 @@ def clip_text_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
                 # transformers pools at argmax(ids) when eos_token_id == 2 (the files written before its fix)
                 "eos_id": None if eos == 2 else eos}
     except KeyError as e:
-        raise UserError(f"CLIP text config: missing key {e.args[0]!r}") from None
+        raise UserError(f"{where}: missing key {e.args[0]!r}") from None
 
 
 def clip_text_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,3 +150,9 @@ def clip_text_config_to_hf(cfg: Any, tokenizer: Any) -> dict[str, Any]:
             "projection_dim": cfg.projection_dim, "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
             # eos_token_id 2 is transformers' signal for "pool at the largest id", our eos_id None
             "eos_token_id": 2 if cfg.eos_id is None else cfg.eos_id}
+
+
+def clip_text_key_map(keys: list[str]) -> dict[str, str]:
+    """Our CLIPTextTransformer key -> transformers' (``text_model.``-prefixed) key, for each of ``keys``."""
+    placeholder = torch.empty(0)
+    return dict(zip(keys, clip_text_to_hf({k: placeholder for k in keys})))

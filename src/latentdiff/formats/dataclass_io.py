@@ -69,7 +69,12 @@ def check_type(value: Any, tp: Any, key: str, float_strings: bool = True) -> Any
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return check_type(value, inner[0], key, float_strings)
+        for alternative in inner[:-1]:  # e.g. int | str: the first that takes the value
+            try:
+                return check_type(value, alternative, key, float_strings)
+            except UserError:
+                pass
+        return check_type(value, inner[-1], key, float_strings)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}: expected a list, got {value!r}")

@@ -6,7 +6,8 @@ keys and its block layout, which the caller passes in (formats/ sits below model
 it), so one table serves both directions and every key is accounted for (missing and unexpected keys are
 UserErrors that name them). The configs themselves are read back from the tensor shapes where the
 weights say it (widths, levels, attention, context width) and from convention where they do not
-(head counts: SD v1 has 8 heads, SD v2 64-wide heads).
+(head counts: SD v1 has 8 heads, SD v2 64-wide heads); diffusers' config.json files are read in
+formats/sd_configs.py.
 """
 
 from __future__ import annotations
@@ -201,6 +202,44 @@ def clip_text_from_open_clip(state: Tensors, layers: int) -> Tensors:
     return out
 
 
+def clip_text_to_open_clip(state: Tensors, total_layers: int) -> tuple[Tensors, set[str]]:
+    """CLIPTextTransformer keys -> OpenCLIP text keys, the inverse of `clip_text_from_open_clip`.
+
+    SD v2 files hold ``total_layers`` blocks but read one fewer; blocks our tower does not have are
+    written as identity blocks (every weight zero: the residual adds nothing). Returns the tensors and
+    the names of those made-up ones, so a caller can put the file's own back in their place.
+    """
+    theirs = {v: k for k, v in _OPEN_CLIP_LAYER.items()}
+    out: Tensors = {}
+    for key, v in state.items():
+        if key == "position_embedding.weight":
+            out["positional_embedding"] = v
+        elif key.startswith("final_norm."):
+            out["ln_final." + key.split(".")[-1]] = v
+        elif key == "token_embedding.weight":
+            out[key] = v
+        elif m := re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key):
+            n, name, p = m.groups()
+            if name in ("attn.q", "attn.k", "attn.v"):
+                continue  # packed below
+            out[f"transformer.resblocks.{n}.{theirs[name]}.{p}"] = v
+        else:
+            raise UserError(f"CLIP text state dict: no OpenCLIP name for {key!r}")
+    layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for n in range(layers):
+        for p in ("weight", "bias"):
+            out[f"transformer.resblocks.{n}.attn.in_proj_{p}"] = torch.cat([state[f"blocks.{n}.attn.{x}.{p}"]
+                                                                            for x in "qkv"])
+    made_up = set()
+    for n in range(layers, total_layers):
+        for key, v in list(out.items()):
+            if key.startswith("transformer.resblocks.0."):
+                name = key.replace(".0.", f".{n}.", 1)
+                out[name] = torch.zeros_like(v)
+                made_up.add(name)
+    return out, made_up
+
+
 # ---- configs read from the weights -------------------------------------------------------------------
 def _need(state: Tensors, key: str, what: str) -> torch.Tensor:
     if key not in state:
@@ -261,98 +300,3 @@ def vae_config_from_compvis(state: Tensors) -> dict[str, Any]:
             "z_channels": _need(state, "decoder.conv_in.weight", "autoencoder").shape[1],
             "embed_dim": quant.shape[0] // 2, "attn_in_mid": "encoder.mid.attn_1.q.weight" in state,
             "scale_factor": 0.18215}
-
-
-# ---- diffusers config.json <-> our configs -----------------------------------------------------------
-def unet_config_from_diffusers(config: dict[str, Any], where: str = "unet/config.json") -> dict[str, Any]:
-    """UNetConfig keyword arguments from a diffusers UNet2DConditionModel config (what we can hold)."""
-    def fail(msg: str) -> UserError:
-        return UserError(f"{where}: {msg}")
-
-    try:
-        channels = list(config["block_out_channels"])
-        down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    except KeyError as e:
-        raise fail(f"missing key {e.args[0]!r}") from None
-    supported = {"act_fn": "silu", "norm_num_groups": 32, "flip_sin_to_cos": True, "freq_shift": 0,
-                 "resnet_time_scale_shift": "default", "class_embed_type": None, "addition_embed_type": None,
-                 "only_cross_attention": False, "dual_cross_attention": False, "conv_in_kernel": 3,
-                 "conv_out_kernel": 3, "time_embedding_type": "positional", "encoder_hid_dim": None,
-                 "mid_block_type": "UNetMidBlock2DCrossAttn"}
-    for key, value in supported.items():
-        if config.get(key, value) not in (value, [value] * len(channels)):
-            raise fail(f"{key}={config[key]!r} is not supported (latentdiff's UNet has {value!r})")
-    mc = channels[0]
-    if any(c % mc for c in channels):
-        raise fail(f"block_out_channels {channels} must be multiples of the first")
-    attn = [2**i for i, t in enumerate(down) if t.startswith("CrossAttn")]
-    if [2**(len(up) - 1 - i) for i, t in enumerate(up) if t.startswith("CrossAttn")][::-1] != attn:
-        raise fail(f"down_block_types {down} and up_block_types {up} must mirror each other")
-    nrb = config.get("layers_per_block", 2)
-    depth = config.get("transformer_layers_per_block", 1)
-    if not isinstance(nrb, int) or not isinstance(depth, int):
-        raise fail("per-level layers_per_block / transformer_layers_per_block are not supported")
-    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)  # diffusers' naming quirk
-    if isinstance(heads, int):
-        head_kw: dict[str, int] = {"num_heads": heads}
-    else:
-        widths = {c // h for c, h in zip(channels, heads)}
-        if len(widths) != 1 or any(c % h for c, h in zip(channels, heads)):
-            raise fail(f"per-level head counts {heads} must give one head width over {channels}")
-        head_kw = {"num_head_channels": widths.pop()}
-    num_classes = config.get("num_class_embeds")
-    return {"in_channels": config.get("in_channels", 4), "out_channels": config.get("out_channels", 4),
-            "model_channels": mc, "channel_mult": tuple(c // mc for c in channels), "num_res_blocks": nrb,
-            "attention_resolutions": tuple(attn), "transformer_depth": depth,
-            "context_dim": config.get("cross_attention_dim", 1280),
-            "use_linear_projection": bool(config.get("use_linear_projection", False)),
-            "num_classes": None if num_classes is None else num_classes - 1, **head_kw}
-
-
-def unet_config_to_diffusers(cfg: Any, layout: Any) -> dict[str, Any]:
-    """A diffusers UNet2DConditionModel config.json for our UNetConfig ``cfg`` and its `UNetLayout`."""
-    channels = [level.channels for level in layout.levels]
-    attn = [level.attention for level in layout.levels]
-    if cfg.num_head_channels > 0:
-        heads: Any = [c // cfg.num_head_channels for c in channels]
-    else:
-        heads = cfg.num_heads
-    if cfg.context_dim is None:
-        raise UserError("diffusers' UNet2DConditionModel needs cross-attention (unet.context_dim is None)")
-    return {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels,
-            "out_channels": cfg.out_channels, "block_out_channels": channels,
-            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-            "layers_per_block": cfg.num_res_blocks, "transformer_layers_per_block": cfg.transformer_depth,
-            "attention_head_dim": heads, "cross_attention_dim": cfg.context_dim,
-            "use_linear_projection": cfg.use_linear_projection, "norm_num_groups": 32,
-            "num_class_embeds": None if cfg.num_classes is None else cfg.num_classes + 1}
-
-
-def vae_config_from_diffusers(config: dict[str, Any], where: str = "vae/config.json") -> dict[str, Any]:
-    """AutoencoderConfig keyword arguments from a diffusers AutoencoderKL config."""
-    channels = list(config.get("block_out_channels", [64]))
-    base = channels[0]
-    if any(c % base for c in channels) or config.get("norm_num_groups", 32) != 32:
-        raise UserError(f"{where}: block_out_channels {channels} / norm_num_groups are not supported")
-    for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-        if config.get(key, True) is not True:
-            raise UserError(f"{where}: {key}=false is not supported")
-    latent = config.get("latent_channels", 4)
-    shift = config.get("shift_factor")
-    return {"in_channels": config.get("in_channels", 3), "out_channels": config.get("out_channels", 3),
-            "base_channels": base, "channel_mult": tuple(c // base for c in channels),
-            "num_res_blocks": config.get("layers_per_block", 1), "z_channels": latent, "embed_dim": latent,
-            "scale_factor": config.get("scaling_factor", 0.18215), "shift_factor": shift or 0.0}
-
-
-def vae_config_to_diffusers(cfg: Any) -> dict[str, Any]:
-    """A diffusers AutoencoderKL config.json for our AutoencoderConfig."""
-    if cfg.z_channels != cfg.embed_dim or not cfg.double_z or not cfg.attn_in_mid:
-        raise UserError("diffusers' AutoencoderKL needs z_channels == embed_dim, double_z and mid attention")
-    levels = len(cfg.channel_mult)
-    return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-            "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
-            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "layers_per_block": cfg.num_res_blocks, "latent_channels": cfg.embed_dim, "norm_num_groups": 32,
-            "scaling_factor": cfg.scale_factor, "shift_factor": cfg.shift_factor or None}

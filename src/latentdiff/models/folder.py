@@ -78,6 +78,7 @@ class Manifest:
     context_length: Optional[int] = None  # CLIP folders: the text tower's context and width
     width: Optional[int] = None
     caption_template: Optional[str] = None
+    buckets: Optional[tuple[tuple[int, int], ...]] = None  # data.buckets: the trained (width, height) sizes
 
     @property
     def guidance(self) -> float:

@@ -10,11 +10,11 @@ Two implementations share one call interface (`Tokenizer`):
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import unicodedata
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import regex
@@ -194,14 +194,13 @@ class CLIPTokenizer(Tokenizer):
 
     @classmethod
     def default(cls, context_length: int = 77, pad_token: str | int = EOS) -> CLIPTokenizer:
-        """The CLIP tokenizer from the installed open-clip-torch's merges file."""
-        folder = _open_clip_dir()
-        if folder is None:
-            raise UserError("the CLIP vocabulary needs open-clip-torch: pip install --no-deps open-clip-torch")
-        path = Path(folder) / OPEN_CLIP_BPE
-        if not path.is_file():
-            raise UserError(f"{path} is missing; reinstall it: pip install --no-deps --force-reinstall open-clip-torch")
-        return cls.from_bpe_file(path, context_length, pad_token)
+        """The CLIP tokenizer from the merges file that ships with latentdiff (OpenAI's, MIT licence)."""
+        path = resources.files("latentdiff.models").joinpath("clip_vocab", OPEN_CLIP_BPE)
+        with resources.as_file(path) as file:
+            if not file.is_file():
+                raise UserError(f"{file} is missing from this installation of latentdiff; reinstall it, or give "
+                                "a tokenizer folder (vocab.json + merges.txt) with --tokenizer")
+            return cls.from_bpe_file(file, context_length, pad_token)
 
     def save(self, folder: Path | str) -> None:
         """Write vocab.json, merges.txt and tokenizer_config.json (loadable by transformers too)."""
@@ -274,12 +273,6 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, ..
                                     if isinstance(t, dict) and "content" in t and "id" in t}
     merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     return vocab, merges
-
-
-def _open_clip_dir() -> str | None:
-    """Folder of the installed open_clip package, found without importing it (it needs torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    return next(iter(spec.submodule_search_locations), None) if spec and spec.submodule_search_locations else None
 
 
 class TrainedTokenizer(Tokenizer):

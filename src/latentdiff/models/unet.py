@@ -20,7 +20,7 @@ from latentdiff.formats.dataclass_io import ConfigMixin
 from ..nn.attention import Attention, SpatialTransformer
 from ..nn.embeddings import timestep_embedding
 from ..nn.resblock import Downsample, ResBlock, Upsample, group_norm, zero_module
-from .unet_layout import BlockLayout, unet_layout
+from .unet_layout import BlockLayout, LevelLayout, unet_layout
 
 
 @dataclass
@@ -43,6 +43,14 @@ class UNetConfig(ConfigMixin):
     dropout: float = 0.0
     num_classes: int | None = None  # class-conditional: label_emb has num_classes + 1 rows, the last is "no class"
     conv_resample: bool = True  # learned conv for down/up-sampling (else average pooling / plain nearest)
+    # Options of diffusers' UNet2DConditionModel (docs/stable_diffusion.md lists every key); the defaults are SD's.
+    heads_per_level: tuple[int, ...] = ()  # one head count per level (diffusers' per-block attention_head_dim);
+    #                                        the middle block takes the last; () uses num_heads / num_head_channels
+    norm_groups: int = 32  # GroupNorm groups (norm_num_groups); a width they do not divide gets its largest divisor below
+    norm_eps: float = 1e-5  # ε of the ResBlocks' and the output's GroupNorms (norm_eps)
+    downsample_padding: int = 1  # 0: pad only right and bottom before each stride-2 conv (downsample_padding)
+    center_input: bool = False  # the network sees 2 z - 1 (center_input_sample)
+    mid_scale: float = 1.0  # the middle ResBlocks divide their output by this (mid_block_scale_factor)
 
     def __post_init__(self) -> None:
         self.channel_mult, self.attention_resolutions = tuple(self.channel_mult), tuple(self.attention_resolutions)
@@ -57,6 +65,16 @@ class UNetConfig(ConfigMixin):
                             f"got {list(self.channel_mult)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"unet.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        self.heads_per_level = tuple(self.heads_per_level)
+        if self.heads_per_level and len(self.heads_per_level) != len(self.channel_mult):
+            raise UserError(f"unet.heads_per_level: expected one head count per level ({len(self.channel_mult)}), "
+                            f"got {list(self.heads_per_level)!r}")
+        if self.norm_groups < 1 or not self.norm_eps > 0 or not self.mid_scale > 0:
+            raise UserError(f"unet: norm_groups ({self.norm_groups}), norm_eps ({self.norm_eps}) and mid_scale "
+                            f"({self.mid_scale}) must be positive")
+        if self.downsample_padding not in (0, 1):
+            raise UserError(f"unet.downsample_padding: expected 0 or 1, got {self.downsample_padding!r}")
+        unet_layout(self)  # heads that do not fit a level's width are refused here, naming the level
 
     @classmethod
     def sd_v1(cls) -> UNetConfig:
@@ -100,23 +118,19 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
 
-        def res(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, cfg.dropout, ch_out)
+        def res(ch_in: int, ch_out: int, scale: float = 1.0) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, cfg.dropout, ch_out, cfg.norm_groups, cfg.norm_eps, scale)
 
-        def attn(ch: int) -> SpatialTransformer:
-            if cfg.num_head_channels > 0:
-                heads, head_dim = ch // cfg.num_head_channels, cfg.num_head_channels
-            else:
-                heads, head_dim = cfg.num_heads, ch // cfg.num_heads
-            return SpatialTransformer(ch, heads, head_dim, cfg.transformer_depth, cfg.dropout, cfg.context_dim,
-                                      cfg.use_linear_projection)
+        def attn(level: LevelLayout) -> SpatialTransformer:
+            return SpatialTransformer(level.channels, level.heads, level.head_dim, cfg.transformer_depth, cfg.dropout,
+                                      cfg.context_dim, cfg.use_linear_projection, cfg.norm_groups)
 
         def block(b: BlockLayout) -> TimestepEmbedSequential:
             if b.downsample:
-                return TimestepEmbedSequential(Downsample(b.ch_in, cfg.conv_resample))
+                return TimestepEmbedSequential(Downsample(b.ch_in, cfg.conv_resample, padding=cfg.downsample_padding))
             layers: list[nn.Module] = [res(b.ch_in, b.ch_out)]
             if b.attention:
-                layers.append(attn(b.ch_out))
+                layers.append(attn(layout.levels[b.level]))
             if b.upsample:
                 layers.append(Upsample(b.ch_out, cfg.conv_resample))
             return TimestepEmbedSequential(*layers)
@@ -127,12 +141,14 @@ class UNet(nn.Module):
         self.input_blocks.extend(block(b) for b in layout.down)
         # Middle: always attention at the lowest resolution, where the tokens are fewest.
         ch = layout.middle_channels
-        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(res(ch, ch, cfg.mid_scale), attn(layout.levels[-1]),
+                                                    res(ch, ch, cfg.mid_scale))
         # Up: per level num_res_blocks + 1 ResBlocks, each eating one skip connection (concatenated on channels).
         self.output_blocks = nn.ModuleList(block(b) for b in layout.up)
         ch = layout.up[-1].ch_out
         # Zero-initialised output: the untrained model predicts 0 (the mean of ε), a well-conditioned start.
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch, cfg.norm_eps, cfg.norm_groups), nn.SiLU(),
+                                 zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
 
     def set_attention_slice(self, heads: int | None) -> None:
         """Compute every attention ``heads`` (batch x head) score matrices at a time; None: all at once."""
@@ -177,7 +193,7 @@ class UNet(nn.Module):
             if class_labels is None:  # no label given: the "null" class (last row), as classifier-free guidance uses
                 class_labels = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(class_labels)
-        skips, h = [], x
+        skips, h = [], 2 * x - 1 if self.config.center_input else x
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)

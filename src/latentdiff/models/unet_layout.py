@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from latentdiff.errors import UserError
+
 if TYPE_CHECKING:
     from latentdiff.models.unet import UNetConfig
 
@@ -20,6 +22,8 @@ class LevelLayout:
 
     channels: int  # width of the level's ResBlocks: model_channels * channel_mult[i]
     attention: bool  # its ResBlocks are followed by a SpatialTransformer (2**i in attention_resolutions)
+    heads: int = 0  # attention heads of its SpatialTransformers (0: the level has none) ...
+    head_dim: int = 0  # ... each this wide (channels // heads, or SD v2's fixed 64)
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,36 @@ class UNetLayout:
     up: tuple[BlockLayout, ...]  # output_blocks
 
 
+def level_heads(cfg: UNetConfig, level: int, channels: int) -> tuple[int, int]:
+    """(heads, head width) of attention at ``level`` (``channels`` wide): per level, fixed width or fixed count.
+
+    Stable Diffusion v1 fixes the count (8), v2 the width (64); diffusers configs may give one count per
+    level (``heads_per_level``), and then the middle block uses the last level's. Too narrow a level for
+    its heads is a UserError naming the level.
+    """
+    if cfg.heads_per_level:
+        heads, how = cfg.heads_per_level[level], f"unet.heads_per_level[{level}]={cfg.heads_per_level[level]}"
+        width = channels // heads if heads > 0 else 0
+    elif cfg.num_head_channels > 0:
+        heads, how = channels // cfg.num_head_channels, f"{cfg.num_head_channels}-wide heads (unet.num_head_channels)"
+        width = cfg.num_head_channels
+    else:
+        heads, how = cfg.num_heads, f"unet.num_heads={cfg.num_heads}"
+        width = channels // heads
+    if heads < 1 or width < 1:
+        raise UserError(f"unet: attention at level {level} ({channels} channels) gets no head of width >= 1 "
+                        f"with {how}")
+    return heads, width
+
+
 def unet_layout(cfg: UNetConfig) -> UNetLayout:
     """The levels and blocks of a UNet of config ``cfg`` (CompVis `UNetModel` layout)."""
     mc, nrb = cfg.model_channels, cfg.num_res_blocks
-    levels = tuple(LevelLayout(mc * mult, 2**i in cfg.attention_resolutions) for i, mult in enumerate(cfg.channel_mult))
+    levels: list[LevelLayout] = []
+    for i, mult in enumerate(cfg.channel_mult):
+        attention, last = 2**i in cfg.attention_resolutions, i == len(cfg.channel_mult) - 1
+        heads = level_heads(cfg, i, mc * mult) if attention or last else (0, 0)  # the middle block reads the last's
+        levels.append(LevelLayout(mc * mult, attention, *heads))
     down: list[BlockLayout] = []
     skips, ch = [mc], mc  # channels of every skip connection (conv_in's first), the running width
     for i, level in enumerate(levels):
@@ -66,4 +96,4 @@ def unet_layout(cfg: UNetConfig) -> UNetLayout:
             up.append(BlockLayout(i, j, ch + skips.pop(), levels[i].channels, attention=levels[i].attention,
                                   upsample=i > 0 and j == nrb))
             ch = levels[i].channels
-    return UNetLayout(levels, tuple(down), middle, tuple(up))
+    return UNetLayout(tuple(levels), tuple(down), middle, tuple(up))

@@ -96,7 +96,7 @@ class SpatialTransformer(nn.Module):
     """Transformer over the H*W pixels of a feature map, added back as a residual (zero-initialised output)."""
 
     def __init__(self, channels: int, num_heads: int | None = None, head_dim: int | None = None, depth: int = 1,
-                 dropout: float = 0.0, context_dim: int | None = None, use_linear: bool = False):
+                 dropout: float = 0.0, context_dim: int | None = None, use_linear: bool = False, groups: int = 32):
         super().__init__()
         if num_heads is None and head_dim is None:
             raise ValueError("give num_heads or head_dim (or both)")
@@ -104,7 +104,7 @@ class SpatialTransformer(nn.Module):
         head_dim = head_dim or channels // num_heads
         inner = num_heads * head_dim
         self.use_linear = use_linear
-        self.norm = group_norm(channels, eps=1e-6)
+        self.norm = group_norm(channels, eps=1e-6, max_groups=groups)  # ε 1e-6 in CompVis and diffusers alike
         # SD v1 projects with 1x1 convs, SD v2 with Linear layers (same maths, different weight shapes).
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(

@@ -17,9 +17,9 @@ def norm_groups(channels: int, max_groups: int = 32) -> int:
     return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
 
 
-def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
-    """GroupNorm with `norm_groups(channels)` groups."""
-    return nn.GroupNorm(norm_groups(channels), channels, eps=eps)
+def group_norm(channels: int, eps: float = 1e-5, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with `norm_groups(channels, max_groups)` groups."""
+    return nn.GroupNorm(norm_groups(channels, max_groups), channels, eps=eps)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -30,16 +30,21 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """h = x + f(x, emb): GroupNorm-SiLU-conv, add projected timestep embedding, GroupNorm-SiLU-dropout-conv."""
+    """h = (x + f(x, emb)) / output_scale: GroupNorm-SiLU-conv, add projected timestep embedding,
+    GroupNorm-SiLU-dropout-conv. ``groups`` (most GroupNorm groups), ``eps`` and ``output_scale`` are
+    diffusers' norm_num_groups, norm_eps and output_scale_factor; the defaults are SD's."""
 
-    def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None):
+    def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
+                 groups: int = 32, eps: float = 1e-5, output_scale: float = 1.0):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.output_scale = output_scale
+        self.in_layers = nn.Sequential(group_norm(channels, eps, groups), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # Zero-initialised last conv: each block starts as the identity, which keeps a deep UNet stable at init.
         self.out_layers = nn.Sequential(
-            group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            group_norm(out_channels, eps, groups), nn.SiLU(), nn.Dropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
@@ -50,24 +55,28 @@ class ResBlock(nn.Module):
         h += self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # timestep (and class) shift per channel
         out = self.out_layers(h)  # in-place adds on fresh conv outputs: no extra (B, C, H, W) buffer, same sums
         out += self.skip_connection(x)
-        return out
+        return out if self.output_scale == 1.0 else out.div_(self.output_scale)
 
 
 class Downsample(nn.Module):
-    """Halve H and W: 3x3 conv with stride 2 (or 2x2 average pooling when use_conv=False)."""
+    """Halve H and W: 3x3 conv with stride 2 (or 2x2 average pooling when use_conv=False).
 
-    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
+    ``padding`` 1 pads every side (SD); 0 pads only right and bottom by one (diffusers' downsample_padding=0).
+    """
+
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None, padding: int = 1):
         super().__init__()
         out_channels = out_channels or channels
+        self.pad_right_bottom = use_conv and padding == 0
         if use_conv:
-            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=padding)
         else:
             assert out_channels == channels, "average pooling cannot change the channel count"
             self.op = nn.AvgPool2d(2)
 
     def forward(self, x: Tensor) -> Tensor:
         """Downsample x by 2 in each spatial dimension."""
-        return self.op(x)
+        return self.op(F.pad(x, (0, 1, 0, 1)) if self.pad_right_bottom else x)
 
 
 class Upsample(nn.Module):

@@ -1,6 +1,7 @@
 """The main job: text-to-image latent diffusion trained from scratch on the embedded shapes, then measured.
 
-Three stages, each resumable (a second run continues where the first stopped):
+Three stages, the first two the ``shapes`` recipe planned to one time budget (training/recipe.py; a second
+run continues where the first stopped):
 1. the autoencoder (ae-shapes): 32x32 RGB -> 8x8x8 latents;
 2. the text-conditional LDM (ldm-shapes) on those latents, reading prompts through the frozen packaged
    MiniLM encoder, captions dropped 10% of the time for classifier-free guidance;
@@ -19,7 +20,6 @@ from typing import Any, Callable
 
 import torch
 
-from latentdiff.training.config import load_config
 from latentdiff.data.images import captioned_rows, save_png, upscale_nearest
 from latentdiff.data.shapes import make_shapes
 from latentdiff.data.transforms import from_uint8_image, to_uint8_image
@@ -28,8 +28,7 @@ from latentdiff.models.folder import load_autoencoder
 from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.evaluate import adherence_prompt_sets, evaluate_adherence
 from latentdiff.pipelines.generate import Pipeline
-from latentdiff.training import make_trainer
-from latentdiff.training.checkpoints import latest_checkpoint
+from latentdiff.training.recipe import STATE, run_recipe
 
 GRID_PROMPTS = [
     "a large red circle in the center",
@@ -45,16 +44,6 @@ GRID_PROMPTS = [
 ]
 
 
-def train_stage(preset: str, out: Path, overrides: list[str], log: Callable[[str], None]) -> float:
-    """Train (or continue) one preset into ``out``; returns the seconds it took in this process."""
-    resume = latest_checkpoint(out / "checkpoints") is not None
-    cfg = load_config(str(out / "config.yaml") if resume else preset, overrides)
-    log(f"{'continuing' if resume else 'training'} {preset} in {out}")
-    t0 = time.perf_counter()
-    make_trainer(cfg, out, resume=resume, progress=None).run()
-    return time.perf_counter() - t0
-
-
 @torch.no_grad()
 def autoencoder_ceiling(ae_dir: Path, n: int = 500, seed: int = 123) -> float:
     """Share of n one-object scenes (train split, drawn with another seed than the training set) whose
@@ -67,18 +56,21 @@ def autoencoder_ceiling(ae_dir: Path, n: int = 500, seed: int = 123) -> float:
     return sum(score(r, c)["whole"] for r, c in zip(recon, captions)) / n
 
 
-def run_demo(out: Path, ae_minutes: float = 2.7, ldm_minutes: float = 6.0, n_eval: int = 100,
-             guidance: float | None = None, log: Callable[[str], None] | None = None,
-             overrides: list[str] = ()) -> dict[str, Any]:
-    """Train both models within the time budgets, write the prompt grid and the adherence report.
+def run_demo(out: Path, minutes: float | None = 8.5, n_eval: int = 100, guidance: float | None = None,
+             log: Callable[[str], None] | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Train both models (the ``shapes`` recipe) planned to ``minutes`` in all, write the prompt grid and the
+    adherence report. A second call continues the run (the new minutes go to the unfinished stages).
 
-    ``overrides`` (``section.key=value``) go to both trainings, e.g. a smaller data set for tests.
+    ``minutes`` None trains each preset's own steps; ``overrides`` (``section.key=value``) go to both
+    trainings, e.g. a smaller data set for tests.
     """
     log = log or (lambda s: print(s, file=sys.stderr))
     ae_dir, ldm_dir = out / "autoencoder", out / "ldm"
-    t_ae = train_stage("ae-shapes", ae_dir, [f"train.time_limit={ae_minutes}", *overrides], log)
-    t_ldm = train_stage("ldm-shapes", ldm_dir,
-                        [f"latent.autoencoder={ae_dir}", f"train.time_limit={ldm_minutes}", *overrides], log)
+    t0 = time.perf_counter()
+    run_recipe("shapes", out, minutes, list(overrides), resume=True, log=log)
+    stages = json.loads((out / STATE).read_text())["stages"]  # seconds of all runs of each stage
+    t_ae, t_ldm = stages["autoencoder"]["seconds"], stages["ldm"]["seconds"]
+    log(f"trained in {(time.perf_counter() - t0) / 60:.1f} min (budget {minutes} min)")
     pipe = Pipeline.load(ldm_dir)
     seeds = 6
     images = torch.cat([pipe.run(SampleSettings(seeds, seeds, 25, "ddim", 0, prompt=p, guidance=guidance)).images

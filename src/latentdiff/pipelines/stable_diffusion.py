@@ -11,10 +11,12 @@ inpainting: 9 UNet input channels) is read from the weights. Writes latentdiff m
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from latentdiff.diffusion.config import DiffusionConfig
 from latentdiff.errors import UserError
@@ -23,6 +25,11 @@ from latentdiff.formats.checkpoint import (load_into, load_json, load_json_objec
                                            save_json, save_tensors)
 from latentdiff.formats.clip_keys import (clip_text_config_from_hf, clip_text_config_to_hf, clip_text_from_hf,
                                           clip_text_to_hf)
+from latentdiff.formats.sd_configs import (unet_config_from_diffusers, unet_config_to_diffusers,
+                                           vae_config_from_diffusers, vae_config_to_diffusers)
+from latentdiff.formats.single_file_config import (PREDICTIONS, TEXT_SHAPE_KEYS, UNET_HEAD_KEYS, UNET_SHAPE_KEYS,
+                                                   VAE_SHAPE_KEYS, config_from_metadata, merge_guess, read_config,
+                                                   scheduler_config_from_diffusers)
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.models.clip import CLIPTextConfig, CLIPTextEncoder, CLIPTextTransformer
 from latentdiff.models.concat import ConcatKind
@@ -35,7 +42,7 @@ from latentdiff.pipelines.generate import Pipeline
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 DEFAULT_GUIDANCE = 7.5  # what SD's reference scripts and diffusers use
-PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}  # diffusers' names -> ours
+EXTRAS = "extras/single_file.safetensors"  # a single file's tensors no component reads, kept by `convert`
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
 Tensors = dict[str, torch.Tensor]
@@ -52,7 +59,9 @@ def read_checkpoint(path: Path | str) -> tuple[Tensors, dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     if path.suffix == ".safetensors":
-        return load_tensors(path), {}
+        tensors = load_tensors(path)
+        with safe_open(path, "pt") as f:
+            return tensors, dict(f.metadata() or {})
     obj = load_weights_only(path)
     meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -78,28 +87,42 @@ def _load(model: torch.nn.Module, state: Tensors, where: str) -> torch.nn.Module
 
 
 # ---- the parts ---------------------------------------------------------------------------------------
-def _clip_config(weights: Tensors, act: str) -> CLIPTextConfig:
-    """A text tower's config read from its weights (our key names); CLIP text heads are 64 wide."""
+def _clip_guess(weights: Tensors, act: str, where: str, heads_given: bool) -> dict[str, Any]:
+    """A text tower's config read from its weights (our key names); CLIP's text heads are 64 wide."""
     tokens = weights["token_embedding.weight"]
     width = tokens.shape[1]
-    return CLIPTextConfig(vocab_size=tokens.shape[0], context_length=weights["position_embedding.weight"].shape[0],
-                          width=width, layers=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
-                          heads=max(1, width // 64), intermediate_size=weights["blocks.0.mlp.fc1.weight"].shape[0],
-                          act=act, projection_dim=width)
+    if width % 64 and not heads_given:
+        raise UserError(f"{where}: the text encoder is {width} wide, which CLIP's 64-wide heads do not divide: "
+                        "give the model's config with --config")
+    return {"vocab_size": tokens.shape[0], "context_length": weights["position_embedding.weight"].shape[0],
+            "width": width, "layers": len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
+            "heads": max(1, width // 64), "intermediate_size": weights["blocks.0.mlp.fc1.weight"].shape[0],
+            "act": act, "projection_dim": width}
 
 
-def _text_encoder_from_single_file(hf: Tensors, open_clip: Tensors, where: str,
+def _hf_layers(state: Tensors) -> int:
+    return len({m.group(1) for k in state if (m := re.search(r"encoder\.layers\.(\d+)\.", k))})
+
+
+def _text_encoder_from_single_file(hf: Tensors, open_clip: Tensors, given: dict[str, Any], where: str,
                                    tokenizer: CLIPTokenizer | None) -> CLIPTextEncoder:
-    """SD v1's transformers-layout CLIP (``hf``) or SD v2's OpenCLIP text tower, with the CLIP BPE tokenizer."""
+    """SD v1's transformers-layout CLIP (``hf``) or SD v2's OpenCLIP text tower, with the CLIP BPE tokenizer.
+
+    SD v1 reads the last block, SD v2 the penultimate one; a config (``given``) may say otherwise.
+    """
+    text = given.get("text", {})
     if hf:  # OpenAI CLIP ViT-L/14
+        used = text.get("layers", _hf_layers(hf) - given.get("text_skip", 0))
+        hf = {k: v for k, v in hf.items() if not (m := re.search(r"encoder\.layers\.(\d+)\.", k)) or int(m.group(1)) < used}
         weights, act, pad = clip_text_from_hf(hf), "quick_gelu", "<|endoftext|>"
-    elif open_clip:  # SD v2 reads the penultimate block; open_clip pads with id 0 ('!'), not end-of-text
-        weights = sd_keys.clip_text_from_open_clip(open_clip, sd_keys.open_clip_text_layers(open_clip) - 1)
-        act, pad = "gelu", 0
+    elif open_clip:  # open_clip pads with id 0 ('!'), not end-of-text
+        used = text.get("layers", sd_keys.open_clip_text_layers(open_clip) - given.get("text_skip", 1))
+        weights, act, pad = sd_keys.clip_text_from_open_clip(open_clip, used), "gelu", 0
     else:
         raise UserError(f"{where}: no text encoder: expected keys {TEXT_PREFIX}transformer.* (SD v1) or "
                         f"{TEXT_PREFIX}model.* (SD v2)")
-    cfg = _clip_config(weights, act)
+    guess = _clip_guess(weights, act, where, "heads" in text)
+    cfg = CLIPTextConfig(**merge_guess(guess, text, TEXT_SHAPE_KEYS, "clip.text", where, ("heads",)))
     model = _load(CLIPTextTransformer(cfg), weights, f"{where}: text encoder")
     return CLIPTextEncoder(tokenizer or CLIPTokenizer.default(cfg.context_length, pad), model)
 
@@ -131,15 +154,20 @@ def _pipeline(unet: UNet, vae: Autoencoder, text: CLIPTextEncoder, diffusion: Di
 
 
 def load_single_file(path: Path | str, device: str | torch.device = "cpu", prediction: str | None = None,
-                     tokenizer: Path | str | None = None) -> Pipeline:
+                     tokenizer: Path | str | None = None, config: Path | str | None = None) -> Pipeline:
     """A Stable Diffusion v1/v2 (or inpainting) single-file checkpoint as a Pipeline.
 
-    ``prediction`` (eps or v) overrides what is read from the file: SD v2 checkpoints are v-prediction
-    768 px models except the 512 px base model (``global_step`` 875000 in its ``.ckpt``), as diffusers
-    decides too. ``tokenizer``: a folder with vocab.json + merges.txt (default: open_clip's BPE file).
+    Widths and levels come from the tensor shapes; head counts, GroupNorm groups and the schedule from
+    ``config`` (a diffusers folder, a config.json or a CompVis YAML: formats/single_file_config.py), else
+    from the configs latentdiff's writer keeps in the file's metadata, else SD's convention (v1: 8
+    heads, v2: 64-wide heads, 32 groups). Weights that contradict the guess are a one-line UserError.
+    ``prediction`` (eps or v) overrides what is read: SD v2 checkpoints are v-prediction 768 px models
+    except the 512 px base model (``global_step`` 875000 in its ``.ckpt``), as diffusers decides too.
+    ``tokenizer``: a folder with vocab.json + merges.txt (default: the CLIP vocabulary latentdiff ships).
     """
     path = Path(path)
     state, meta = read_checkpoint(path)
+    given = read_config(config) if config is not None else config_from_metadata(meta, str(path))
     unet_sd = _sub(state, UNET_PREFIX)  # model_ema.* (EMA copies some files carry) is not read
     vae_sd = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}  # training-only LPIPS/GAN
     if not unet_sd or not vae_sd:
@@ -148,16 +176,28 @@ def load_single_file(path: Path | str, device: str | torch.device = "cpu", predi
                         f"{UNET_PREFIX}*, {VAE_PREFIX}* and {TEXT_PREFIX}* (found e.g. {some})")
     hf, open_clip = _sub(state, TEXT_PREFIX + "transformer."), _sub(state, TEXT_PREFIX + "model.")
     v2 = not hf  # SD v2's OpenCLIP text tower sits at cond_stage_model.model
-    unet_cfg = UNetConfig(**sd_keys.unet_config_from_compvis(unet_sd, v2))
-    unet = _load(UNet(unet_cfg), unet_sd, f"{path}: UNet")
-    vae = _load(Autoencoder(AutoencoderConfig(**sd_keys.vae_config_from_compvis(vae_sd))), vae_sd,
-                f"{path}: autoencoder")
+    unet_given = given.get("unet", {})
+    hint = "" if any(k in unet_given for k in UNET_HEAD_KEYS) else (
+        f" (head counts follow SD {'v2' if v2 else 'v1'}'s convention, {'64-wide heads' if v2 else '8 heads'}: "
+        "give the model's config with --config)")
+    try:
+        unet_kw = merge_guess(sd_keys.unet_config_from_compvis(unet_sd, v2), unet_given, UNET_SHAPE_KEYS, "unet",
+                              str(path), UNET_HEAD_KEYS)
+        unet = _load(UNet(UNetConfig(**unet_kw)), unet_sd, f"{path}: UNet")
+    except UserError as e:
+        raise UserError(f"{e}{hint}") from None
+    vae_kw = merge_guess(sd_keys.vae_config_from_compvis(vae_sd), given.get("autoencoder", {}), VAE_SHAPE_KEYS,
+                         "autoencoder", str(path))
+    vae = _load(Autoencoder(AutoencoderConfig(**vae_kw)), vae_sd, f"{path}: autoencoder")
     tok = CLIPTokenizer.from_folder(tokenizer) if tokenizer else None
-    text = _text_encoder_from_single_file(hf, open_clip, str(path), tok)
-    if prediction is None:
-        prediction = "v" if v2 and meta.get("global_step") != 875000 else "eps"
-    diffusion = DiffusionConfig(schedule="scaled_linear", num_timesteps=1000, prediction=prediction)
-    size = 768 if v2 and prediction == "v" else 512  # the default; each call may ask for another size
+    text = _text_encoder_from_single_file(hf, open_clip, given, str(path), tok)
+    guessed = "v" if v2 and meta.get("global_step") != 875000 else "eps"
+    settings = {"schedule": "scaled_linear", "num_timesteps": 1000, "prediction": guessed} | given.get("diffusion", {})
+    diffusion = DiffusionConfig(**settings | ({"prediction": prediction} if prediction else {}))
+    if given.get("latent_size"):
+        size = int(given["latent_size"]) * vae.downsample_factor
+    else:
+        size = 768 if v2 and diffusion.prediction == "v" else 512  # the default; each call may ask for another size
     version = "v2" if v2 else "v1"
     return _pipeline(unet, vae, text, diffusion, size, path, f"stable-diffusion {version} single file", device)
 
@@ -181,18 +221,8 @@ def _weights_in(folder: Path) -> Path:
 
 def _scheduler(folder: Path) -> DiffusionConfig:
     path = folder / "scheduler" / "scheduler_config.json"
-    cfg = load_json_object(path) if path.is_file() else {}
-    if cfg.get("trained_betas") is not None:
-        raise UserError(f"{path}: trained_betas are not supported")
-    schedule = cfg.get("beta_schedule", "scaled_linear")
-    if schedule not in ("linear", "scaled_linear"):
-        raise UserError(f"{path}: beta_schedule {schedule!r} is not supported (linear, scaled_linear)")
-    kind = cfg.get("prediction_type", "epsilon")
-    if kind not in PREDICTIONS:
-        raise UserError(f"{path}: prediction_type {kind!r} unknown (expected {', '.join(PREDICTIONS)})")
-    return DiffusionConfig(schedule=schedule, num_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-                           prediction=PREDICTIONS[kind], beta_start=float(cfg.get("beta_start", 0.00085)),
-                           beta_end=float(cfg.get("beta_end", 0.012)))
+    path = folder / "scheduler" / "scheduler_config.json"
+    return DiffusionConfig(**scheduler_config_from_diffusers(load_json_object(path) if path.is_file() else {}, str(path)))
 
 
 def load_diffusers_folder(path: Path | str, device: str | torch.device = "cpu",
@@ -204,15 +234,17 @@ def load_diffusers_folder(path: Path | str, device: str | torch.device = "cpu",
     if missing:
         raise UserError(f"{path}: not a complete diffusers Stable Diffusion folder: missing {', '.join(missing)}")
     unet_json = load_json_object(path / "unet" / "config.json")
-    unet_cfg = UNetConfig(**sd_keys.unet_config_from_diffusers(unet_json, str(path / "unet" / "config.json")))
+    unet_cfg = UNetConfig(**unet_config_from_diffusers(unet_json, str(path / "unet" / "config.json")))
     file = _weights_in(path / "unet")
     unet = UNet(unet_cfg)
     unet = _load(unet, sd_keys.unet_from_diffusers(read_checkpoint(file)[0], _unet_keys(unet)), str(file))
-    vae_cfg = AutoencoderConfig(**sd_keys.vae_config_from_diffusers(load_json_object(path / "vae" / "config.json")))
+    vae_cfg = AutoencoderConfig(**vae_config_from_diffusers(load_json_object(path / "vae" / "config.json"),
+                                                            str(path / "vae" / "config.json")))
     file = _weights_in(path / "vae")
     vae = Autoencoder(vae_cfg)
     vae = _load(vae, sd_keys.vae_from_diffusers(read_checkpoint(file)[0], _vae_keys(vae)), str(file))
-    text_cfg = CLIPTextConfig(**clip_text_config_from_hf(load_json_object(path / "text_encoder" / "config.json")))
+    where = path / "text_encoder" / "config.json"
+    text_cfg = CLIPTextConfig(**clip_text_config_from_hf(load_json_object(where), str(where)))
     file = _weights_in(path / "text_encoder")
     text_model = _load(CLIPTextTransformer(text_cfg), clip_text_from_hf(read_checkpoint(file)[0]), str(file))
     text = CLIPTextEncoder(CLIPTokenizer.from_folder(path / "tokenizer"), text_model)
@@ -234,15 +266,19 @@ def is_diffusers_folder(path: Path) -> bool:
     return isinstance(manifest, dict) and "_class_name" in manifest
 
 
-def load_any(path: Path | str, device: str | torch.device = "cpu", prediction: str | None = None) -> Pipeline:
+def load_any(path: Path | str, device: str | torch.device = "cpu", prediction: str | None = None,
+             tokenizer: Path | str | None = None, config: Path | str | None = None) -> Pipeline:
     """A latentdiff model folder, a diffusers folder or a single-file SD checkpoint, told apart by content.
 
-    ``prediction`` (eps or v) overrides what a Stable Diffusion checkpoint says it predicts.
+    ``prediction`` (eps or v) overrides what a Stable Diffusion checkpoint says it predicts; ``tokenizer``
+    and ``config`` apply to single files (see :func:`load_single_file`).
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a latentdiff model folder, a diffusers folder or a "
                         ".safetensors/.ckpt checkpoint")
+    if path.is_dir() and (tokenizer is not None or config is not None):
+        raise UserError(f"{path}: --tokenizer and --config apply to single-file checkpoints; a folder has its own")
     if path.is_dir():
         if is_diffusers_folder(path):
             return load_diffusers_folder(path, device, prediction)
@@ -251,20 +287,32 @@ def load_any(path: Path | str, device: str | torch.device = "cpu", prediction: s
         return Pipeline.load(path, device)
     if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         raise UserError(f"{path}: not a model folder or a .safetensors/.ckpt checkpoint")
-    return load_single_file(path, device, prediction)
+    return load_single_file(path, device, prediction, tokenizer, config)
 
 
 # ---- writing -----------------------------------------------------------------------------------------
 def save_latentdiff(pipe: Pipeline, folder: Path | str, image_size: int | None = None) -> None:
     """Write a loaded pipeline as a latentdiff model folder (safetensors + JSON); ``image_size``: the default
-    side stored in it (else the pipeline's own)."""
-    manifest = _resized(pipe, image_size)
+    side stored in it (else the pipeline's own).
+
+    A single file's tensors that no component reads go to ``extras/`` (sd_single_file.py), so that
+    writing the folder back as a single file gives the same tensors.
+    """
+    from latentdiff.pipelines.sd_single_file import single_file_state, source_extras  # it builds on this module
+
+    manifest = resized_manifest(pipe, image_size)
     components = {"unet": (pipe.unet.config.to_dict(), pipe.unet.state_dict()),
                   "autoencoder": (pipe.autoencoder.config.to_dict(), pipe.autoencoder.state_dict())}
+    extras = {}
+    if Path(pipe.path).is_file():
+        state, made_up = single_file_state(pipe)
+        extras = source_extras(pipe, set(state), made_up)
+    if extras:
+        save_tensors(extras, Path(folder) / EXTRAS)
     save_model_folder(folder, components, manifest, {"text_encoder": pipe.cond.text_encoder.save})
 
 
-def _resized(pipe: Pipeline, image_size: int | None) -> Manifest:
+def resized_manifest(pipe: Pipeline, image_size: int | None) -> Manifest:
     """The pipeline's manifest with another default image size (checked) and the latent shape that goes with it."""
     m = pipe.manifest
     if image_size is None:
@@ -277,20 +325,20 @@ def save_diffusers(pipe: Pipeline, folder: Path | str, image_size: int | None = 
     """Write a text-to-image pipeline in diffusers' folder layout (loadable by StableDiffusionPipeline);
     ``image_size``: the default side stored in it (else the pipeline's own)."""
     folder = Path(folder)
-    size = _resized(pipe, image_size).image_size
+    size = resized_manifest(pipe, image_size).image_size
     text = pipe.cond.text_encoder
     if not isinstance(text, CLIPTextEncoder) or not isinstance(text.tokenizer, CLIPTokenizer):
         raise UserError("diffusers folders need a CLIP text encoder with the CLIP BPE tokenizer; this model "
                         f"uses {type(text).__name__}")
     unet_cfg, vae_cfg, text_cfg = pipe.unet.config, pipe.autoencoder.config, text.text_model.config
-    unet_json = sd_keys.unet_config_to_diffusers(unet_cfg, pipe.unet.layout) | {
+    unet_json = unet_config_to_diffusers(unet_cfg, pipe.unet.layout) | {
         "sample_size": size // pipe.autoencoder.downsample_factor}
     save_tensors(sd_keys.unet_to_diffusers(pipe.unet.state_dict(), _unet_keys(pipe.unet)),
                  folder / "unet" / "diffusion_pytorch_model.safetensors")
     save_json(unet_json, folder / "unet" / "config.json")
     save_tensors(sd_keys.vae_to_diffusers(pipe.autoencoder.state_dict(), _vae_keys(pipe.autoencoder)),
                  folder / "vae" / "diffusion_pytorch_model.safetensors")
-    save_json(sd_keys.vae_config_to_diffusers(vae_cfg) | {"sample_size": size},
+    save_json(vae_config_to_diffusers(vae_cfg) | {"sample_size": size},
               folder / "vae" / "config.json")
     save_tensors(clip_text_to_hf(text.text_model.state_dict()), folder / "text_encoder" / "model.safetensors")
     save_json(clip_text_config_to_hf(text_cfg, text.tokenizer), folder / "text_encoder" / "config.json")

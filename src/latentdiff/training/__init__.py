@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def make_trainer(cfg: RunConfig, out_dir: Path | str, resume: bool = False, device: str = "auto",
-                 progress: bool | None = None) -> "TrainingRun":
+                 progress: bool | None = None, started: float | None = None) -> "TrainingRun":
     """The trainer for ``cfg.model`` ('diffusion', 'autoencoder' or 'clip')."""
     if cfg.model == "autoencoder":
         from latentdiff.training.autoencoder_trainer import AutoencoderTrainer as cls
@@ -20,4 +20,4 @@ def make_trainer(cfg: RunConfig, out_dir: Path | str, resume: bool = False, devi
         from latentdiff.training.clip_trainer import CLIPTrainer as cls
     else:
         from latentdiff.training.diffusion_trainer import DiffusionTrainer as cls
-    return cls(cfg, out_dir, resume=resume, device=device, progress=progress)
+    return cls(cfg, out_dir, resume=resume, device=device, progress=progress, started=started)

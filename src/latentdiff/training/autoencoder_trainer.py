@@ -7,6 +7,8 @@ autoencoder's config, where latent diffusion reads it (DESIGN.md: z = s · E(x))
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -64,7 +66,7 @@ class AutoencoderTrainer(TrainingRun):
         shape = (len(batch["idx"]), self.model.latent_channels, size // f, size // f)
         return batch | {"eps": torch.randn(shape, generator=self.noise_gen)}
 
-    def train_step(self) -> dict[str, float] | None:
+    def train_step(self) -> dict[str, float]:
         """One autoencoder step and, once the GAN is on, one discriminator step (each over train.grad_accum parts).
 
         The adaptive GAN weight λ is computed per micro-step (averaged over processes), so with the GAN on
@@ -81,16 +83,48 @@ class AutoencoderTrainer(TrainingRun):
             return self.loss.generator_loss(x, recon, posterior, self.step, self.model.last_layer)
 
         logs = self.accumulate(batch, generator_loss, self.opt_g)
-        if self.skip_nonfinite(logs["loss"]):
-            return None
-        self.optimizer_step(self.opt_g, self.opt_g.param_groups[0]["params"])
+        self.optimizer_step(self.opt_g, self.opt_g.param_groups[0]["params"], skip=self.check_finite(logs["loss"]))
         logs |= {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}  # same columns before disc_start
         if self.loss.discriminator_active(self.step):
             remaining = iter(pairs)
             logs |= self.accumulate(batch, lambda _: self.loss.discriminator_loss(*next(remaining), self.step),
                                     self.opt_d)
-            self.optimizer_step(self.opt_d, self.loss.discriminator_parameters())
+            self.optimizer_step(self.opt_d, self.loss.discriminator_parameters(), skip=self.bad_flag)
         return logs
+
+    def probe_step(self, n: int) -> None:
+        """Forward + backward of n random images through the generator loss (train.batch_size=auto); the
+        gradients are dropped and every random stream is left as it was."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            size, c = self.cfg.data.image_size, self.cfg.data.channels
+            x = torch.rand(n, c, size, size, generator=torch.Generator().manual_seed(0)).to(self.device) * 2 - 1
+            with self.autocast():
+                recon, posterior = self.train_model(x, sample_posterior=True)
+            step = getattr(self, "step", 0)  # probed while the trainer is built: before the step counter exists
+            self.loss.generator_loss(x, recon.float(), posterior, step, self.model.last_layer)[0].backward()
+        self.opt_g.zero_grad(set_to_none=True)
+
+    def schedule_extra(self) -> dict[str, int]:
+        """When the GAN starts: a budget's plan stretches it with the run (training/plan.py)."""
+        return {"disc_start": self.cfg.ae_loss.disc_start}
+
+    def apply_schedule_extra(self, values: dict[str, int]) -> None:
+        """Set the planned GAN start (the loss reads this config)."""
+        if "disc_start" in values:
+            self.cfg.ae_loss.disc_start = values["disc_start"]
+
+    @torch.no_grad()
+    def encode_seconds(self) -> float:
+        """What encoding this data set to latents will cost the next stage of a recipe (training/latents.py:
+        batches of 64, the mirrored images too with data.hflip), from one batch timed."""
+        x = self.data.batch(torch.arange(min(64, len(self.data)))).to(self.device)
+        self.model.eval()
+        self.model.encode(x)  # warm-up
+        t = time.perf_counter()
+        self.model.encode(x)
+        seconds = time.perf_counter() - t
+        self.model.train()
+        return seconds * math.ceil(len(self.data) / len(x)) * (2 if self.cfg.data.hflip else 1)
 
     @torch.no_grad()
     def measure_scale(self) -> float:

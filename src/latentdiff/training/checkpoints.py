@@ -39,6 +39,18 @@ class Pointer:
 
 
 @dataclass(frozen=True)
+class LogWindowState:
+    """The logs since the last metrics.csv row (metrics_log.LogWindow), as a checkpoint holds them."""
+
+    first_step: int
+    names: tuple[str, ...] = ()  # in the order the columns were made (JSON sorts a mapping's keys)
+    sums: tuple[float, ...] = ()
+    count: int = 0
+    bad: int = 0  # non-finite steps among them
+    counted: int = 0  # of those, already in the run's bad_steps
+
+
+@dataclass(frozen=True)
 class CheckpointState:
     """``state.json`` as read back: the types a resume relies on (keys added later are kept, not checked)."""
 
@@ -51,10 +63,7 @@ class CheckpointState:
     extra: dict[str, Any] = field(default_factory=dict)  # the trainer's own state (TrainingRun.extra_state)
     world_size: int = 1
     grad_scaler: Optional[dict[str, Any]] = None
-    # the running sums behind metrics.csv's next row, in the order its columns were made (JSON sorts keys)
-    log_names: tuple[str, ...] = ()
-    log_sums: tuple[float, ...] = ()
-    log_count: int = 0  # steps in those sums
+    log_window: Optional[LogWindowState] = None  # the logs behind metrics.csv's next row
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],

@@ -94,7 +94,7 @@ class CLIPTrainer(TrainingRun):
         h.update(self.ids.numpy().tobytes())
         return h.hexdigest()
 
-    def train_step(self) -> dict[str, float] | None:
+    def train_step(self) -> dict[str, float]:
         """One AdamW step on a batch of (image, caption) pairs.
 
         Under torchrun the embeddings of all processes are gathered, so the contrastive loss sees the
@@ -103,16 +103,15 @@ class CLIPTrainer(TrainingRun):
         """
         batch = self.draw()
         logs = self.accumulate(batch, self.micro_loss, self.opt)
-        if self.skip_nonfinite(logs["loss"]):
-            return None
-        self.optimizer_step(self.opt, self.model.parameters())
+        self.optimizer_step(self.opt, self.model.parameters(), skip=self.check_finite(logs["loss"]))
         return logs
 
     def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """clip_loss of this micro-step's pairs over all processes, the in-batch accuracy and e^τ."""
+        x = self.images(part)  # first: an unreadable streamed image's stand-in brings its caption (part["idx"])
         ids = self.ids[part["idx"]].to(self.device)
         with self.autocast():
-            image, text, scale = self.train_model(self.images(part), ids)
+            image, text, scale = self.train_model(x, ids)
         image, text = distributed.gather_with_grad(image.float()), distributed.gather_with_grad(text.float())
         logits = clip_logits(image, text, scale.float())
         loss = clip_loss(logits)

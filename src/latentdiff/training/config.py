@@ -27,7 +27,7 @@ from latentdiff.training.ae_loss import AutoencoderLossConfig
 from latentdiff.training.clip_config import CLIPTrainConfig
 
 MODELS = ("diffusion", "autoencoder", "clip")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -71,9 +71,15 @@ class CondConfig:
 class TrainConfig:
     """Optimisation, EMA, logging and checkpointing of a training run. Durations count optimiser steps."""
 
-    steps: int = 2000  # total optimiser steps
+    steps: int = 2000  # total optimiser steps (a time_budget plans its own; training/plan.py)
     time_limit: float = 0.0  # stop (and save) after this many minutes of training in this process; 0: no limit
-    batch_size: int = 128  # global batch per optimiser step: processes × grad_accum × per-process micro-batch
+    # plan the run to end, annealed, saved and exported, within this many minutes of this process (the CLI's
+    # --minutes): steps, LR decay, EMA length, checkpoints from a calibration of real steps; 0: no budget
+    time_budget: float = 0.0
+    # global batch per optimiser step: processes × grad_accum × per-process micro-batch; "auto": the batch that
+    # fills the device (doubling from lr_batch while images/s rise ≥ 1.3x), lr scaled by √(batch / lr_batch)
+    batch_size: int | str = 128
+    lr_batch: int = 0  # the batch lr was tuned at (batch_size=auto scales from it); 0: batch_size
     grad_accum: int = 1  # micro-batches whose gradients add up to one step (same step, less memory)
     lr: float = 2e-4  # AdamW peak learning rate
     warmup_steps: int = 100  # linear warm-up from 0 to lr (Adam's early moments are noisy)
@@ -84,7 +90,9 @@ class TrainConfig:
     init_unet: str | None = None  # start from this model folder's UNet weights (same config; added concat input
     #                               channels start at zero, as SD inpainting started from SD); None: random init
     seed: int = 0
-    precision: str = "fp32"  # autocast of the forward: fp32 (none), bf16 (CPU, GPU) or fp16 (GPU; with a GradScaler)
+    # autocast of the forward: fp32 (none), bf16 (CPU, GPU), fp16 (GPU; with a GradScaler), or auto: bf16 on a
+    # GPU that has it, fp32 on the CPU (where bf16 autocast measured no faster: benchmarks/results/cpu_step_options.md)
+    precision: str = "auto"
     compile: bool = False  # torch.compile the trained network's forward (first steps slower; never required)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     log_every: int = 50  # steps between metrics.csv rows
@@ -98,15 +106,26 @@ class TrainConfig:
     grid_sampler: str = "ddim"
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum"):
+        for key in ("steps", "grad_accum"):
             check_positive(f"train.{key}", getattr(self, key))
+        if self.batch_size == "auto":
+            if self.lr_batch <= 0:
+                raise UserError("train.batch_size=auto needs train.lr_batch, the batch train.lr was tuned at "
+                                "(a preset's own batch_size when overridden on the command line)")
+        elif isinstance(self.batch_size, str):
+            raise UserError(f"train.batch_size: expected a number or auto, got {self.batch_size!r}")
+        else:
+            check_positive("train.batch_size", self.batch_size)
+        if self.lr_batch < 0:
+            raise UserError(f"train.lr_batch must be >= 0, got {self.lr_batch}")
         check_choice("train.precision", self.precision, PRECISIONS)
         for key in ("warmup_steps", "log_every", "sample_every", "checkpoint_every", "threads", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if self.time_limit < 0:
-            raise UserError(f"train.time_limit must be >= 0 minutes, got {self.time_limit}")
-        for key in ("lr", "weight_decay", "grad_clip", "time_limit"):  # YAML reads .inf and .nan as floats
+        for key in ("time_limit", "time_budget"):
+            if getattr(self, key) < 0:
+                raise UserError(f"train.{key} must be >= 0 minutes, got {getattr(self, key)}")
+        for key in ("lr", "weight_decay", "grad_clip", "time_limit", "time_budget"):  # YAML reads .inf and .nan as floats
             if not math.isfinite(getattr(self, key)):
                 raise UserError(f"train.{key} must be a finite number, got {getattr(self, key)}")
         if not self.lr > 0:
@@ -195,7 +214,10 @@ def list_presets() -> list[str]:
 
 
 def load_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig:
-    """A preset name or YAML path, with ``section.key=value`` overrides (values parsed as YAML)."""
+    """A preset name or YAML path, with ``section.key=value`` overrides (values parsed as YAML).
+
+    A config with ``model: lora`` (the ``lora`` preset) gives a LoraRunConfig instead.
+    """
     path = Path(preset_or_path)
     if preset_or_path in list_presets():
         text = resources.files("latentdiff.configs").joinpath(f"{preset_or_path}.yaml").read_text()
@@ -222,5 +244,11 @@ def load_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig:
         d.setdefault(section, {})
         if not isinstance(d[section], dict):
             raise UserError(f"{where}: section {section!r} is not a mapping")
+        if (section, name, value) == ("train", "batch_size", "auto") and isinstance(d["train"].get("batch_size"), int):
+            d["train"].setdefault("lr_batch", d["train"]["batch_size"])  # auto scales from the preset's own pair
         d[section][name] = value
+    if d.get("model") == "lora":  # a LoRA run has its own sections (training/lora_config.py)
+        from latentdiff.training.lora_config import LoraRunConfig  # it builds on this module's TrainConfig
+
+        return LoraRunConfig.from_dict(d, where)
     return RunConfig.from_dict(d, where)

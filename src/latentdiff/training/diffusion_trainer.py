@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +25,6 @@ from latentdiff.models.text_encoder import build_text_encoder
 from latentdiff.models.unet import UNet
 from latentdiff.training.ema import EMA
 from latentdiff.training.latents import LatentData, check_latent_shapes, file_fingerprint
-from latentdiff.training import distributed
 from latentdiff.training.loop import Batch, TrainingRun
 
 
@@ -35,6 +35,7 @@ class DiffusionTrainer(TrainingRun):
     """Trains a UNet to predict ε, x0 or v; samples and exports its EMA copy."""
 
     kind = "UNet"
+    takes_buckets = True
 
     def build(self) -> None:
         """Autoencoder (or identity) and latent cache, UNet, its EMA copy, AdamW and the noise schedule."""
@@ -46,16 +47,18 @@ class DiffusionTrainer(TrainingRun):
             check_latent_shapes(d.image_size, self.autoencoder, self.cfg.unet.in_channels,
                                 self.cfg.unet.out_channels, d.channels, self.cfg.cond.concat)
             ae_fp = file_fingerprint(ae_dir / "autoencoder" / "model.safetensors")
-            with distributed.main_first(self.dist):  # rank 0 encodes and writes the cache, the others read it
-                self.latents = LatentData(self.data, self.autoencoder, ae_fp, ae_dir / "latent_cache", d.hflip,
-                                          self.device)
+            # every process encodes its share of the parts; all then read the whole cache, memory-mapped
+            self.latents = LatentData(self.data, self.autoencoder, ae_fp, ae_dir / "latent_cache", d.hflip,
+                                      self.device, dist=self.dist, workers=d.workers)
         else:
             self.autoencoder = IdentityAutoencoder(d.channels)
             check_latent_shapes(d.image_size, None, self.cfg.unet.in_channels, self.cfg.unet.out_channels, d.channels,
                                 self.cfg.cond.concat)
         self._check_low_res()
+        self._check_buckets()
         self._check_conditioning()
         self.schedule = self.cfg.diffusion.build_schedule()
+        self.train_schedule = self.schedule.to(self.device)  # the loss indexes it on the device
         self.model = UNet(self.cfg.unet).to(self.device)
         if tc.init_unet:  # fine-tuning; a resume then loads its own checkpoint over these weights
             path = Path(tc.init_unet) / "unet" / "model.safetensors"
@@ -78,9 +81,16 @@ class DiffusionTrainer(TrainingRun):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of what the UNet denoises."""
+        """(C, h, w) of what the UNet denoises (at data.image_size; see :meth:`latent_shape_of` for buckets)."""
         f, size = self.autoencoder.downsample_factor, self.cfg.data.image_size
         return (self.autoencoder.latent_channels, size // f, size // f)
+
+    def latent_shape_of(self, idx: torch.Tensor) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a batch of images ``idx`` (one aspect bucket with data.buckets)."""
+        if getattr(self.data, "bucket", None) is None:
+            return self.latent_shape
+        (h, w), f = self.data.size_of(int(idx[0])), self.autoencoder.downsample_factor
+        return (self.autoencoder.latent_channels, h // f, w // f)
 
     def draw(self) -> Batch:
         """The global batch: indices with flips (pixels) or cached latents drawn from q(z|x), the condition's
@@ -89,15 +99,19 @@ class DiffusionTrainer(TrainingRun):
             batch = super().draw()
         else:
             idx = self.next_indices()
-            z, mirrored = self.latents.batch(idx, self.batches.generator, self.cfg.data.hflip,
+            z, mirrored = self.latents.batch(idx, self.streams.aug, self.cfg.data.hflip,
                                              self.cfg.latent.sample_posterior, return_flips=True)
-            batch = {"idx": idx, "x0": z, "flip": mirrored}  # the flips, for concat inputs made from the pixels
+            # the flips, for concat inputs made from the pixels; "idx" the images encoded (one unreadable when the
+            # cache was built is stood in for by another, whose label and caption then go with it)
+            batch = {"idx": self.latents.used(idx), "x0": z, "flip": mirrored}
         n, c = len(batch["idx"]), self.cfg.cond
         if self.cond.kind is not CondKind.NONE:
             batch["drop"] = self.drop_coins(n)
         if ConcatKind.of(c.concat) is ConcatKind.INPAINT:
             batch["repaint"] = random_masks(n, self.cfg.data.image_size, self.noise_gen, c.mask_full_prob)
-        batch["t"], batch["eps"] = draw_t_eps(self.schedule, (n, *self.latent_shape), self.noise_gen)
+        t, batch["eps"] = draw_t_eps(self.schedule, (n, *self.latent_shape_of(batch["idx"])), self.noise_gen,
+                                     self.streams.noise)
+        batch["t"] = self.streams.to_device(t)
         return batch
 
     def _check_low_res(self) -> None:
@@ -105,6 +119,18 @@ class DiffusionTrainer(TrainingRun):
         c, size = self.cfg.cond, self.cfg.data.image_size
         if ConcatKind.of(c.concat) is ConcatKind.LOW_RES and not c.low_res_size < size:
             raise UserError(f"cond.low_res_size ({c.low_res_size}) must be smaller than data.image_size ({size})")
+
+    def _check_buckets(self) -> None:
+        """Every aspect bucket's sides must divide by the autoencoder's factor times the UNet's downsamplings."""
+        sizes = self.data.sizes if getattr(self.data, "bucket", None) is not None else []
+        if sizes and self.cfg.cond.concat:
+            raise UserError(f"data.buckets: not with cond.concat={self.cfg.cond.concat} (its masks and low-resolution "
+                            "inputs are square)")
+        m = self.autoencoder.downsample_factor * 2 ** (len(self.cfg.unet.channel_mult) - 1)
+        bad = [f"{w}x{h}" for h, w in sizes if h % m or w % m]
+        if bad:
+            raise UserError(f"data.buckets: {', '.join(bad)} must have sides divisible by {m} (the autoencoder's "
+                            f"factor times the UNet's downsamplings); set data.bucket_step={m} or list other sizes")
 
     def concat_inputs(self, images: torch.Tensor, generator: torch.Generator | None = None,
                       repaint: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,16 +179,14 @@ class DiffusionTrainer(TrainingRun):
         captions = [self.data.captions[i] for i in idx.tolist()] if self.cond.kind is CondKind.TEXT else None
         return self.cond.dropped(labels, captions, drop)
 
-    def train_step(self) -> dict[str, float] | None:
-        """One AdamW step on the global batch; skipped (None) when the loss is not finite."""
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One AdamW step on the global batch (skipped on the device when the loss is not finite)."""
         logs = self.accumulate(self.draw(), self.micro_loss, self.opt)
-        if self.skip_nonfinite(logs["loss"]):
-            return None
-        self.optimizer_step(self.opt, self.model.parameters())
-        self.ema.update(self.model, self.step + 1)
+        self.optimizer_step(self.opt, self.model.parameters(), skip=self.check_finite(logs["loss"]))
+        self.ema.update(self.model, self.step + 1, skip=self.bad_flag)
         return logs
 
-    def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_loss(self, part: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The diffusion loss of some rows of the batch, with the t and ε drawn for them in :meth:`draw`."""
         concat = self.cfg.cond.concat
         images = self.images(part) if self.latents is None or concat else None
@@ -177,9 +201,47 @@ class DiffusionTrainer(TrainingRun):
                 return unet(z_t, t, **cond)
 
         d = self.cfg.diffusion
-        loss = diffusion_loss(model_fn, x0, self.schedule, d.prediction, d.weighting, d.min_snr_gamma,
+        loss = diffusion_loss(model_fn, x0, self.train_schedule, d.prediction, d.weighting, d.min_snr_gamma,
                               d.min_snr_offset, t=part["t"], eps=part["eps"])
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}  # read by the loop every train.log_every steps, not here
+
+    def probe_step(self, n: int) -> None:
+        """Forward + backward of n random latents with null conditions (train.batch_size=auto); the
+        gradients are dropped and every random stream is left as it was."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            g = torch.Generator().manual_seed(0)
+            x0 = torch.randn(n, *self.latent_shape, generator=g).to(self.device)
+            cond = self.cond.null(n)
+            extra = self.cfg.unet.in_channels - self.latent_shape[0]
+            if extra:
+                cond["concat"] = torch.zeros(n, extra, *self.latent_shape[1:], device=self.device)
+            unet = with_concat(self.train_model)
+
+            def model_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                with self.autocast():
+                    return unet(z_t, t, **cond)
+
+            t = torch.randint(0, self.schedule.num_timesteps, (n,), generator=g).to(self.device)
+            d = self.cfg.diffusion
+            diffusion_loss(model_fn, x0, self.train_schedule, d.prediction, d.weighting, d.min_snr_gamma,
+                           d.min_snr_offset, t=t, eps=torch.randn_like(x0)).backward()
+        self.opt.zero_grad(set_to_none=True)
+
+    def preview_seconds(self) -> float:
+        """What the final grid will cost: grids of 1 and 2 sampler steps timed (then deleted), extrapolated to
+        train.grid_steps (rank 0)."""
+        if not self.dist.is_main:
+            return 0.0
+        tc, steps, times = self.cfg.train, self.cfg.train.grid_steps, []
+        try:
+            for k in (1, 2):
+                tc.grid_steps = k
+                t = time.perf_counter()
+                self.preview().unlink()
+                times.append(time.perf_counter() - t)
+        finally:
+            tc.grid_steps = steps
+        return times[0] + (steps - 1) * max(times[1] - times[0], 0.0)
 
     def manifest(self) -> Manifest:
         """What a pipeline needs beside the weights."""
@@ -190,7 +252,9 @@ class DiffusionTrainer(TrainingRun):
                         conditioning=Conditioning(self.cond.kind, c.guidance), concat=concat,
                         low_res_size=c.low_res_size if concat is ConcatKind.LOW_RES else None,
                         class_names=tuple(self.data.class_names or ()),
-                        data=DataInfo(d.source, self.data.fingerprint, len(self.data)))
+                        data=DataInfo(d.source, self.data.fingerprint, len(self.data)),
+                        buckets=tuple((w, h) for h, w in self.data.sizes)  # sample at any with --size WxH
+                        if getattr(self.data, "bucket", None) is not None else None)
 
     def export(self) -> None:
         """The model folder holds the EMA UNet and, for latent diffusion, a copy of the autoencoder."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -130,13 +130,24 @@ def all_reduce_mean_(tensors: list[Tensor]) -> None:
         offset += t.numel()
 
 
-def mean_logs(logs: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Each log value averaged over processes (a NaN anywhere makes it NaN everywhere)."""
+def mean_logs(logs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Each log value (a float, or a 0-d tensor that stays on the device) averaged over processes (a NaN
+    anywhere makes it NaN everywhere)."""
     if not _active():
         return logs
-    values = torch.tensor(list(logs.values()), dtype=torch.float64, device=device)
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in logs.values()])
     dist.all_reduce(values)
-    return dict(zip(logs, (values / dist.get_world_size()).tolist()))
+    values = values / dist.get_world_size()
+    return {k: (values[i] if isinstance(v, Tensor) else float(values[i])) for i, (k, v) in enumerate(logs.items())}
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's (picklable, trusted: it comes from our own process group) object, on every process."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

@@ -24,9 +24,15 @@ class EMA:
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Move the average towards ``model``'s current weights."""
+    def update(self, model: nn.Module, step: int, skip: torch.Tensor | None = None) -> None:
+        """Move the average towards ``model``'s current weights; not at all where ``skip`` (a 0-d bool tensor,
+        e.g. a non-finite loss, decided on the device without the host reading it) is set."""
         cur_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(self._ema_params, cur_p, 1.0 - self.decay_at(step))
+        weight = 1.0 - self.decay_at(step)
+        if skip is None:
+            torch._foreach_lerp_(self._ema_params, cur_p, weight)
+        else:
+            w = torch.where(skip, 0.0, weight).to(self._ema_params[0].dtype)
+            torch._foreach_lerp_(self._ema_params, cur_p, [w] * len(cur_p))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -26,16 +25,18 @@ from torch import nn
 from tqdm import tqdm
 
 from latentdiff.training.config import RunConfig, TrainConfig
-from latentdiff.data import ImageData, load_dataset
+from latentdiff.data import ImageData, StreamedImages, open_dataset
 from latentdiff.data.transforms import apply_hflip, hflip_coins
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import atomic_write
 from latentdiff.training import distributed
+from latentdiff.training.batches import Batches, DeviceStreams, StreamedBatch
 from latentdiff.training.checkpoints import (latest_checkpoint, load_training_state, remove_interrupted_writes,
                                              rng_tensors, save_training_state, split_rng_tensors)
-from latentdiff.training.metrics_log import CsvLog
+from latentdiff.training.metrics_log import CsvLog, LogWindow
+from latentdiff.training.budget_run import BudgetedRun
+from latentdiff.training.step import Batch, StepHelpers
 
-Batch = dict[str, torch.Tensor]  # a global batch: tensors whose first dimension runs over its images
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -58,39 +59,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-class Batches:
-    """Shuffled epochs over an in-memory dataset; its position is part of the checkpoint."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size = n, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(n, generator=self.generator), 0
-
-    def next(self) -> torch.Tensor:
-        """Indices of the next batch (a batch never straddles two epochs)."""
-        if self.pos + self.batch_size > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-        idx = self.perm[self.pos: self.pos + min(self.batch_size, self.n)]
-        self.pos += len(idx)
-        return idx
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """Tensors that restore the exact position."""
-        return {"perm": self.perm, "pos": torch.tensor(self.pos), "generator": self.generator.get_state()}
-
-    def load(self, s: dict[str, torch.Tensor]) -> None:
-        """Restore from :meth:`state`."""
-        self.perm, self.pos = s["perm"], int(s["pos"])
-        self.generator.set_state(s["generator"])
-
-
-class TrainingRun:
+class TrainingRun(StepHelpers, BudgetedRun):
     """One training run in one folder: build, optionally resume, loop, checkpoint, export."""
 
     kind = "model"  # what is trained, for messages
+    takes_buckets = False  # whether batches of several image sizes (data.buckets) can be trained
 
     def __init__(self, cfg: RunConfig, out_dir: Path | str, resume: bool = False,
-                 device: str = "auto", progress: bool | None = None) -> None:
+                 device: str = "auto", progress: bool | None = None, started: float | None = None) -> None:
+        self.started = time.perf_counter() if started is None else started  # a time budget counts from here
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.dist, self.device = distributed.setup(pick_device(device))
         tc = cfg.train
@@ -98,22 +75,39 @@ class TrainingRun:
             torch.set_num_threads(tc.threads)
         self._check_out_dir(resume)
         torch.manual_seed(tc.seed)  # weight init (identical on every rank) and dropout
-        self.data: ImageData = load_dataset(cfg.data)
-        self._check_batch_split()
+        # in memory, or streamed from disk (data.stream; buckets of fewer than one batch merge into others)
+        min_bucket = tc.lr_batch if tc.batch_size == "auto" else tc.batch_size
+        self.data: ImageData | StreamedImages = open_dataset(cfg.data, min_bucket=min_bucket)
+        self._drawn: torch.Tensor | None = None  # the global batch drawn last (streamed data fetches it)
+        self._streamed: StreamedBatch | None = None  # started at the first streamed images() call
+        if tc.batch_size != "auto":
+            self._check_batch_split()
+        if cfg.data.buckets is not None and not self.takes_buckets:
+            raise UserError(f"data.buckets: {self.kind} training takes one image size; buckets are for diffusion")
         self._ddp: list[nn.Module] = []  # DistributedDataParallel wrappers (see parallel())
         self._synced: set[int] = set()  # ids of the parameters whose gradients DDP averages
         self.build()
+        if tc.batch_size == "auto":  # needs the networks; before the data order, which depends on the batch
+            self._choose_batch()
+            self._check_batch_split()
         if self.dist.rank:  # dropout differs between ranks, as it does between the images of one batch
             torch.manual_seed(tc.seed + 1_000_003 * self.dist.rank)
         # fp16's narrow range needs loss scaling (meant for GPUs; works on the CPU too, where bf16 is the better choice)
         self.scaler = torch.amp.GradScaler(self.device.type) if tc.precision == "fp16" else None
-        self.batches = Batches(len(self.data), tc.batch_size, tc.seed + 1)
+        buckets = self.data.bucket if isinstance(self.data, StreamedImages) else None
+        self.batches = Batches(len(self.data), tc.batch_size, tc.seed + 1, buckets)
         self.noise_gen = torch.Generator().manual_seed(tc.seed + 2)  # t and ε of the objective, posterior samples
+        self.streams = DeviceStreams(self.data, self.device, self.noise_gen, self.batches.generator, tc.seed)
         self.step, self.bad_steps, self.images_seen = 0, 0, 0
-        # the running sums of the logs since the last metrics.csv row, and their count: checkpointed, so a
-        # resumed run's next row averages the same steps as an uninterrupted run's
-        self.log_sums: dict[str, float] = {}
-        self.log_count = 0
+        self.bad_flag: torch.Tensor | None = None  # the last step's non-finite flag (check_finite)
+        # a time budget (training/plan.py): this process's deadline, a cap on the steps, whether too small is an error
+        self.deadline = self.started + 60 * tc.time_budget if tc.time_budget else None
+        self.max_steps: int | None = None
+        self.strict_budget = True
+        self._plan_state: dict[str, Any] | None = None  # the plan of the checkpoint resumed from
+        # the logs since the last metrics.csv row: checkpointed, so a resumed run's next row averages the same
+        # steps as an uninterrupted run's
+        self.window = LogWindow(1)
         if resume:
             self._resume()
 
@@ -131,7 +125,9 @@ class TrainingRun:
         raise NotImplementedError
 
     def train_step(self) -> dict[str, float] | None:
-        """One optimisation step; the logs, or None when it was skipped (see :meth:`skip_nonfinite`)."""
+        """One optimisation step; its logs (floats, or 0-d tensors the loop reads only when it writes a row).
+
+        A step whose loss is not finite is skipped on the device (:meth:`check_finite`, :meth:`optimizer_step`)."""
         raise NotImplementedError
 
     def export(self) -> None:
@@ -158,6 +154,7 @@ class TrainingRun:
         """Dataset indices of the next global batch (the same on every rank)."""
         idx = self.batches.next()
         self.images_seen += len(idx)
+        self._drawn = idx
         return idx
 
     def draw(self) -> Batch:
@@ -170,11 +167,31 @@ class TrainingRun:
         return {"idx": idx} | ({"flip": hflip_coins(len(idx), self.batches.generator)} if self.cfg.data.hflip else {})
 
     def images(self, part: Batch) -> torch.Tensor:
-        """The images of (a part of) a batch, in [-1, 1], mirrored where drawn, on the device."""
-        x = self.data.batch(part["idx"])
+        """The images of (a part of) a batch, in [-1, 1], mirrored where drawn, on the device.
+
+        Streamed data is decoded ahead by data.workers processes; an unreadable image is replaced by the next
+        readable one (data.on_bad_file=skip) and ``part["idx"]`` then names it, so its label and caption follow.
+        """
+        if isinstance(self.data, StreamedImages):
+            if self._streamed is None:
+                self._streamed = StreamedBatch(self.data, self.cfg.data.workers, self.own_rows)
+            x, part["idx"] = self._streamed.images(part["idx"], self._drawn, self.batches)
+            x = self.streams.to_device(x)
+        else:
+            x = self.streams.batch(part["idx"])
         if "flip" in part:
-            x = apply_hflip(x, part["flip"])
-        return x.to(self.device)
+            x = apply_hflip(x, self.streams.to_device(part["flip"]))
+        return x
+
+    def own_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a global batch: its slice of every micro-step, in order."""
+        return torch.cat([idx[s] for s in distributed.shard(len(idx), self.cfg.train.grad_accum, self.dist)])
+
+    def close_streams(self) -> None:
+        """Stop the processes that decode streamed images (started again when needed)."""
+        if self._streamed is not None:
+            self._streamed.close()
+            self._streamed = None
 
     def parallel(self, module: nn.Module) -> nn.Module:
         """``module`` as the training forward calls it: in DDP under torchrun, compiled with train.compile.
@@ -186,76 +203,6 @@ class TrainingRun:
             self._ddp.append(wrapped)
             self._synced |= {id(p) for p in module.parameters()}
         return torch.compile(wrapped) if self.cfg.train.compile else wrapped
-
-    def adamw(self, params: Any, **kw: Any) -> torch.optim.AdamW:
-        """AdamW, fused into one kernel per step on CPU and CUDA: several times faster than torch's per-tensor
-        loop on the many small tensors of a small model (benchmarks/results/train_step.md)."""
-        fused = self.device.type in ("cpu", "cuda")
-        return torch.optim.AdamW(params, fused=fused, **kw)
-
-    def autocast(self) -> ContextManager:
-        """Autocast of the forward for train.precision (bf16 or fp16); nothing for fp32."""
-        p = self.cfg.train.precision
-        if p == "fp32":
-            return nullcontext()
-        return torch.autocast(self.device.type, torch.bfloat16 if p == "bf16" else torch.float16)
-
-    def accumulate(self, batch: Batch, loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]],
-                   opt: torch.optim.Optimizer) -> dict[str, float]:
-        """Zero ``opt``'s gradients, then forward and backward this rank's rows in train.grad_accum micro-steps.
-
-        Each micro-step's loss (a mean over its rows) is divided by grad_accum and DDP averages over the
-        ranks, so the gradients are those of the mean loss over the global batch. Returns the logs of
-        ``loss_fn`` averaged over micro-steps and ranks.
-        """
-        opt.zero_grad(set_to_none=True)
-        parts = [{k: v[s] for k, v in batch.items()} for s in
-                 distributed.shard(len(batch["idx"]), self.cfg.train.grad_accum, self.dist)]
-        sums: dict[str, float] = {}
-        for i, part in enumerate(parts):
-            with self._no_sync(i < len(parts) - 1):  # DDP averages once, after the last micro-step
-                loss, logs = loss_fn(part)
-                loss = loss / len(parts)
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v / len(parts)
-        return distributed.mean_logs(sums, self.device)
-
-    def _no_sync(self, skip: bool) -> ContextManager:
-        stack = ExitStack()
-        if skip:
-            for ddp in self._ddp:
-                stack.enter_context(ddp.no_sync())
-        return stack
-
-    def skip_nonfinite(self, loss: float | torch.Tensor) -> bool:
-        """True (and count it) when the loss is NaN/inf; stop with a clear error past the limit.
-
-        Under torchrun pass the loss averaged over ranks (:meth:`accumulate`'s), so that all skip together.
-        """
-        if math.isfinite(float(loss)):
-            return False
-        self.bad_steps += 1
-        for opt in self.optimizers().values():
-            opt.zero_grad(set_to_none=True)
-        limit = self.cfg.train.max_bad_steps
-        if self.bad_steps > limit:
-            raise UserError(f"stopped at step {self.step}: {self.bad_steps} steps had a non-finite loss "
-                            f"(limit train.max_bad_steps={limit}); lower train.lr or use train.precision=fp32")
-        return True
-
-    def optimizer_step(self, opt: torch.optim.Optimizer, params: Any) -> None:
-        """After :meth:`accumulate`: average the gradients DDP does not cover, clip (train.grad_clip), step."""
-        params = list(params)
-        distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None and id(p) not in self._synced])
-        if self.scaler:
-            self.scaler.unscale_(opt)
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-        if self.scaler:
-            self.scaler.step(opt)  # skipped when fp16 gradients overflowed; update() then lowers the scale
-        else:
-            opt.step()
 
     def _check_batch_split(self) -> None:
         tc, world = self.cfg.train, self.dist.world_size
@@ -290,11 +237,10 @@ class TrainingRun:
         batches, noise, own = split_rng_tensors(rng, self.dist.rank)
         self.batches.load(batches)
         self.noise_gen.set_state(noise)
+        self.streams.load(rng)
         self.step, self.bad_steps, self.images_seen = state["step"], state["bad_steps"], state["images_seen"]
-        names, sums = state.get("log_names", []), state.get("log_sums", [])
-        if len(names) != len(sums):
-            raise UserError(f"{folder / 'state.json'}: log_names and log_sums differ in length")
-        self.log_sums, self.log_count = dict(zip(names, sums)), state.get("log_count", 0)
+        if state.get("log_window") is not None:  # older checkpoints have none: the next row starts afresh
+            self.window = LogWindow.from_state(state["log_window"], f"{folder / 'state.json'}: log_window")
         if own is not None:
             torch.set_rng_state(own)
         else:  # resumed with more processes than were saved: a fresh, still deterministic, dropout stream
@@ -302,6 +248,7 @@ class TrainingRun:
         if self.scaler and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.load_extra_state(state.get("extra", {}))
+        self._plan_state = state.get("plan")
 
     def save(self) -> Path | None:
         """Checkpoint the full training state, then export the model folder (rank 0; every rank must call it)."""
@@ -310,10 +257,10 @@ class TrainingRun:
             return self._write_checkpoint(torch_states) if self.dist.is_main else None
 
     def _write_checkpoint(self, torch_states: list[torch.Tensor]) -> Path:
-        rng = rng_tensors(self.batches.state(), self.noise_gen.get_state(), torch_states)
-        state = {"bad_steps": self.bad_steps, "images_seen": self.images_seen,
-                 "log_names": list(self.log_sums), "log_sums": list(self.log_sums.values()),
-                 "log_count": self.log_count,
+        rng = rng_tensors(self.batches.state(), self.noise_gen.get_state(), torch_states) | self.streams.state()
+        plan = self.planner.state().to_dict() if self.planner else self._plan_state
+        state = {"bad_steps": self.bad_steps, "images_seen": self.images_seen, "plan": plan,
+                 "log_window": self.window.state(),
                  "data_fingerprint": self.fingerprint(), "config": self.cfg.to_dict(),
                  "extra": self.extra_state(), "world_size": self.dist.world_size,
                  "grad_scaler": self.scaler.state_dict() if self.scaler else None}
@@ -329,22 +276,24 @@ class TrainingRun:
         return f"{self.kind} {n:,} parameters"
 
     def run(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> Path | None:
-        """Train up to ``train.steps``; returns the path of the last preview grid written."""
+        """Train up to ``train.steps`` (or to the plan of a time budget); returns the path of the last grid."""
         tc, main = self.cfg.train, self.dist.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_interrupted_writes(self.out)  # temporary files of a killed earlier process
-            cfg_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-            atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(cfg_text))
+            self.write_config()
             where = f"{self.device} ({torch.get_num_threads()} threads)"
             if self.dist.active:
                 where = f"{self.dist.world_size} processes ({distributed.backend()}), rank 0 on {where}"
+            goal = (f"a {(self.deadline - time.perf_counter()) / 60:.2f}-minute budget from step {self.step}"
+                    if self.deadline else f"steps {self.step}→{tc.steps}")
             print(f"training on {where}: {len(self.data)} images from {self.cfg.data.source}, {self.describe()}, "
-                  f"steps {self.step}→{tc.steps}, {self.batch_line()}, {tc.precision}", file=sys.stderr)
+                  f"{goal}, {self.batch_line()}, {self.precision}", file=sys.stderr)
             gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
             if gpus > 1 and not self.dist.active:
                 print(f"note: {gpus} GPUs visible, training on one; to use all: torchrun --nproc-per-node {gpus} "
                       "-m latentdiff train ...", file=sys.stderr)
+        self.planner = self._make_planner()
         show = main and (self.progress if self.progress is not None else sys.stderr.isatty())
         bar = tqdm(total=tc.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True)
         grid = None
@@ -353,45 +302,73 @@ class TrainingRun:
         logger = CsvLog(self.out / "metrics.csv", self.out / "tensorboard" if tc.tensorboard else None,
                         self.step) if main else None
         t0, seen0 = time.perf_counter(), self.images_seen
-        deadline = time.perf_counter() + tc.time_limit * 60 if tc.time_limit else float("inf")
+        limit = time.perf_counter() + tc.time_limit * 60 if tc.time_limit else float("inf")
+        if self.planner:
+            self.planner.begin()
         while self.step < tc.steps:
-            if tc.time_limit and distributed.broadcast_flag(time.perf_counter() > deadline, self.device):
-                if main:
-                    print(f"train.time_limit of {tc.time_limit} min reached at step {self.step}", file=sys.stderr)
+            if self._time_is_up(limit):
                 break
             for opt in self.optimizers().values():
                 for group in opt.param_groups:
                     group["lr"] = lr_at(self.step, tc)
+            self.bad_flag = None
             logs = self.train_step()
-            if logs is None:
-                continue
             if self.scaler:
                 self.scaler.update()
             self.step += 1
             bar.update(1)
-            self.log_count += 1
-            for k, v in logs.items():
-                self.log_sums[k] = self.log_sums.get(k, 0.0) + v
-            if logger and tc.log_every and (self.step % tc.log_every == 0 or self.step == tc.steps):
-                rate = (self.images_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
-                means = {k: v / self.log_count for k, v in self.log_sums.items()}
-                row = {"step": self.step, **means, "lr": lr_at(self.step - 1, tc), "images_per_s": rate,
-                       "bad_steps": self.bad_steps}
-                logger.write(row)
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}")
-                if not show:
-                    print(f"step {self.step}/{tc.steps} loss {row.get('loss', float('nan')):.4f} {rate:.0f} img/s",
-                          file=sys.stderr)
-                if on_log:
-                    on_log(row)
-                t0, seen0, self.log_sums, self.log_count = time.perf_counter(), self.images_seen, {}, 0
+            self.window.add(logs, self.bad_flag)
+            if self.planner and self._replan():
+                bar.total = tc.steps
+            if tc.log_every and (self.step % tc.log_every == 0 or self.step == tc.steps):
+                row = self._read_window(self.window)
+                if logger:
+                    rate = (self.images_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
+                    row = {"step": self.step, **row, "lr": lr_at(self.step - 1, tc), "images_per_s": rate,
+                           "bad_steps": self.bad_steps}
+                    logger.write(row)
+                    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}")
+                    if not show:
+                        print(f"step {self.step}/{tc.steps} loss {row.get('loss', float('nan')):.4f} {rate:.0f} img/s",
+                              file=sys.stderr)
+                    if on_log:
+                        on_log(row)
+                t0, seen0, self.window = time.perf_counter(), self.images_seen, LogWindow(self.step + 1)
+            elif self.step - self.window.first_step + 1 >= (tc.log_every or 50):  # no rows: still check the losses
+                self._read_window(self.window)
+                self.window = LogWindow(self.step + 1)
+            t_other = time.perf_counter()
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+                self._read_window(self.window, keep=True)
                 self.save()
             if main and tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                 grid = self.preview()
+            if self.planner:  # checkpoints and grids are not step time (a plan reserves them)
+                self.planner.exclude(time.perf_counter() - t_other)
         bar.close()
+        self.close_streams()
+        self._read_window(self.window, keep=True)
         self.save()
         if not main:
             return None
         return (self.preview() if tc.grid_samples else None) or grid
 
+    def _read_window(self, window: LogWindow, keep: bool = False) -> dict[str, float]:
+        """The window's mean logs (one host sync); count its non-finite steps and stop past the limit.
+
+        ``keep``: the window goes on (a checkpoint needs the count now, the row comes later)."""
+        means, bad = window.read()
+        new = bad - window.counted
+        window.counted = bad if keep else 0
+        self.bad_steps += new
+        limit = self.cfg.train.max_bad_steps
+        if self.bad_steps > limit:
+            where = f"steps {window.first_step}-{self.step}" if window.first_step < self.step else f"step {self.step}"
+            raise UserError(f"stopped at step {self.step}: {self.bad_steps} steps had a non-finite loss ({new} in "
+                            f"{where}; limit train.max_bad_steps={limit}); lower train.lr or use train.precision=fp32")
+        return means
+
+    def write_config(self) -> None:
+        """config.yaml: the run's full config, as planned so far (rank 0)."""
+        cfg_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(cfg_text))

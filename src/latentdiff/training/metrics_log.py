@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from latentdiff.errors import UserError
 from latentdiff.formats.checkpoint import atomic_write
 
@@ -53,3 +55,59 @@ class CsvLog:
                 if k != "step":
                     self.tb.add_scalar(k, v, row["step"])
             self.tb.flush()
+
+
+class LogWindow:
+    """The logs of the steps since the last metrics row, summed where they were computed (on the device).
+
+    Reading them costs one host synchronisation, so the loop does it only when a row is written (every
+    ``train.log_every`` steps): a GPU never waits for the host in between. Steps whose loss was not finite
+    (``bad``) are counted and left out of the means, as skipped steps always were.
+    """
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step  # the first step of the window (1-based, as the log's step column)
+        self.sums: dict[str, Any] = {}
+        self.count = 0
+        self.bad: Any = 0  # a device tensor once a step reported one
+        self.counted = 0  # non-finite steps of this window already added to the run's count (at a checkpoint)
+
+    def add(self, logs: dict[str, Any], bad: Any = None) -> None:
+        """One step's logs (floats or 0-d tensors) and its non-finite flag (0-d bool tensor, or None)."""
+        self.count += 1
+        if bad is not None:
+            self.bad = self.bad + bad.to(torch.int64)
+        for k, v in logs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().double()
+                v = v if bad is None else torch.where(bad, torch.zeros_like(v), v)
+            elif bad is not None and bool(bad):  # a float log: its step was read on the host already
+                v = 0.0
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def state(self) -> dict[str, Any]:
+        """The window as JSON-safe values (checkpoints.LogWindowState), so a resumed run's next row averages
+        the same steps as an uninterrupted run's; float64 sums travel exactly as JSON numbers."""
+        return {"first_step": self.first_step, "names": list(self.sums),
+                "sums": [float(v) for v in self.sums.values()], "count": self.count, "bad": int(self.bad),
+                "counted": self.counted}
+
+    @classmethod
+    def from_state(cls, state: Any, where: str) -> LogWindow:
+        """The window :meth:`state` saved (``where`` names it in errors; its types were checked on reading)."""
+        if len(state["names"]) != len(state["sums"]):
+            raise UserError(f"{where}: names and sums differ in length")
+        window = cls(state["first_step"])
+        window.sums = dict(zip(state["names"], state["sums"]))
+        window.count, window.bad, window.counted = state["count"], state["bad"], state["counted"]
+        return window
+
+    def read(self) -> tuple[dict[str, float], int]:
+        """(mean of each log over the window's finite steps, number of non-finite steps): one host sync."""
+        keys = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        tensors = [self.sums[k] for k in keys] + ([self.bad] if isinstance(self.bad, torch.Tensor) else [])
+        values = torch.stack([t.double() for t in tensors]).tolist() if tensors else []
+        bad = int(values.pop()) if isinstance(self.bad, torch.Tensor) else int(self.bad)
+        sums = {k: float(v) for k, v in self.sums.items()} | dict(zip(keys, values))
+        good = self.count - bad
+        return {k: (v / good if good else float("nan")) for k, v in sums.items()}, bad
