@@ -6,7 +6,9 @@ The corpus is made by code, never picked by hand: truncated, corrupt and zero-by
 decompression-bomb headers, 16-bit and CMYK images, captions in latin-1 and UTF-16, folders of non-images,
 truncated and bit-flipped safetensors in model folders and checkpoints, a pickle that would create a
 marker file if anything unpickled it, configs with wrong types and unknown keys, and absurd command-line
-values. Each case states its expected outcome:
+values; and output paths that cannot be written, wrong JSON types in every file read
+back, command-line bytes invalid in the locale's encoding, sizes beyond memory, FIFOs, sockets and devices
+where files are read, and bad files in the held-out split. Each case states its expected outcome:
 
 - ``error``: exit code 2 and exactly one line on stderr, ``error: ...``, naming the needle (file, key
   or value); no traceback;
@@ -14,8 +16,9 @@ values. Each case states its expected outcome:
   in the README, "Image folders");
 - ``ok``: a valid but unusual input (16-bit, CMYK) that is read correctly, exit code 0.
 
-Every case also runs within a time bound, leaves no temporary file, and an ``error`` case creates no
-file at all. Most cases run in this process through the CLI's entry point (``latentdiff.cli.main``,
+Every case also runs within a time bound, leaves no temporary file, never reaches the CLI's last-resort
+handler (which turns an unforeseen exception into one line: a bug, not an answer), and an ``error`` case
+creates no file at all. Most cases run in this process through the CLI's entry point (``latentdiff.cli.main``,
 which turns errors into exit codes exactly as the command does); cases marked ``subprocess`` run as
 ``python -m latentdiff``. Writes benchmarks/results/bad_inputs.md and .json; tests/test_bad_inputs.py
 runs the same corpus.
@@ -32,16 +35,23 @@ import pickle
 import random
 import shutil
 import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from latentdiff.cli.app import LAST_RESORT
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_BOUND = 120.0  # seconds any case may take (a hang fails the case)
@@ -59,6 +69,7 @@ class Case:
     expect: str  # "error", "skip" or "ok"
     needle: str = ""  # must appear in the error (or skip warning)
     subprocess: bool = False
+    lines: int | None = None  # "ok" cases: exactly this many lines on stderr (no library's chatter beside ours)
 
 
 @dataclass
@@ -159,18 +170,21 @@ SUBPROCESS_CASES = ("img2img truncated.png", "config latin1.yaml", "sample model
                     "sample evil.ckpt", "sample --seed -1", "train folder of good and all bad files, on_bad_file=skip")
 
 
-def make_corpus(root: Path, model: Path, run: Path, in_subprocess: tuple[str, ...] = SUBPROCESS_CASES) -> list[Case]:
+def make_corpus(root: Path, model: Path, run: Path, in_subprocess: tuple[str, ...] = SUBPROCESS_CASES,
+                text_model: Path | None = None) -> list[Case]:
     """Write the corpus under ``root`` and return its cases. ``model`` is a trained model folder and ``run``
-    the run folder that made it (`latentdiff train digits-tiny`), both left untouched; ``root/marker`` must
-    never appear. The cases named in ``in_subprocess`` also run once more as a real process."""
+    the run folder that made it (`latentdiff train digits-tiny`), both left untouched; ``text_model`` a
+    text-conditional one (`train_tiny_text_model`; None leaves out the cases that need prompts);
+    ``root/marker`` must never appear. The cases named in ``in_subprocess`` also run once more as a real
+    process. Call :func:`release` on ``root`` when done (it may hold an immutable folder and a mount)."""
     root.mkdir(parents=True, exist_ok=True)
     cases: list[Case] = []
     out = OUT  # each case writes to its own root/out/NNN (so that a run folder never carries over)
 
-    def case(name, group, argv, expect="error", needle="", sub=False):
+    def case(name, group, argv, expect="error", needle="", sub=False, lines=None):
         own = root / "out" / f"{len(cases):03d}"
         argv = [str(own) if a is OUT else str(a).replace(str(OUT), str(own)) for a in argv]
-        cases.append(Case(name, group, argv, expect, needle, sub))
+        cases.append(Case(name, group, argv, expect, needle, sub, lines))
 
     good = root / "good.png"
     good.write_bytes(_png_bytes(_noise(16, 5)))
@@ -414,6 +428,10 @@ def make_corpus(root: Path, model: Path, run: Path, in_subprocess: tuple[str, ..
     case("demo --minutes 0", "command line", ["demo", "--minutes", 0, "--out", out], "error", "--minutes")
     case("unknown command", "command line", ["trian", "digits-tiny"], "error", "trian")
 
+    # Output paths, JSON types, encodings, absurd sizes, special files, the held-out split (more_cases).
+    OMITTED[:] = more_cases(case, root, model, run, text_model, good, images["truncated.png"][0],
+                            lambda seed: _png_bytes(_noise(16, seed)), out, TINY)
+
     # A few through a real process: the same rules with Python's own start-up and exit.
     for name in in_subprocess:
         c = next(c for c in cases if c.name == name)
@@ -423,8 +441,316 @@ def make_corpus(root: Path, model: Path, run: Path, in_subprocess: tuple[str, ..
     return cases
 
 
+OMITTED: list[str] = []  # kinds of case this machine could not set up (more_cases says which)
+
+
 def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+# ------------------------------------------------------------------ the corpus, continued
+# The corpus, continued (make_corpus calls more_cases): output paths, wrong JSON types in every
+# file the project reads back, text on the command line that is not valid in the locale's encoding, absurd
+# sizes, special files (FIFOs, sockets, devices) where files are read, and bad files in the held-out split.
+#
+# Some cases need the machine's help: an immutable folder needs ``chattr +i`` (root ignores permission bits,
+# so a read-only mode alone does not stop its writes), a full disk needs a tiny tmpfs (``mount``). Where
+# those cannot be made, their cases are left out and :func:`more_cases` says which.
+
+OUT_PATHS = "output paths"
+JSON_TYPES = "JSON types"
+ENCODINGS = "encodings"
+SIZES = "absurd sizes"
+SPECIAL = "special files"
+HELD_OUT = "held-out split"
+LONG_PROMPT = "sample a 100 000-character prompt"  # runs as a real process: transformers logs to the real stderr
+
+
+def more_cases(case: Callable[..., None], root: Path, model: Path, run: Path, text_model: Path | None,
+               good: Path, truncated_png: bytes, noise_png: Callable[[int], bytes], out: Any,
+               tiny: list[str]) -> list[str]:
+    """Add the cases of these groups through ``case`` (make_corpus's); returns the kinds of case this
+    machine could not set up (and so are not run)."""
+    omitted: list[str] = []
+    blocked = root / "blocked"  # a regular file: outputs placed below it cannot be created
+    blocked.write_bytes(b"a regular file\n")
+    immutable = _immutable_folder(root / "immutable")
+    full = _full_disk(root / "full_disk")
+    if immutable is None:
+        omitted.append("outputs in an immutable folder (chattr +i unavailable)")
+    if full is None:
+        omitted.append("outputs on a full disk (no tmpfs could be mounted)")
+
+    # ---- output paths: refused before any work, naming the path
+    s1 = ["--steps", 1, "--n-samples", 1]
+    folders = {"train --out": ["train", "digits-tiny", *tiny, "--steps", 1, "--out"],
+               "sample --out": ["sample", model, *s1, "--out"], "convert OUT": ["convert", model],
+               "demo --out": ["demo", "--out"], "serve --out": ["serve", "--model", model, "--out"]}
+    for name, argv in folders.items():
+        case(f"{name} below a regular file", OUT_PATHS, [*argv, blocked / "sub"], "error",
+             f"{blocked} is a regular file")
+        case(f"{name} is a regular file", OUT_PATHS, [*argv, blocked], "error", "is a regular file, not a folder")
+        if immutable is not None:
+            case(f"{name} in an immutable folder", OUT_PATHS, [*argv, immutable / "out"], "error",
+                 f"cannot write in {immutable}")
+        if full is not None and name in ("train --out", "sample --out", "convert OUT"):
+            case(f"{name} on a full disk", OUT_PATHS, [*argv, full / "out"], "error", "of disk space")
+    files = {"eval --out": ["eval", model, "--n-samples", 10, "--out"],
+             "viz forward --out": ["viz", "forward", good, "--out"],
+             "viz schedules --out": ["viz", "schedules", "--out"],
+             "viz reverse --gif": ["viz", "reverse", model, "--steps", 2, "--out", out / "r.png", "--gif"]}
+    for name, argv in files.items():
+        case(f"{name} below a regular file", OUT_PATHS, [*argv, blocked / "x.png"], "error",
+             f"{blocked} is a regular file")
+        case(f"{name} is a folder", OUT_PATHS, [*argv, root], "error", "is a folder, not a regular file")
+        if immutable is not None:
+            case(f"{name} in an immutable folder", OUT_PATHS, [*argv, immutable / "x.png"], "error",
+                 f"cannot write in {immutable}")
+
+    # ---- wrong JSON types in every file read back: one line naming the file and the key
+    sample = ["sample", "--steps", 1, "--n-samples", 1, "--out", out]
+
+    def damaged(folder: Path, rel: str, value: Any, name: str) -> Path:
+        copy = root / "json" / name
+        shutil.copytree(folder, copy)
+        (copy / rel).write_text(json.dumps(value))
+        return copy
+
+    manifest = json.loads((model / "model_index.json").read_text())
+    without = {k: v for k, v in manifest.items() if k != "image_size"}
+    for label, value, needle in [
+        ("null", None, "model_index.json: expected a JSON object of settings, got null"),
+        ("a list", [1, 2], "model_index.json: expected a JSON object"),
+        ("a string", "model", "model_index.json: expected a JSON object"),
+        ("a number", 5, "model_index.json: expected a JSON object"),
+        ("image_size null", manifest | {"image_size": None}, "model_index.json: image_size"),
+        ("image_size the string \"16\"", manifest | {"image_size": "16"}, "model_index.json: image_size: expected int"),
+        ("image_size missing", without, "model_index.json: missing key(s) image_size"),
+        ("channels a float", manifest | {"channels": 1.5}, "model_index.json: channels"),
+        ("components a string", manifest | {"components": "unet"}, "model_index.json: components"),
+        ("diffusion a list", manifest | {"diffusion": [1000]}, "model_index.json: diffusion"),
+        ("diffusion.num_timesteps a string",
+         manifest | {"diffusion": manifest["diffusion"] | {"num_timesteps": "1000"}},
+         "diffusion.num_timesteps"),
+        ("latent_shape holding a string", manifest | {"latent_shape": [1, "16", 16]}, "latent_shape[1]"),
+        ("kind a number", manifest | {"kind": 3}, "model_index.json: kind"),
+        ("step a float", manifest | {"step": 2.5}, "model_index.json: step"),
+    ]:
+        folder = damaged(model, "model_index.json", value, f"manifest {label}")
+        case(f"sample: model_index.json {label}", JSON_TYPES, [sample[0], folder, *sample[1:]], "error", needle)
+    unet = json.loads((model / "unet" / "config.json").read_text())
+    for label, value, needle in [
+        ("null", None, "unet/config.json: expected a JSON object"),
+        ("a list", [unet], "unet/config.json: expected a JSON object"),
+        ("a string", "unet", "unet/config.json: expected a JSON object"),
+        ("model_channels null", unet | {"model_channels": None}, "model_channels"),
+        ("channel_mult a string", unet | {"channel_mult": "12"}, "channel_mult"),
+        ("num_heads a float", unet | {"num_heads": 2.5}, "num_heads"),
+        ("attention_resolutions an object", unet | {"attention_resolutions": {"2": True}}, "attention_resolutions"),
+        ("dropout a string", unet | {"dropout": "0.1"}, "dropout"),
+    ]:
+        folder = damaged(model, "unet/config.json", value, f"unet {label}")
+        case(f"sample: unet/config.json {label}", JSON_TYPES, [sample[0], folder, *sample[1:]], "error",
+             needle if "config.json" in needle else f"unet/config.json: unet.{needle}")
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    pointed = run / "checkpoints" / latest["checkpoint"] / "state.json"
+    state = json.loads(pointed.read_text())
+    resume = ["train", "digits-tiny", *tiny, "--steps", 4, "--resume", "--out"]
+    for label, rel, value, needle in [
+        ("latest.json a list", "checkpoints/latest.json", [latest], "latest.json: expected a JSON object"),
+        ("latest.json empty", "checkpoints/latest.json", {}, "latest.json: missing key(s) checkpoint, step"),
+        ("latest.json checkpoint a number", "checkpoints/latest.json", latest | {"checkpoint": 2},
+         "latest.json: checkpoint"),
+        ("latest.json step a string", "checkpoints/latest.json", latest | {"step": "2"}, "latest.json: step"),
+        ("latest.json pointing outside", "checkpoints/latest.json", latest | {"checkpoint": "../../etc"},
+         "latest.json: checkpoint"),
+        ("state.json null", pointed.relative_to(run), None, "state.json: expected a JSON object"),
+        ("state.json step a string", pointed.relative_to(run), state | {"step": "2"}, "state.json: step"),
+        ("state.json images_seen null", pointed.relative_to(run), state | {"images_seen": None}, "images_seen"),
+        ("state.json extra a number", pointed.relative_to(run), state | {"extra": 5}, "state.json: extra"),
+        ("state.json optimizers a list", pointed.relative_to(run), state | {"optimizers": []},
+         "state.json: optimizers"),
+        ("state.json optimizer groups a number", pointed.relative_to(run),
+         state | {"optimizers": {"model": {"param_groups": 5}}}, "optimizers.model"),
+        ("state.json optimizer missing", pointed.relative_to(run), state | {"optimizers": {}}, "optimizers.model"),
+    ]:
+        folder = damaged(run, str(rel), value, f"run {label}")
+        case(f"train --resume: {label}", JSON_TYPES, [*resume, folder], "error", needle)
+    if text_model is not None:
+        encoder = json.loads((text_model / "text_encoder" / "config.json").read_text())
+        for label, value, needle in [
+            ("a list", [encoder], "text_encoder/config.json: expected a JSON object"),
+            ("context_length a string", encoder | {"context_length": "eight"},
+             "text_encoder/config.json: context_length"),
+            ("context_length 0", encoder | {"context_length": 0}, "text_encoder/config.json: context_length"),
+            ("kind a number", encoder | {"kind": 5}, "text_encoder/config.json: unknown text encoder kind 5"),
+        ]:
+            folder = damaged(text_model, "text_encoder/config.json", value, f"text encoder {label}")
+            case(f"sample: text_encoder/config.json {label}", JSON_TYPES, [sample[0], folder, *sample[1:]],
+                 "error", needle)
+    import latentdiff.eval
+
+    shipped = Path(latentdiff.eval.__file__).parent / "weights" / "mnist5k"
+    classifier = json.loads((shipped / "config.json").read_text())
+    for label, rel, value, needle in [
+        ("config.json a list", "config.json", [classifier], "config.json: expected a JSON object"),
+        ("config.json feature_dim a string", "config.json", classifier | {"feature_dim": "64"}, "feature_dim"),
+        ("metrics.json a list", "metrics.json", [0.99], "metrics.json: expected a JSON object"),
+    ]:
+        folder = damaged(shipped, rel, value, f"classifier {label}")
+        case(f"eval --features domain: {label}", JSON_TYPES,
+             ["eval", model, "--n-samples", 10, "--steps", 1, "--features", f"domain:{folder}"], "error", needle)
+
+    # ---- command-line text that is not valid in the locale's encoding (Python keeps such bytes as surrogates)
+    raw = "\udcff\udcfea cat"  # the bytes ff fe: not UTF-8
+    s = ["sample", model, *s1, "--out", out]
+    case("sample --prompt with invalid UTF-8 bytes", ENCODINGS, [*s, "--prompt", raw], "error", "--prompt")
+    case("sample --prompt with invalid UTF-8 bytes [subprocess]", ENCODINGS, [*s, "--prompt", raw], "error",
+         "byte 0xff", sub=True)
+    case("sample --negative-prompt with invalid UTF-8 bytes", ENCODINGS, [*s, "--negative-prompt", raw], "error",
+         "--negative-prompt")
+    case("sample --sampler with invalid UTF-8 bytes", ENCODINGS, [*s, "--sampler", "ddim\udcff"], "error", "--sampler")
+    case("train override with invalid UTF-8 bytes", ENCODINGS,
+         ["train", "digits-tiny", f"data.source={root}/\udce9t\udce9", "--out", out], "error", "byte 0xe9")
+    case("sample --seed 9223372036854775807 --n-samples 1", "command line", [*s, "--seed", 2**63 - 1], "ok")
+    if text_model is not None:  # one warning line, not also the tokenizer library's own
+        case(LONG_PROMPT, ENCODINGS, ["sample", text_model, *s1, "--out", out, "--prompt", "a " * 50_000], "ok",
+             "truncated to the context length", sub=True, lines=1)
+
+    # ---- sizes that cannot fit in memory: refused before allocating, with the limit and why
+    case("sample --size 100000", SIZES, [*s, "--size", 100000], "error", "--size: drawing 1 image(s) of 100000x100000")
+    case("sample --n-samples 1000000000", SIZES, ["sample", model, "--steps", 1, "--n-samples", 10**9, "--out", out],
+         "error", "--n-samples: drawing 1000000000 image(s)")
+    case("img2img --size 100000", SIZES, ["img2img", model, good, *s1, "--size", 100000, "--out", out], "error",
+         "GiB of memory")
+    case("viz forward --image-size 100000", SIZES, ["viz", "forward", good, "--image-size", 100000, "--out",
+                                                    out / "f.png"], "error", "--image-size 100000")
+
+    # ---- special files where files are read: refused or skipped by type, never opened (a FIFO blocks forever)
+    def folder_with(name: str, make: Callable[[Path], None], captions: bool = False) -> Path:
+        folder = root / "special" / name
+        folder.mkdir(parents=True)
+        for i in range(4):
+            (folder / f"{i}.png").write_bytes(noise_png(40 + i))
+            if captions:
+                (folder / f"{i}.txt").write_text(f"a picture number {i}\n")
+        make(folder)
+        return folder
+
+    fifo = folder_with("fifo", lambda f: os.mkfifo(f / "x.png"))
+    train_folder = ["train", "digits-tiny", *tiny, "data.image_size=16", "--steps", 1, "--out", out]
+    case("train folder with a FIFO x.png, on_bad_file=fail", SPECIAL,
+         [*train_folder, f"data.source={fifo}", "data.on_bad_file=fail"], "error", "x.png: cannot read image (a FIFO")
+    case("train folder with a FIFO x.png, on_bad_file=fail [subprocess]", SPECIAL,
+         [*train_folder, f"data.source={fifo}", "data.on_bad_file=fail"], "error", "a FIFO (named pipe)", sub=True)
+    case("train folder with a FIFO x.png, on_bad_file=skip", SPECIAL, [*train_folder, f"data.source={fifo}"], "skip",
+         "first: x.png (a FIFO (named pipe), not a regular file)")
+    sock = folder_with("socket", _bind_socket)
+    case("train folder with a socket s.png", SPECIAL, [*train_folder, f"data.source={sock}", "data.on_bad_file=fail"],
+         "error", "s.png: cannot read image (a socket")
+    if os.path.exists("/dev/zero"):
+        dev = folder_with("device", lambda f: (f / "zero.png").symlink_to("/dev/zero"))
+        case("train folder with zero.png -> /dev/zero", SPECIAL,
+             [*train_folder, f"data.source={dev}", "data.on_bad_file=fail"], "error", "zero.png: cannot read image (a "
+                                                                                    "character device")
+    else:
+        omitted.append("a device in a training folder (no /dev/zero)")
+    meta_fifo = folder_with("metadata_fifo", lambda f: os.mkfifo(f / "metadata.jsonl"))
+    case("metadata.jsonl is a FIFO", SPECIAL, [*train_folder, f"data.source={meta_fifo}", "data.channels=3"], "error",
+         "metadata.jsonl: is a FIFO")
+    def caption_fifo(folder: Path) -> None:
+        (folder / "3.txt").unlink()
+        os.mkfifo(folder / "3.txt")
+
+    txt_fifo = folder_with("caption_fifo", caption_fifo, captions=True)
+    case("a caption .txt is a FIFO", SPECIAL, [*train_folder, f"data.source={txt_fifo}", "data.channels=3"], "error",
+         "3.txt: is a FIFO")
+    image_fifo = root / "special" / "image.png"
+    os.mkfifo(image_fifo)
+    case("img2img input is a FIFO", SPECIAL, ["img2img", model, image_fifo, *s1, "--out", out], "error",
+         "image.png: is a FIFO")
+    case("inpaint mask is a FIFO", SPECIAL, ["inpaint", model, good, image_fifo, *s1, "--out", out], "error",
+         "image.png: is a FIFO")
+    case("sample --out is a FIFO", SPECIAL, [*s[:-1], image_fifo], "error", "is a FIFO (named pipe), not a folder")
+    for label, rel in [("model_index.json", "model_index.json"), ("unet/model.safetensors", "unet/model.safetensors")]:
+        folder = root / "special" / f"model {label.replace('/', ' ')}"
+        shutil.copytree(model, folder)
+        (folder / rel).unlink()
+        os.mkfifo(folder / rel)
+        case(f"sample: {label} is a FIFO", SPECIAL, ["sample", folder, *s1, "--out", out], "error", f"{rel}: is a FIFO")
+    folder = root / "special" / "run latest.json"
+    shutil.copytree(run, folder)
+    (folder / "checkpoints" / "latest.json").unlink()
+    os.mkfifo(folder / "checkpoints" / "latest.json")
+    case("train --resume: latest.json is a FIFO", SPECIAL, [*resume, folder], "error", "latest.json: is a FIFO")
+
+    # ---- bad files in the held-out split: checked (cheaply) at the start of training too
+    name = next(f"held_out_{i}.png" for i in range(1000) if _in_test(f"held_out_{i}.png"))
+    held = root / "held_out"
+    held.mkdir()
+    for i in range(6):
+        if not _in_test(f"{i}.png"):
+            (held / f"{i}.png").write_bytes(noise_png(60 + i))
+    (held / name).write_bytes(truncated_png)
+    case("train folder, a truncated PNG in the held-out split, on_bad_file=fail", HELD_OUT,
+         [*train_folder, f"data.source={held}", "data.on_bad_file=fail"], "error", f"{name}: cannot read image")
+    case("train folder, a truncated PNG in the held-out split, on_bad_file=skip", HELD_OUT,
+         [*train_folder, f"data.source={held}"], "skip", f"in the 'test' split (not used by this run; eval would skip "
+                                                         f"them); first: {name}")
+    return omitted
+
+
+def _in_test(name: str) -> bool:
+    from latentdiff.data.source import in_test
+
+    return in_test(name)
+
+
+def _bind_socket(folder: Path) -> None:
+    """A Unix socket named s.png (left bound: its file stays a socket)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(folder / "s.png"))
+    sock.close()  # closing keeps the socket file; nothing listens
+
+
+def _immutable_folder(path: Path) -> Path | None:
+    """A folder no process may write into, root included (chattr +i); None where that cannot be made."""
+    path.mkdir()
+    if shutil.which("chattr") is None:
+        return None
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
+        return None
+    try:  # proof: even root cannot create a file there
+        (path / "probe").touch()
+    except OSError:
+        return path
+    (path / "probe").unlink()
+    subprocess.run(["chattr", "-i", str(path)], capture_output=True, check=False)
+    return None
+
+
+def _full_disk(path: Path) -> Path | None:
+    """A 64 KiB tmpfs filled to the last byte; None where it cannot be mounted (not root, no CAP_SYS_ADMIN)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        return None
+    with open(path / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    return path
+
+
+def release(root: Path) -> None:
+    """Undo what the corpus set up outside plain files (the immutable flag, the mount), so that it can be removed."""
+    if (root / "immutable").is_dir() and shutil.which("chattr"):
+        subprocess.run(["chattr", "-i", str(root / "immutable")], capture_output=True, check=False)
+    if os.path.ismount(root / "full_disk"):
+        subprocess.run(["umount", str(root / "full_disk")], capture_output=True, check=False)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -446,12 +772,14 @@ def run_case(case: Case, root: Path, timeout: float = TIME_BOUND) -> Outcome:
         except subprocess.TimeoutExpired:
             code, err = None, "hung"
     else:
-        code, err = _in_process(case.argv, timeout)
+        code, err = _in_process(case.argv, timeout, root)
     seconds = time.perf_counter() - t0
     problems = []
     lines = [line for line in err.splitlines() if line.strip()]
     if code is None:
         problems.append(f"no result within {timeout:.0f} s" if err == "hung" else err)
+    elif LAST_RESORT in err:  # the CLI's safety net caught what no check did: a bug, even if it reads as one line
+        problems.append(f"reached the last-resort handler: {lines[-1] if lines else ''}")
     elif "Traceback" in err:
         problems.append("printed a traceback")
     elif case.expect == "error":
@@ -469,6 +797,8 @@ def run_case(case: Case, root: Path, timeout: float = TIME_BOUND) -> Outcome:
             problems.append(f"exit code {code}, expected 0")
         if case.needle and case.needle not in err:
             problems.append(f"no warning naming {case.needle!r}")
+        if case.lines is not None and len(lines) != case.lines:
+            problems.append(f"{len(lines)} lines on stderr, expected {case.lines}: {lines[:4]}")
     temps = [p for p in _files(root) if p.name.startswith(".") and p.name.endswith(".tmp")]
     if temps:
         problems.append(f"temporary files left: {temps[:3]}")
@@ -477,12 +807,19 @@ def run_case(case: Case, root: Path, timeout: float = TIME_BOUND) -> Outcome:
     return Outcome(case.name, case.group, case.expect, code, seconds, err, problems)
 
 
-def _in_process(argv: list[str], timeout: float) -> tuple[int | None, str]:
+def _in_process(argv: list[str], timeout: float, root: Path) -> tuple[int | None, str]:
     """(exit code, stderr) of ``latentdiff ARGV`` run through latentdiff.cli.main in this process."""
     from latentdiff.cli import main
 
+    hung = []
+
     def hang(signum, frame):
-        raise _Hang
+        if not hung:  # the first tick: stop the case
+            hung.append(True)
+            raise _Hang
+        # later ticks, while the case unwinds: a worker thread blocked opening a FIFO of the corpus (the bug
+        # this guards against) would keep its pool from shutting down; a writer's open lets its read end
+        _open_fifos_for_writing(root)
 
     err, old_argv = io.StringIO(), sys.argv
     # Log records reach stderr as in the command (Python's last-resort handler prints the bare message at
@@ -491,7 +828,7 @@ def _in_process(argv: list[str], timeout: float) -> tuple[int | None, str]:
     log.setLevel(logging.WARNING)
     logging.getLogger().addHandler(log)
     previous = signal.signal(signal.SIGALRM, hang)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+    signal.setitimer(signal.ITIMER_REAL, timeout, 1.0)
     sys.argv = ["latentdiff", *argv]
     code: int | None = 0
     try:
@@ -513,6 +850,17 @@ def _in_process(argv: list[str], timeout: float) -> tuple[int | None, str]:
     return code, err.getvalue()
 
 
+def _open_fifos_for_writing(root: Path) -> None:
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if stat.S_ISFIFO(os.lstat(path).st_mode):
+                try:  # succeeds only where a reader waits; closing it at once gives that reader end-of-file
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+
+
 def train_tiny_model(folder: Path) -> tuple[Path, Path]:
     """A seconds-long digits-tiny run: (its model folder, its run folder) — the same folder."""
     from latentdiff.training.config import load_config
@@ -521,6 +869,20 @@ def train_tiny_model(folder: Path) -> tuple[Path, Path]:
     cfg = load_config("digits-tiny", [*TINY, "train.steps=2"])
     make_trainer(cfg, folder, progress=False).run()
     return folder, folder
+
+
+def train_tiny_text_model(folder: Path) -> Path:
+    """A seconds-long text-conditional run (shapes captions, the packaged MiniLM encoder, 16 px pixels)."""
+    from latentdiff.training import make_trainer
+    from latentdiff.training.config import load_config
+
+    cfg = load_config("digits-tiny", [*TINY, "train.steps=1", "data.source=shapes", "data.channels=3",
+                                      "unet.in_channels=3", "unet.out_channels=3", "unet.context_dim=384",
+                                      "cond.context_length=8"])
+    with warnings.catch_warnings():  # the shapes captions are longer than 8 tokens: cut, as meant
+        warnings.filterwarnings("ignore", message="prompt .* truncated to the context length")
+        make_trainer(cfg, folder, progress=False).run()
+    return folder
 
 
 # ---------------------------------------------------------------------------------- the report
@@ -540,9 +902,13 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model, run = train_tiny_model(Path(tmp) / "model")
+        text_model = train_tiny_text_model(Path(tmp) / "text_model")
         corpus = Path(tmp) / "corpus"
-        cases = make_corpus(corpus, model, run)
-        outcomes = [run_case(c, corpus) for c in cases]
+        try:
+            cases = make_corpus(corpus, model, run, text_model=text_model)
+            outcomes = [run_case(c, corpus) for c in cases]
+        finally:
+            release(corpus)
         for o, c in zip(outcomes, cases):  # the line that matters, with the temporary folder's name left out
             lines = o.stderr.strip().splitlines() or [""]
             o.stderr = next((ln for ln in lines if c.needle and c.needle in ln), lines[-1]).replace(tmp, "…")
@@ -551,7 +917,7 @@ def main() -> None:
               "passed": sum(o.passed for o in outcomes),
               "by_expectation": {e: sum(o.expect == e for o in outcomes) for e in ("error", "skip", "ok")},
               "by_group": {g: sum(o.group == g for o in outcomes) for g in dict.fromkeys(o.group for o in outcomes)},
-              "subprocess_cases": sum(c.subprocess for c in cases),
+              "subprocess_cases": sum(c.subprocess for c in cases), "omitted": list(OMITTED),
               "slowest_seconds": round(max(o.seconds for o in outcomes), 2),
               "outcomes": [{"name": o.name, "group": o.group, "expect": o.expect, "exit": o.code,
                             "seconds": round(o.seconds, 2), "message": o.stderr,
@@ -572,9 +938,11 @@ def _markdown(r: dict) -> str:
             f"({r['by_expectation']['error']} must end in a one-line error with exit code 2, "
             f"{r['by_expectation']['skip']} in a counted skip, {r['by_expectation']['ok']} are unusual but valid "
             f"inputs that must be read; {r['subprocess_cases']} of them also as a real process). Every case also "
-            f"checks: no traceback, a result within {TIME_BOUND:.0f} s, no temporary file left, no file created by a "
-            f"failing command, and no code run from a pickle.\n\nCases per group: "
-            f"{', '.join(f'{g} {n}' for g, n in r['by_group'].items())}.\n\n"
+            f"checks: no traceback, never the CLI's last-resort handler, a result within {TIME_BOUND:.0f} s, no "
+            f"temporary file left, no file created by a failing command, and no code run from a pickle.\n\nCases per "
+            f"group: {', '.join(f'{g} {n}' for g, n in r['by_group'].items())}.\n\n"
+            f"{'Not run on this machine: ' + '; '.join(r['omitted']) + '.' if r['omitted'] else 'No case was left out.'}"  # noqa: E501
+            f"\n\n"
             f"| group | case | expected | exit | result | message (the line naming the needle, else the last) |\n"
             f"|---|---|---|---:|---|---|\n{rows}\n")
 

@@ -33,13 +33,15 @@ def test_the_command_that_started_a_run_resumes_it(tmp_path, monkeypatch, capsys
 
 
 def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
-    """One run killed three times (two kills aimed inside a save), resumed each time; bitwise equal at the end."""
+    """One run killed three times (two kills aimed inside a save), resumed each time; bitwise equal at the end,
+    metrics.csv included (checkpoints every 3 steps, rows every 4: a resume lands inside a log interval)."""
     kr = load_benchmark("kill_resume")
-    steps, every = 12, 2
-    reference, seconds = kr.reference_run(tmp_path, steps, every)
+    steps, every, log_every = 12, 3, 4
+    reference, seconds = kr.reference_run(tmp_path, steps, every, log_every=log_every)
+    assert [k.split()[1] for k in reference["metrics.csv"] if k.endswith(" loss")] == ["4", "8", "12"]
     counts = kr.Counts()
     kr.run_trial(tmp_path / "trial", reference, random.Random(3), ["save", "any", "save"], steps, every, seconds,
-                 0.01, counts)
+                 0.01, counts, log_every=log_every)
     assert counts.failures == []
     assert counts.successes == 1 and counts.kills_during_write >= 1
     assert counts.kills + counts.finished_before_kill == 3

@@ -275,7 +275,7 @@ def test_queue_full_is_a_clear_busy_answer(models, tmp_path):
                                              "(spacing trailing); use fewer steps or a sigma spacing"),
     ({"seed": "abc"}, "seed: Input should be a valid integer"),
     ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
-    ({"seed": SEED_MAX, "n_samples": 2}, f"seed: must be in [0, {SEED_MAX - 2}] with n_samples=2"),
+    ({"seed": SEED_MAX, "n_samples": 2}, f"seed: must be in [0, {SEED_MAX - 1}] with n_samples=2"),
     ({"model": "../tiny"}, "model: unknown model '../tiny'; this server has tiny"),
     ({"n_samples": 5}, "n_samples: 5 is over this server's limit of 4"),
     ({"size": 128}, "size: 128 is over this server's limit of 64"),

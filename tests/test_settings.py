@@ -44,8 +44,8 @@ def tiny(concat=None, num_classes=None):
     ({"steps": 1.5}, "steps", "must be a positive integer"),
     ({"resample": 0}, "resample", "must be a positive integer"),
     ({"width": 0}, "width", "must be a positive integer"),
-    ({"seed": -1}, "seed", f"must be in [0, {SEED_MAX - 1}] with n_samples=1, got -1"),
-    ({"seed": SEED_MAX, "n_samples": 2}, "seed", f"must be in [0, {SEED_MAX - 2}] with n_samples=2"),
+    ({"seed": -1}, "seed", f"must be in [0, {SEED_MAX}] with n_samples=1, got -1"),
+    ({"seed": SEED_MAX, "n_samples": 2}, "seed", f"must be in [0, {SEED_MAX - 1}] with n_samples=2"),
     ({"guidance": math.nan}, "guidance", "must be a finite number >= 0"),
     ({"guidance": -1}, "guidance", "must be a finite number >= 0"),
     ({"sampler": "plms"}, "sampler", "unknown sampler 'plms'; choose one of DDIM, DDPM, Euler, Euler a"),
@@ -161,7 +161,7 @@ def folder_with_random_unet(tmp_path):
 
 @pytest.mark.parametrize("args, line", [
     (["--size", "17"], "error: --size: 17 does not fit this model: both sides must be multiples of 2"),
-    (["--seed", str(2**64)], f"error: --seed: must be in [0, {SEED_MAX - 1}] with n_samples=1, got {2**64}"),
+    (["--seed", str(2**64)], f"error: --seed: must be in [0, {SEED_MAX}] with n_samples=1, got {2**64}"),
     (["--sampler", "plms"], "error: --sampler: unknown sampler 'plms'; choose one of DDIM, DDPM"),
     (["--steps", "1001", "--sampler", "ddim"], "error: --steps: 1001 is more than the schedule's 1000 timesteps"),
 ])

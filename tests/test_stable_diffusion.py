@@ -254,6 +254,9 @@ def test_cli_convert_and_sample_a_checkpoint(sd_v1, tmp_path) -> None:
     assert (got.int() - expected[0].int()).abs().max() <= 1
     r = _cli("convert", root / "diffusers", tmp_path / "own")  # refuses to overwrite
     assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("convert", tmp_path / "own", tmp_path / "sized", "--size", 32)  # the default size DST keeps
+    assert r.returncode == 0 and "32 px" in r.stdout, r.stderr
+    assert __import__("json").loads((tmp_path / "sized" / "model_index.json").read_text())["image_size"] == 32
     r = _cli("sample", "--model", tmp_path / "own", "--size", 10, "--out", tmp_path / "bad")
     assert r.returncode == 2 and "both sides must be multiples of 4" in r.stderr
 

@@ -36,6 +36,35 @@ def test_resume_is_exact(tiny_cfg, tmp_path):
     assert float(m1["out.2.weight"].abs().sum()) > 0
 
 
+def test_a_run_killed_inside_a_log_interval_logs_as_an_uninterrupted_one(tiny_cfg, tmp_path):
+    """Checkpoints every 3 steps, rows every 2: killed after the checkpoint of step 3, the resumed run's row of
+    step 4 must still average steps 3 and 4 (the running sums travel in the checkpoint), so metrics.csv equals
+    the uninterrupted run's, all but its timing column."""
+    Trainer(tiny_cfg, tmp_path / "straight", progress=False).run()
+    killed = Trainer(tiny_cfg, tmp_path / "split", progress=False)
+    step = killed.train_step
+
+    def killed_after_the_checkpoint():  # KeyboardInterrupt stands in for SIGKILL
+        if killed.step == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    killed.train_step = killed_after_the_checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    assert [row["step"] for row in _metrics(tmp_path / "split")] == ["2"]
+    Trainer(tiny_cfg, tmp_path / "split", resume=True, progress=False).run()
+    straight, split = (_metrics(tmp_path / name) for name in ("straight", "split"))
+    assert [row["step"] for row in straight] == ["2", "4", "6"] and split == straight
+
+
+def _metrics(run_dir):
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "images_per_s"} for row in csv.DictReader(f)]
+
+
 def test_run_folder_layout(tiny_cfg, tmp_path):
     grid = Trainer(tiny_cfg, tmp_path, progress=False).run()
     assert grid.is_file()

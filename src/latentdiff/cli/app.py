@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 import warnings
 
 import click
@@ -38,3 +40,26 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; the last checkpoint is intact (use --resume)", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # `latentdiff presets | head -1`: the reader left; nothing more to say
+        # Python flushes stdout at exit and would complain about the closed pipe (the recipe of its docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except Exception as e:  # noqa: BLE001 -- the last resort: a bug, reported as one line, not a crash dump
+        last_resort(e)
+
+
+DEBUG_VARIABLE = "LATENTDIFF_DEBUG"
+LAST_RESORT = f"run with {DEBUG_VARIABLE}=1 for the traceback"  # the bad-input suite fails if it sees this
+
+
+def last_resort(e: Exception) -> None:
+    """An exception no check foresaw: one line (and the traceback when LATENTDIFF_DEBUG is set), exit code 1.
+
+    Bad input must be caught earlier, as a UserError naming what is wrong; reaching this is a bug to report.
+    """
+    if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+        traceback.print_exception(e)
+    text = " ".join(str(e).split())[:300] or "no message"
+    click.echo(f"error: unexpected {type(e).__name__}: {text} (a bug in latentdiff: please report it; "
+               f"{LAST_RESORT})", err=True)
+    sys.exit(1)

@@ -29,6 +29,7 @@ def generate_images(path: Path, task: str, params: dict[str, Any], image: Option
         settings = pipe.check(settings_from(params, **strength), task)
     except SettingError as e:
         raise naming_options(e) from None
+    check_room(pipe, settings, params)
     inputs, hw, channels = {}, pipe.image_hw(settings), pipe.manifest.channels
     if image is not None:
         inputs["images"] = read_image(image, hw, channels)[None]
@@ -44,6 +45,28 @@ def generate_images(path: Path, task: str, params: dict[str, Any], image: Option
                f"{meta['sampler']} {meta['spacing']}, {done.nfe:g} network evaluations per image); grid: {done.grid}")
 
 
+def check_room(pipe: Any, s: Any, params: dict[str, Any]) -> None:
+    """Refuse, before drawing, images that cannot fit in memory or on the disk of --out (from sizes alone)."""
+    from latentdiff.data.source import memory_needed
+    from latentdiff.formats.paths import check_free_space
+
+    (c_lat, h, w), (height, width) = pipe.latent_shape(s), pipe.image_hw(s)
+    channels, n, b = pipe.manifest.channels, s.n_samples, min(s.batch_size, s.n_samples)
+    width_bytes = next(pipe.unet.parameters()).element_size()
+    # lower bounds: per network call the UNet's first feature map and a decoded float batch; until written,
+    # every latent (fp32) and every image (uint8)
+    per_call = b * (pipe.unet.config.model_channels * h * w * width_bytes + channels * height * width * 4)
+    kept = n * (c_lat * h * w * 4 + channels * height * width)
+    problem = memory_needed(per_call + kept, pipe.device)
+    if problem:
+        option = "--n-samples" if kept > per_call else "--size" if params.get("size") else "--batch-size"
+        raise UserError(f"{option}: drawing {n} image(s) of {width}x{height}, {b} per network call, needs {problem} "
+                        "(the UNet's first feature maps and the images alone); lower --size, --batch-size or "
+                        "--n-samples")
+    check_free_space(params["out"], n * channels * height * width, "--out",
+                     f"{n} PNG image(s) of {width}x{height} (their uncompressed size)")
+
+
 def _default_strength(task: str) -> float:
     from latentdiff.models.settings import Task
 
@@ -55,7 +78,9 @@ def _read_low_res(path: Path, size: int, channels: int) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     from latentdiff.data.decode import read_image
+    from latentdiff.formats.paths import check_regular_file
 
+    check_regular_file(path, "image file")  # a FIFO would block the read forever
     try:
         with Image.open(path) as im:
             got = im.size

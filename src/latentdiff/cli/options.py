@@ -7,6 +7,7 @@ set of defaults the web API uses too. ``--help`` shows it (that alone imports th
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,6 +31,51 @@ class Finite(click.FloatRange):
         if not math.isfinite(rv):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return rv
+
+
+class Text(click.ParamType):
+    """Text (a prompt, a name): refused with the offending byte when the command line held bytes that are not
+    valid in the locale's encoding (Python keeps them as lone surrogates, which no tokenizer or file takes)."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        """The text, or a usage error naming the option and the first invalid byte."""
+        problem = undecodable(value)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
+
+
+def undecodable(value: Any) -> str:
+    """Why ``value`` (a command-line string) is not text in the locale's encoding; "" when it is."""
+    if not isinstance(value, str):
+        return ""
+    bad = next((i for i, c in enumerate(value) if "\udc80" <= c <= "\udcff"), None)
+    if bad is None:
+        return ""
+    encoding = sys.getfilesystemencoding()
+    shown = value.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace")
+    return (f"'{shown[:60]}': byte 0x{ord(value[bad]) - 0xDC00:02x} (character {bad}) is not valid in the "
+            f"locale's encoding, {encoding}; give the text in {encoding}")
+
+
+class OutputPath(click.Path):
+    """An output folder (or file) checked at once: not below a regular file, not a special file, writable
+    (formats/paths.py); so a bad --out ends before any model is loaded or step is run."""
+
+    def __init__(self, folder: bool = True) -> None:
+        super().__init__(file_okay=not folder, dir_okay=folder, path_type=Path)
+        self.folder = folder
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        """The path, or a UserError naming the option and what is wrong."""
+        from latentdiff.formats.paths import check_output_file, check_output_folder
+
+        path = Path(value)
+        label = (param.opts[0] if isinstance(param, click.Option) else param.human_readable_name) if param else "output"
+        (check_output_folder if self.folder else check_output_file)(path, label)
+        return path
 
 
 class ImageSize(click.ParamType):
@@ -109,8 +155,9 @@ def condition_options(f: Any) -> Any:
     return _apply(f, [
         click.option("--class-label", type=click.IntRange(min=0), default=None,
                      help="Class index for class-conditional models."),
-        click.option("--prompt", default=None, help="Text for text-conditional models (cut to the encoder's context)."),
-        click.option("--negative-prompt", default=None,
+        click.option("--prompt", default=None, type=Text(),
+                     help="Text for text-conditional models (cut to the encoder's context)."),
+        click.option("--negative-prompt", default=None, type=Text(),
                      help="Text to steer away from (replaces the empty prompt in classifier-free guidance)."),
         click.option("--guidance", type=Finite(min=0), default=None,
                      help="Classifier-free guidance scale (1: none; default: the model's own, from training).")])
@@ -119,11 +166,12 @@ def condition_options(f: Any) -> Any:
 def sampling_options(f: Any) -> Any:
     """Which sampler, on which grid, for how many steps, from which seed."""
     return _apply(f, [
-        setting("--sampler", shown=_default_sampler,
+        setting("--sampler", shown=_default_sampler, type=Text(),
                 help='A name users know ("DPM++ 2M Karras", "Euler a", ...) or ours (dpmpp_2m, ddim, ...); '
                      "docs/samplers.md lists them all."),
-        setting("--spacing", help="Timesteps: trailing, leading, linspace, lcm; or σ grids karras, exponential "
-                                  "(default: the sampler name's own; trailing for our names)."),
+        setting("--spacing", type=Text(),
+                help="Timesteps: trailing, leading, linspace, lcm; or σ grids karras, exponential (default: the "
+                     "sampler name's own; trailing for our names)."),
         setting("--steps", type=click.IntRange(min=1), help="Sampler steps (network evaluations for most samplers)."),
         click.option("--eta", default=None, type=Finite(min=0),
                      help="Noise of ddim / euler_ancestral / dpmpp_*_sde: 0 deterministic, 1 ancestral."),
@@ -165,7 +213,7 @@ def image_options(f: Any) -> Any:
         setting("--n-samples", type=click.IntRange(min=1), help="Images to draw."),
         setting("--batch-size", type=click.IntRange(min=1),
                 help="Images per network call; memory depends on this, not on --n-samples."),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"),
+        click.option("--out", type=OutputPath(), default=Path("samples"),
                      show_default=True,
                      help="Folder for the images (written as each batch finishes, named by seed) and grid.png "
                           "(the first 64). A rerun with the same arguments resumes: images already there are "

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import click
 
 from latentdiff.cli.app import cli
-from latentdiff.cli.options import apply_options, check_device, naming_options, single_file_options
+from latentdiff.cli.options import OutputPath, apply_options, check_device, naming_options, single_file_options
 from latentdiff.errors import SettingError, UserError
 
 
@@ -27,9 +28,12 @@ from latentdiff.errors import SettingError, UserError
 def convert(src: Path, dst: Path, layout: str, half: bool, prediction: Optional[str], size: Optional[int],
             config: Optional[Path], tokenizer: Optional[Path]) -> None:
     """Convert a Stable Diffusion checkpoint (single file or diffusers folder) or a model folder to another layout."""
+    from latentdiff.formats.paths import check_free_space, check_output_file, check_output_folder
     from latentdiff.pipelines.sd_single_file import save_single_file
     from latentdiff.pipelines.stable_diffusion import load_any, save_diffusers, save_latentdiff
 
+    # checked before any weight is read: below a regular file, a special file, a folder that cannot be written
+    (check_output_file if layout == "single-file" else check_output_folder)(dst, "DST")
     if layout == "single-file":
         if dst.exists():
             raise UserError(f"{dst} exists; choose a new file name")
@@ -37,6 +41,11 @@ def convert(src: Path, dst: Path, layout: str, half: bool, prediction: Optional[
         raise UserError(f"{dst} exists and is not empty; choose a new folder")
     if half and layout != "single-file":
         raise UserError("--half applies to --to single-file")
+    if src.exists():  # at least half the source's size (fp16 weights are written as fp32; a .ckpt may hold EMA too)
+        src_bytes = src.stat().st_size if src.is_file() else sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(src) for f in names
+            if os.path.isfile(os.path.join(d, f)))
+        check_free_space(dst, src_bytes // (4 if half else 2), "DST", f"the converted weights of {src}")
     pipe = load_any(src, "cpu", prediction, tokenizer, config)
     try:
         if layout == "single-file":
@@ -63,7 +72,7 @@ def convert(src: Path, dst: Path, layout: str, half: bool, prediction: Optional[
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sample i uses seed+i.")
 @click.option("--features", default=None, help="domain:fashion-mnist | domain:mnist5k | domain:PATH | "
               "inception:PATH (FID Inception weights). Default: the data set's shipped classifier.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here.")
+@click.option("--out", type=OutputPath(folder=False), default=None, help="Also write the JSON here.")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, ...")
 def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampler: str, spacing: Optional[str],
              seed: int, features: Optional[str], out: Optional[Path], device: str) -> None:
@@ -104,7 +113,7 @@ def eval_cmd(model_dir: Path, n_samples: int, batch_size: int, steps: int, sampl
               help="Show the predicted image every N steps while sampling (one autoencoder decode each); 0: never.")
 @click.option("--keep-jobs", default=200, show_default=True, type=click.IntRange(min=1),
               help="Finished jobs the server remembers (their PNGs stay in --out).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"), show_default=True,
+@click.option("--out", type=OutputPath(), default=Path("outputs"), show_default=True,
               help="Folder for result PNGs (one subfolder per job).")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow scripts on this origin to call the API (CORS is closed by default).")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from latentdiff.cli.app import cli
-from latentdiff.cli.options import Finite, check_device
+from latentdiff.cli.options import Finite, OutputPath, check_device, undecodable
 from latentdiff.errors import UserError
 
 
@@ -16,8 +17,7 @@ from latentdiff.errors import UserError
 @click.argument("preset_or_yaml")
 @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
 @click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps (overrides train.steps).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run folder (default: runs/PRESET).")
+@click.option("--out", type=OutputPath(), default=None, help="Run folder (default: runs/PRESET).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint "
               "(model, EMA, optimiser, data order and RNG), up to --steps.")
 @click.option("--device", default="auto", show_default=True, callback=check_device,
@@ -34,16 +34,21 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
     `torchrun --nproc-per-node N -m latentdiff train ...` it trains data-parallel on N processes;
     train.batch_size is then the global batch of a step (README: Training on several GPUs).
     """
-    from latentdiff.training.config import load_config
+    from latentdiff.formats.paths import check_free_space, check_output_folder
     from latentdiff.training import make_trainer
+    from latentdiff.training.config import load_config
     from latentdiff.training.plan import check_minutes, process_age
     from latentdiff.training.recipe import is_recipe, run_recipe
 
     started = time.perf_counter() - process_age()  # a budget counts the start-up too
+    for override in overrides:  # the run's config.yaml is UTF-8: undecodable bytes could not be written to it
+        if undecodable(override):
+            raise UserError(f"override {undecodable(override)}")
     budget = check_minutes(minutes) if minutes is not None else None
     if budget is not None and steps is not None:
         raise UserError("give --steps or --minutes, not both (a budget plans the steps)")
-    out = out or Path("runs") / Path(preset_or_yaml).stem
+    if out is None:
+        out = check_output_folder(Path("runs") / Path(preset_or_yaml).stem, "--out")
     if preset_or_yaml == "lora" and overrides and "=" not in overrides[0]:  # latentdiff train lora BASE_MODEL ...
         overrides = (f"lora.base={overrides[0]}", *overrides[1:])
     if is_recipe(preset_or_yaml):
@@ -69,6 +74,7 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
             trainer = make_lora_trainer(cfg, out, resume=resume, device=device)
         else:
             trainer = make_trainer(cfg, out, resume=resume, device=device, started=started)
+        check_free_space(out, checkpoint_bytes(trainer), "--out", "a checkpoint and the exported model")
         grid = trainer.run()
     finally:
         distributed.teardown()
@@ -77,6 +83,14 @@ def train(preset_or_yaml: str, overrides: tuple[str, ...], steps: int | None, ou
                    else f"model: {out}")
         if grid:
             click.echo(f"samples: {grid}")
+
+
+def checkpoint_bytes(trainer: Any) -> int:
+    """A lower bound of what a run writes to disk: its weights twice (a checkpoint and the exported model)
+    and the optimisers' moments (AdamW: two per weight)."""
+    weights = sum(t.numel() * t.element_size() for m in trainer.modules().values() for t in m.state_dict().values())
+    return 2 * weights + sum(2 * p.numel() * p.element_size() for opt in trainer.optimizers().values()
+                             for group in opt.param_groups for p in group["params"])
 
 
 def _resumed_config(out: Path, preset: str, overrides: list[str]):
@@ -109,7 +123,7 @@ def _setting(cfg, override: str):
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+@click.option("--out", type=OutputPath(), default=Path("runs/demo"),
               show_default=True, help="Folder for both models, the prompt grid and the adherence report.")
 @click.option("--minutes", default="8.5", show_default=True,
               help="Training budget of both models together, everything included: the `shapes` recipe plans the "

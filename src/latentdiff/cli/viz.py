@@ -8,8 +8,8 @@ from typing import Any, Optional
 import click
 
 from latentdiff.cli.app import cli
-from latentdiff.cli.options import condition_options, naming_options, sampling_options, settings_from
-from latentdiff.errors import SettingError
+from latentdiff.cli.options import OutputPath, condition_options, naming_options, sampling_options, settings_from
+from latentdiff.errors import SettingError, UserError
 
 
 @cli.group()
@@ -25,7 +25,7 @@ def viz() -> None:
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Use this model's schedule instead.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the noise ε.")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Resize the image first.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("forward.png"), show_default=True,
+@click.option("--out", type=OutputPath(folder=False), default=Path("forward.png"), show_default=True,
               help="PNG to write.")
 def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: Optional[Path], seed: int,
                 image_size: Optional[int], out: Path) -> None:
@@ -41,6 +41,13 @@ def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: 
     else:
         sched = Schedule.from_name(schedule, num_timesteps)
     steps = parse_timesteps(ts)
+    if image_size is not None:  # every noised copy is held as floats before the strip is drawn
+        from latentdiff.data.source import memory_needed
+
+        problem = memory_needed(len(steps) * 3 * image_size**2 * 4 * 2)
+        if problem:
+            raise UserError(f"--image-size {image_size}: {len(steps)} noised copies of {image_size}x{image_size} "
+                            f"need {problem}; lower --image-size")
     try:
         strip = forward_strip(str(image), sched, steps, seed, image_size)
     except SettingError as e:
@@ -53,9 +60,9 @@ def viz_forward(image: Path, ts: str, schedule: str, num_timesteps: int, model: 
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @sampling_options
 @condition_options
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("reverse.png"), show_default=True,
+@click.option("--out", type=OutputPath(folder=False), default=Path("reverse.png"), show_default=True,
               help="PNG strip to write.")
-@click.option("--gif", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also an animated GIF.")
+@click.option("--gif", type=OutputPath(folder=False), default=None, help="Also an animated GIF.")
 @click.option("--every", default=1, show_default=True, type=click.IntRange(min=1), help="GIF: one frame every N steps.")
 @click.option("--duration-ms", default=80, show_default=True, type=click.IntRange(min=10), help="GIF frame time.")
 def viz_reverse(model_dir: Path, out: Path, gif: Optional[Path], every: int, duration_ms: int, **params: Any) -> None:
@@ -84,8 +91,8 @@ def viz_reverse(model_dir: Path, out: Path, gif: Optional[Path], every: int, dur
 @click.option("--num-timesteps", default=1000, show_default=True, type=click.IntRange(min=2),
               help="T of the schedules.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Sampler steps shown.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("schedules.png"),
-              show_default=True, help="PNG to write.")
+@click.option("--out", type=OutputPath(folder=False), default=Path("schedules.png"), show_default=True,
+              help="PNG to write.")
 def viz_schedules(names: str, num_timesteps: int, steps: int, out: Path) -> None:
     """ᾱ_t, log-SNR and the timesteps each spacing visits, for the named schedules."""
     from latentdiff.pipelines.viz import schedule_plots

@@ -10,6 +10,7 @@ import posixpath
 from pathlib import Path
 
 from latentdiff.errors import UserError
+from latentdiff.formats.paths import check_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ METADATA_FILE = "metadata.jsonl"  # Hugging Face imagefolder: one {"file_name": 
 
 def read_text(path: Path) -> str:
     """A caption file as text: UTF-8 with an optional BOM; invalid bytes name their offset."""
+    check_regular_file(path, "caption file")  # a FIFO would block the read forever
     try:
         data = path.read_bytes()
     except OSError as e:

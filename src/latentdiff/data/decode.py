@@ -12,6 +12,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from latentdiff.data.transforms import resize_and_crop
 from latentdiff.errors import UserError
+from latentdiff.formats.paths import check_regular_file, not_a_regular_file
 
 
 def read_image(source: Path | str | bytes, size: int | tuple[int, int] | None = None, channels: int | None = None,
@@ -19,6 +20,8 @@ def read_image(source: Path | str | bytes, size: int | tuple[int, int] | None = 
     """One image file (or its bytes, called ``name`` in errors) as uint8 (C, H, W) at ``size`` (a side or
     (height, width); None: a square of the shorter side), channels None keeps grey grey."""
     label = name or ("image" if isinstance(source, bytes) else str(source))
+    if not isinstance(source, bytes):
+        check_regular_file(source, "image file")  # a FIFO would block the read forever
     opened = (lambda: io.BytesIO(source)) if isinstance(source, bytes) else (lambda: source)
     try:
         with warnings.catch_warnings():  # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; refuse those too
@@ -36,9 +39,32 @@ def read_image(source: Path | str | bytes, size: int | tuple[int, int] | None = 
         raise UserError(f"{label}: cannot read image ({e})") from None
 
 
+def image_file_problem(path: Path | str) -> str | None:
+    """Why the file at ``path`` cannot be an image, judged cheaply; None when it looks readable.
+
+    Its type first (``stat`` only: a FIFO, socket or device is never opened), then its header (format and
+    size: decompression bombs) and, for PNG, every chunk's checksum (truncated or corrupt data) — no pixel
+    is decoded. Every reader of image folders runs it on every file of both splits before decoding.
+    """
+    kind = not_a_regular_file(path)
+    if kind is not None:
+        return f"{kind}, not a regular file" if kind.startswith("a ") else kind
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):  # PIL only warns below 2x
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} exceeds Image.MAX_IMAGE_PIXELS")
+            if img.format == "PNG":
+                img.verify()  # CRCs of all chunks: reads the file, inflates nothing
+    except Exception as e:  # PIL raises many types on malformed files; all mean "bad file"
+        return f"{type(e).__name__}: {e}".replace(str(path), Path(path).name)
+    return None
+
+
 def decode_image(path: Path | io.BytesIO, size: int | tuple[int, int], channels: int,
                  center_crop: bool) -> np.ndarray:
     """Decode one file to a (channels, height, width) uint8 array (``size``: a side or (h, w)); raises on any defect."""
+    if not isinstance(path, io.BytesIO):
+        check_regular_file(path, "image file")  # before opening: a FIFO named x.png would block forever
     with Image.open(path) as img:
         if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
             raise Image.DecompressionBombError(f"{img.width}x{img.height} exceeds Image.MAX_IMAGE_PIXELS")

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from latentdiff.errors import UserError
+from latentdiff.formats.paths import check_regular_file
 
 
 def random_masks(n: int, size: int, generator: torch.Generator, full_prob: float = 0.25) -> torch.Tensor:
@@ -56,6 +57,8 @@ def read_mask(source: Path | str | bytes, size: int | tuple[int, int], name: str
     0 = redraw (white in the file)."""
     label = name or ("mask" if isinstance(source, bytes) else f"mask {source}")
     h, w = (size, size) if isinstance(size, int) else size
+    if not isinstance(source, bytes):
+        check_regular_file(source, "mask file")  # a FIFO would block the read forever
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im = im.convert("L")

@@ -51,14 +51,31 @@ def in_test(key: str) -> bool:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10 == 0
 
 
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes the device can hold at most: a GPU's memory, else this machine's RAM; None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":  # mps shares the machine's memory, but torch does not say how much it may use
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): the allocator decides
+        return None
+
+
+def memory_needed(need: int, device: torch.device | str = "cpu") -> str:
+    """"" when ``need`` bytes fit on ``device``; else "at least X GiB of memory, more than this machine's Y GiB"."""
+    have = available_memory(device)
+    if have is None or need <= have:
+        return ""
+    where = "this machine's" if torch.device(device).type == "cpu" else f"{device}'s"
+    return f"at least {need / 2**30:.1f} GiB of memory, more than {where} {have / 2**30:.0f} GiB"
+
+
 def check_memory(n: int, channels: int, size: int) -> None:
     """Refuse a data set that cannot fit in memory before allocating it (numpy would fail with a traceback)."""
-    need = n * channels * size * size
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): let numpy decide
-        return
-    if need > have:
-        raise UserError(f"data.image_size={size}: {n} images of {channels}x{size}x{size} need {need / 2**30:.1f} GiB "
-                        f"of memory, more than this machine's {have / 2**30:.0f} GiB; lower data.image_size or "
-                        "data.limit")
+    problem = memory_needed(n * channels * size * size)
+    if problem:
+        raise UserError(f"data.image_size={size}: {n} images of {channels}x{size}x{size} need {problem}; lower "
+                        "data.image_size or data.limit")

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from latentdiff.data import DataConfig, load_dataset
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import load_into, load_json, load_json_object, load_tensors, save_json, save_tensors
+from latentdiff.formats.checkpoint import (load_into, load_json_object, load_tensors, naming_file, save_json,
+                                           save_tensors)
 from latentdiff.models.classifier import Classifier, ClassifierConfig, prepare_images
 from latentdiff.models.inception import FEATURE_DIM, load_fid_inception
 
@@ -73,10 +74,11 @@ class DomainFeatures:
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder}: not a classifier folder (config.json not found)")
-        cfg = ClassifierConfig.from_dict(load_json_object(folder / "config.json"))
-        model = Classifier(cfg)
+        with naming_file(folder / "config.json"):
+            cfg = ClassifierConfig.from_dict(load_json_object(folder / "config.json"))
+            model = Classifier(cfg)
         load_into(model, load_tensors(folder / "model.safetensors"), str(folder / "model.safetensors"))
-        metrics = load_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
+        metrics = load_json_object(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
         return cls(model, name or f"domain:{folder}", metrics, **kw)
 
     @classmethod

@@ -6,6 +6,7 @@ folder. A kill at any moment leaves either the old file or the new one, never ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -14,7 +15,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from latentdiff.errors import UserError
+from latentdiff.formats.dataclass_io import build_dataclass
+from latentdiff.formats.paths import CannotWrite, check_regular_file
 
 
 def fsync_dir(path: Path) -> None:
@@ -43,8 +46,11 @@ TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))  # XXXXXX
 def atomic_write(path: Path | str, write: Any) -> None:
     """Call ``write(tmp_path)`` then move the finished, fsynced file onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:  # a full disk, a read-only folder: one line naming the file, not a traceback
+        raise CannotWrite(f"{path}: cannot write ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
@@ -52,6 +58,9 @@ def atomic_write(path: Path | str, write: Any) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared like any other file
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CannotWrite(f"{path}: cannot write ({e.strerror or e})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -71,13 +80,15 @@ def save_json(obj: Any, path: Path | str) -> None:
 
 def load_json(path: Path | str) -> Any:
     """Read JSON; a missing or malformed file is a UserError naming it."""
-    path = Path(path)
+    path = check_regular_file(path)  # a FIFO would block the read forever
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def load_json_object(path: Path | str) -> dict[str, Any]:
@@ -90,6 +101,26 @@ def load_json_object(path: Path | str) -> dict[str, Any]:
     return obj
 
 
+def load_json_as(path: Path | str, cls: type, other_keys: bool = False) -> Any:
+    """A JSON object file read into the dataclass ``cls``: the one typed reader of the files we read back.
+
+    A wrong type, null, a list or a string where a number belongs, a missing or (unless ``other_keys``,
+    for files other programs write) unknown key is a one-line UserError naming the file and the key.
+    """
+    return build_dataclass(cls, load_json_object(path), f"{path}:", float_strings=False, other_keys=other_keys)
+
+
+@contextlib.contextmanager
+def naming_file(path: Path | str) -> Iterator[None]:
+    """Errors raised inside (building a model from a file's settings) name ``path`` if they do not yet."""
+    try:
+        yield
+    except UserError as e:
+        if str(path) in str(e):
+            raise
+        raise UserError(f"{path}: {e}") from None
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (tensors made contiguous and moved to the CPU)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -98,9 +129,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: d
 
 def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
     """Read a safetensors file; missing, truncated or corrupt files are a UserError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    path = check_regular_file(path, "safetensors file")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -110,9 +139,7 @@ def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
 def load_weights_only(path: Path | str) -> Any:
     """A PyTorch pickle (.ckpt/.pt/.pth/.bin) read with ``torch.load(weights_only=True)``: tensors and plain
     containers only, so the file can never run code; refused or unreadable files are a UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    path = check_regular_file(path, "weights file")
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing; one line is enough
             warnings.simplefilter("ignore")

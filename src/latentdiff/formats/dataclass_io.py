@@ -32,33 +32,38 @@ class ConfigMixin:
         return to_plain(dataclasses.asdict(self))  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls, d: Any) -> Any:
-        """Build from a dict; unknown keys and wrong types raise UserError naming them."""
-        return build_dataclass(cls, d, cls.section)
+    def from_dict(cls, d: Any, float_strings: bool = True) -> Any:
+        """Build from a dict; unknown keys and wrong types raise UserError naming them (``float_strings``: as
+        :func:`build_dataclass`; False for JSON, which has numbers)."""
+        return build_dataclass(cls, d, cls.section, float_strings)
 
 
-def build_dataclass(cls: type, d: Any, section: str, float_strings: bool = True) -> Any:
+def build_dataclass(cls: type, d: Any, section: str, float_strings: bool = True, other_keys: bool = False) -> Any:
     """Instantiate dataclass ``cls`` from ``d`` with strict keys and checked (lightly coerced) types.
 
     ``section`` prefixes every key in errors ("unet" gives "unet.num_heads: ..."; a section ending in ":",
     such as a file name, gives "file.json: num_heads: ..."). ``float_strings``: accept "1e-4" for a float
-    (PyYAML reads it as a string); JSON files written by this code never need it.
+    (PyYAML reads it as a string); JSON files written by this code never need it. ``other_keys``: ignore
+    keys ``cls`` does not name (files of other programs, which hold more than we read).
     """
     if not isinstance(d, dict):
-        raise UserError(f"{section.rstrip(':')}: expected a mapping of settings, got {d!r}")
+        raise UserError(f"{section.rstrip(':')}: expected a mapping of settings, got {d!r:.80}")
     names = {f.name for f in dataclasses.fields(cls)}
     hints = {k: v for k, v in typing.get_type_hints(cls).items() if k in names}  # no ClassVars
-    unknown = sorted(set(d) - set(hints))
-    if unknown:
-        raise UserError(f"{section.rstrip(':')}: unknown key(s) {', '.join(map(str, unknown))}; "
-                        f"known: {', '.join(hints)}")
+    unknown = sorted(map(str, set(d) - set(hints)))
+    if unknown and not other_keys:
+        raise UserError(f"{section.rstrip(':')}: unknown key(s) {', '.join(unknown)}; known: {', '.join(hints)}")
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in d
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise UserError(f"{section.rstrip(':')}: missing key(s) {', '.join(required)}")
     key = (lambda k: f"{section} {k}") if section.endswith(":") else (lambda k: f"{section}.{k}")
-    return cls(**{k: check_type(v, hints[k], key(k), float_strings) for k, v in d.items()})
+    return cls(**{k: check_type(v, hints[k], key(k), float_strings) for k, v in d.items() if k in hints})
 
 
 def check_type(value: Any, tp: Any, key: str, float_strings: bool = True) -> Any:
     """Check ``value`` against annotation ``tp`` (int, float, bool, str, an Enum, a dataclass, tuple[X, ...],
-    Optional); nested dataclasses are built with :func:`build_dataclass`."""
+    dict[str, X], Optional); nested dataclasses are built with :func:`build_dataclass`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -76,6 +81,12 @@ def check_type(value: Any, tp: Any, key: str, float_strings: bool = True) -> Any
         return tuple(check_type(v, args[0], f"{key}[{i}]", float_strings) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, key, float_strings)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r:.80}")
+        if not args or args[1] is Any:
+            return value
+        return {k: check_type(v, args[1], f"{key}.{k}", float_strings) for k, v in value.items()}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         choices = [m.value for m in tp]
         if isinstance(value, str) and value in choices:

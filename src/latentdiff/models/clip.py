@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import load_into, load_json, load_json_object, load_tensors, save_json, save_tensors
+from latentdiff.formats.checkpoint import (load_into, load_json, load_json_object, load_tensors, naming_file, save_json,
+                                          save_tensors)
 from latentdiff.formats.dataclass_io import ConfigMixin
 from latentdiff.models.tokenizer import Tokenizer, load_tokenizer
 
@@ -332,7 +333,8 @@ def load_clip_text_encoder(folder: Path | str, device: str | torch.device = "cpu
     kind = config.pop("kind", "clip")
     if kind != "clip":
         raise UserError(f"{sub / 'config.json'}: not a CLIP text encoder (kind {kind!r})")
-    model = CLIPTextTransformer(CLIPTextConfig.from_dict(config))
+    with naming_file(sub / "config.json"):
+        model = CLIPTextTransformer(CLIPTextConfig.from_dict(config))
     load_into(model, load_tensors(sub / "model.safetensors"), str(sub / "model.safetensors"))
     return CLIPTextEncoder(_find_tokenizer(sub), model).to(device).eval().requires_grad_(False)
 
@@ -343,6 +345,7 @@ def load_clip(folder: Path | str, device: str | torch.device = "cpu") -> tuple[C
     config: Any = load_json(sub / "config.json")
     if not isinstance(config, dict) or set(config) != {"text", "vision"}:
         raise UserError(f"{sub / 'config.json'}: expected the sections 'text' and 'vision'")
-    model = CLIPModel(CLIPTextConfig.from_dict(config["text"]), CLIPVisionConfig.from_dict(config["vision"]))
+    with naming_file(sub / "config.json"):
+        model = CLIPModel(CLIPTextConfig.from_dict(config["text"]), CLIPVisionConfig.from_dict(config["vision"]))
     load_into(model, load_tensors(sub / "model.safetensors"), str(sub / "model.safetensors"))
     return model.to(device).eval(), _find_tokenizer(sub)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -16,7 +17,8 @@ import torch
 
 from latentdiff.diffusion.config import DiffusionConfig
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import load_into, load_json_object, load_tensors, save_json, save_tensors
+from latentdiff.formats.checkpoint import (load_into, load_json_object, load_tensors, naming_file, save_json,
+                                          save_tensors)
 from latentdiff.formats.dataclass_io import ValueEnum, build_dataclass, to_plain
 from latentdiff.models.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.models.concat import ConcatKind
@@ -132,7 +134,7 @@ def read_manifest(folder: Path | str) -> Manifest:
     """The manifest of a model folder, with a clear error when the folder is not one or a value is wrong."""
     folder = Path(folder)
     path = folder / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         hint = " (training has not written a model yet)" if (folder / "config.yaml").is_file() else ""
         raise UserError(f"{folder} is not a latentdiff model folder: {MANIFEST} not found{hint}")
     data = load_json_object(path)
@@ -146,10 +148,8 @@ def read_manifest(folder: Path | str) -> Manifest:
 def load_component_config(folder: Path | str, name: str, config_cls: Any) -> Any:
     """``folder/name/config.json`` as ``config_cls``; errors name the file."""
     path = Path(folder) / name / "config.json"
-    try:
-        return config_cls.from_dict(load_json_object(path))
-    except UserError as e:
-        raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    with naming_file(path):
+        return config_cls.from_dict(load_json_object(path), float_strings=False)
 
 
 def _load_component(folder: Path | str, name: str, config_cls: Any, model_cls: Any,

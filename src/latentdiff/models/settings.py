@@ -132,6 +132,11 @@ class SampleSettings:
             value = getattr(self, name)
             if value is not None and not all(isinstance(p, str) for p in per_sample(value, n, name)):
                 raise SettingError(name, f"must be text (one, or one per sample), got {value!r:.80}")
+            for text in per_sample(value, n, name) if value is not None else []:
+                bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+                if bad is not None:  # no tokenizer takes one; on a command line: bytes not valid in the locale
+                    raise SettingError(name, f"character {bad} is a lone surrogate (U+{ord(text[bad]):04X}), "
+                                             "not text; give valid Unicode (UTF-8)")
         return self
 
     def metadata(self, task: Task, hw: tuple[int, int]) -> dict[str, Any]:
@@ -150,9 +155,10 @@ class SampleSettings:
 
 
 def check_seed(seed: Any, n: int = 1) -> None:
-    """Seeds seed … seed + n - 1 must all fit the CPU generator's range."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX - n:
-        raise SettingError("seed", f"must be in [0, {SEED_MAX - n}] with n_samples={n}, got {seed!r}")
+    """Seeds seed … seed + n - 1 must all fit the CPU generator's range (up to SEED_MAX)."""
+    top = SEED_MAX - (n - 1)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= top:
+        raise SettingError("seed", f"must be in [0, {top}] with n_samples={n}, got {seed!r}")
 
 
 def per_sample(value: Any, n: int, name: str) -> list[Any]:

