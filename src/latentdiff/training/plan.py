@@ -256,7 +256,7 @@ class BudgetPlanner:
 class ThreadTrial:
     """A budgeted run on the CPU times its first steps with each candidate thread count and keeps the fastest:
     on a busy machine one thread can beat all cores many times over (OpenMP threads wait for each other
-    while other processes hold the cores; benchmarks/results/cpu_step_options.md), on a quiet one all cores
+    while other processes hold the cores; benchmarks/cpu_step_options.py), on a quiet one all cores
     win. One warm-up step, then ``steps_each`` steps per candidate, in order (1 first: the safe one), a
     candidate dropped after one step that took over twice the best so far. The steps are real training
     steps."""

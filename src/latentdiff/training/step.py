@@ -25,7 +25,8 @@ class StepHelpers:
     @property
     def precision(self) -> str:
         """train.precision, with auto resolved: bf16 on a GPU that has it (fp32 master weights), else fp32
-        (on this project's CPU bf16 autocast was no faster: benchmarks/results/cpu_step_options.md)."""
+        (on this project's CPU bf16 autocast was no faster in a loaded-machine run of
+        benchmarks/cpu_step_options.py)."""
         p = self.cfg.train.precision
         if p != "auto":
             return p
