@@ -158,3 +158,14 @@ def test_cli_lora_option(sd, tmp_path) -> None:
     load_lora(pipe, tmp_path / "style.safetensors", 0.6)
     api = pipe.generate(n_samples=1, steps=3, prompt=PROMPT)[0].permute(1, 2, 0).reshape(-1, 3)
     assert not torch.equal(runs["plain"], runs["lora"]) and torch.equal(runs["lora"], api)
+
+
+def test_bad_adapter_metadata_is_named() -> None:
+    """diffusers' lora_adapter_metadata that is not JSON, or JSON but not an object, is refused naming the file
+    and the entry (a list once crashed with AttributeError)."""
+    from latentdiff.formats.lora import _peft_config
+
+    assert _peft_config(None, "x.safetensors") == {}
+    for text, needle in [("{", "is not valid JSON"), ("[1, 2]", "must be a JSON object")]:
+        with pytest.raises(UserError, match=f"x.safetensors: metadata entry 'lora_adapter_metadata' {needle}"):
+            _peft_config({"lora_adapter_metadata": text}, "x.safetensors")

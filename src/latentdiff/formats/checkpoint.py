@@ -91,6 +91,21 @@ def load_json(path: Path | str) -> Any:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def metadata_json_object(metadata: dict[str, str] | None, key: str, where: str) -> dict[str, Any]:
+    """The JSON object stored under ``key`` in a safetensors file's metadata ({} when absent); bad JSON or a
+    value that is not an object is a UserError naming ``where`` and the key."""
+    text = (metadata or {}).get(key)
+    if not text:
+        return {}
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: metadata entry {key!r} is not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise UserError(f"{where}: metadata entry {key!r} must be a JSON object")
+    return out
+
+
 def load_json_object(path: Path | str) -> dict[str, Any]:
     """Read a JSON file that must hold an object (settings by name); anything else is a UserError naming it."""
     obj = load_json(path)

@@ -19,7 +19,6 @@ and the caller resolves names with a table of the spellings its modules answer t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from latentdiff.errors import UserError
+from latentdiff.formats.checkpoint import metadata_json_object
 
 Tensors = dict[str, torch.Tensor]
 COMPONENTS = {"lora_unet": "unet", "lora_te": "text", "lora_te1": "text", "unet": "unet", "text_encoder": "text"}
@@ -76,13 +76,7 @@ def _pattern_value(name: str, patterns: dict[str, Any], default: Any) -> Any:
 
 def _peft_config(metadata: dict[str, str] | None, where: str) -> dict[str, dict[str, Any]]:
     """diffusers' ``lora_adapter_metadata``: LoraConfig settings per component (``unet.lora_alpha`` ...)."""
-    text = (metadata or {}).get("lora_adapter_metadata")
-    if not text:
-        return {}
-    try:
-        flat = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: lora_adapter_metadata is not valid JSON ({e})") from None
+    flat = metadata_json_object(metadata, "lora_adapter_metadata", where)  # a list or a number: refused by name
     out: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         prefix, _, setting = key.partition(".")

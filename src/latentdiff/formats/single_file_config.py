@@ -13,14 +13,13 @@ CompVis YAML section latentdiff reads is honoured, accepted as training-only, or
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from latentdiff.errors import UserError
-from latentdiff.formats.checkpoint import load_json
+from latentdiff.formats.checkpoint import load_json, metadata_json_object
 from latentdiff.formats.clip_keys import clip_text_config_from_hf
 from latentdiff.formats.sd_configs import unet_config_from_diffusers, vae_config_from_diffusers
 
@@ -178,16 +177,7 @@ def read_config(path: Path | str) -> Config:
 
 def config_from_metadata(metadata: dict[str, str] | None, where: str) -> Config:
     """The configs latentdiff's writer stored in a safetensors file's metadata (empty when there are none)."""
-    text = (metadata or {}).get(METADATA_KEY)
-    if not text:
-        return {}
-    try:
-        out = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: metadata entry {METADATA_KEY!r} is not valid JSON ({e})") from None
-    if not isinstance(out, dict):
-        raise UserError(f"{where}: metadata entry {METADATA_KEY!r} must be a JSON object")
-    return out
+    return metadata_json_object(metadata, METADATA_KEY, where)
 
 
 # ---- the guess from the weights, corrected by a config ---------------------------------------------------
