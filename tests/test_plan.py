@@ -170,6 +170,9 @@ def test_recipes_load_and_refuse_bad_ones(tmp_path):
         load_recipe(str(bad))
 
 
+SLACK_STEPS = 2  # a hard deadline may cut this many of the planned steps when the machine slows at the very end
+
+
 def _tiny(extra=()):
     return load_config("digits-tiny", ["train.log_every=5", "train.grid_samples=4", "train.grid_steps=2",
                                        "data.limit=64", "train.threads=1", *extra])
@@ -184,19 +187,21 @@ def test_budgeted_run_ends_on_time_annealed_and_continues(tmp_path):
     trainer.run()
     took = time.perf_counter() - t
     assert took <= 0.4 * 60 + 5.0  # on time (give or take a step and a save on a loaded machine)
-    steps = trainer.step
-    assert steps == trainer.cfg.train.steps >= 1 + CALIBRATION_STEPS  # ended where it planned to
-    assert lr_at(steps, trainer.cfg.train) == pytest.approx(0, abs=1e-12)  # annealed at the end
+    steps, planned = trainer.step, trainer.cfg.train.steps
+    # ended where it planned to: the deadline is hard, so on a loaded machine (a step suddenly slower than the
+    # last re-plan measured) it may cut the last step or two, never more
+    assert planned - SLACK_STEPS <= steps <= planned and steps >= 1 + CALIBRATION_STEPS
+    assert lr_at(steps, trainer.cfg.train) <= 0.01 * trainer.cfg.train.lr  # annealed at the end
     state = json.loads((latest_checkpoint(tmp_path / "checkpoints") / "state.json").read_text())
-    assert state["plan"]["reference"]["steps"] == 200 and state["plan"]["steps"] == steps
-    assert load_config(str(tmp_path / "config.yaml")).train.steps == steps  # config.yaml holds the plan
+    assert state["plan"]["reference"]["steps"] == 200 and state["plan"]["steps"] == planned
+    assert load_config(str(tmp_path / "config.yaml")).train.steps == planned  # config.yaml holds the plan
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert int(rows[-1]["step"]) == steps
     # continue with a bigger budget
     more = load_config(str(tmp_path / "config.yaml"), ["train.time_budget=0.5"])
     again = make_trainer(more, tmp_path, resume=True, device="cpu", progress=False)
     again.run()
-    assert again.step > steps and again.step == again.cfg.train.steps
+    assert again.step > steps and again.cfg.train.steps - SLACK_STEPS <= again.step <= again.cfg.train.steps
     state = json.loads((latest_checkpoint(tmp_path / "checkpoints") / "state.json").read_text())
     assert state["plan"]["spent_seconds"] > took - 1 and state["plan"]["reference"]["steps"] == 200
 
@@ -232,7 +237,8 @@ def test_budgeted_recipe_splits_ends_on_time_and_continues(tmp_path):
     assert took <= 0.75 * 60 + 5.0 and model == tmp_path / "run" / "ldm"
     stages = json.loads((tmp_path / "run" / "recipe.json").read_text())["stages"]
     assert stages["ae"]["done"] and 1 <= stages["ae"]["steps"] <= 40
-    assert stages["ldm"]["done"] and stages["ldm"]["steps"] == load_config(str(model / "config.yaml")).train.steps
+    planned = load_config(str(model / "config.yaml")).train.steps
+    assert stages["ldm"]["done"] and planned - SLACK_STEPS <= stages["ldm"]["steps"] <= planned
     assert stages["ae"]["seconds"] + stages["ldm"]["seconds"] <= took
     ae_ckpt = latest_checkpoint(tmp_path / "run" / "ae" / "checkpoints")
     with pytest.raises(UserError, match="already holds a tiny run"):
