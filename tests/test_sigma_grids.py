@@ -19,6 +19,9 @@ def test_ays_gives_the_published_grid_on_stable_diffusions_schedule():
     sig = sigmas_for(Schedule.from_name("scaled_linear"), 10, "ays")
     torch.testing.assert_close(sig[:-1], torch.tensor(AYS_SD15_SIGMAS[:-1], dtype=torch.float64), rtol=2e-3, atol=0)
     assert sig[-1] == 0  # the last step lands on clean data
+    diffusers = pytest.importorskip("diffusers.schedulers")
+    torch.testing.assert_close(sig, torch.tensor(diffusers.AysSchedules["StableDiffusionSigmas"], dtype=torch.float64),
+                               rtol=2e-3, atol=0)  # diffusers' copy of the grid, which ends in 0 as ours
     sig20 = sigmas_for(Schedule.from_name("scaled_linear"), 20, "ays")
     torch.testing.assert_close(sig20[0:-1:2], sig[:-1])  # 20 steps keep the 10-step points...
     mid = ((sig[:-2].log() + sig[1:-1].log()) / 2).exp()  # ...and add their log-midpoints
