@@ -1,6 +1,8 @@
 """Class and text conditioning: guidance as a denoiser wrapper, condition dropout, prompts end to end."""
 
+import dataclasses
 import json
+import math
 import warnings
 
 import numpy as np
@@ -151,6 +153,22 @@ def test_text_conditional_model_samples_from_prompts(captioned_run):
     assert (same1.int() - same7.int()).abs().max() <= 1
     other = pipe.generate(n_samples=1, steps=3, seed=4, prompt="blue square", guidance=7.0)
     assert not torch.equal(same7, other)
+
+
+def test_guidance_interval_per_call_overrides_the_models(captioned_run):
+    pipe = Pipeline.load(captioned_run[0])
+    kw = dict(n_samples=2, batch_size=2, steps=4, sampler="ddim", seed=5, prompt="red square", guidance=5.0)
+    every, plain = pipe.generate(**kw), pipe.generate(**kw | {"guidance": 1.0})
+    # an interval below every step's t leaves the whole run unguided: the conditional model alone
+    assert torch.equal(pipe.generate(**kw, guidance_max_t=0.5), plain)
+    assert torch.equal(pipe.generate(**kw, guidance_max_t=1000), every)
+    partial = pipe.generate(**kw, guidance_max_t=300)  # DDIM 4 steps: only the last (t < 300) guided
+    assert not torch.equal(partial, every) and not torch.equal(partial, plain)
+    # the model's own interval (manifest) is the default, and a call's own value replaces it
+    pipe.manifest = dataclasses.replace(pipe.manifest, conditioning=dataclasses.replace(
+        pipe.manifest.conditioning, guidance_max_t=0.5))
+    assert torch.equal(pipe.generate(**kw), plain)
+    assert torch.equal(pipe.generate(**kw, guidance_max_t=math.inf), every)
 
 
 def test_text_bad_input(captioned_run, tmp_path):

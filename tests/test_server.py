@@ -286,6 +286,7 @@ def test_queue_full_is_a_clear_busy_answer(models, tmp_path):
     ({"prompt": "a cat"}, "prompt: this model was not trained on captions"),
     ({"class_label": 3}, "class_label: this model is not class-conditional"),
     ({"guidance": float("inf")}, "guidance: Input should be a finite number"),
+    ({"guidance_max_t": -5}, "guidance_max_t: Input should be greater than or equal to 0"),
     ({"path": "/etc/passwd"}, "path: Extra inputs are not permitted"),
 ])
 def test_invalid_requests_name_the_field(models, tmp_path, change, message):

@@ -48,6 +48,8 @@ def tiny(concat=None, num_classes=None):
     ({"seed": SEED_MAX, "n_samples": 2}, "seed", f"must be in [0, {SEED_MAX - 1}] with n_samples=2"),
     ({"guidance": math.nan}, "guidance", "must be a finite number >= 0"),
     ({"guidance": -1}, "guidance", "must be a finite number >= 0"),
+    ({"guidance_max_t": -1.0}, "guidance_max_t", "must be a number >= 0 (a timestep), got -1.0"),
+    ({"guidance_max_t": math.nan}, "guidance_max_t", "must be a number >= 0"),
     ({"sampler": "plms"}, "sampler", "unknown sampler 'plms'; choose one of DDIM, DDPM, Euler, Euler a"),
     ({"spacing": "sideways"}, "spacing", "unknown spacing 'sideways'"),
     ({"sampler": "ddim", "eta": -1.0}, "eta", "sampler options must be finite numbers >= 0"),

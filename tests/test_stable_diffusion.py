@@ -248,7 +248,8 @@ def test_cli_convert_and_sample_a_checkpoint(sd_v1, tmp_path) -> None:
     r = _cli("convert", tmp_path / "own", tmp_path / "back", "--to", "diffusers")
     assert r.returncode == 0, r.stderr
     r = _cli("sample", "--model", tmp_path / "back", "--prompt", PROMPT, "--guidance", 7.5, "--steps", 10,
-             "--sampler", "ddim", "--n-samples", 1, "--seed", 4, "--out", tmp_path / "out")
+             "--sampler", "ddim", "--n-samples", 1, "--seed", 4, "--out", tmp_path / "out",
+             "--guidance-max-t", 1000)  # every step guided, as diffusers does
     assert r.returncode == 0, r.stderr
     got = torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / "out" / "000004.png"))).permute(2, 0, 1)
     assert (got.int() - expected[0].int()).abs().max() <= 1

@@ -160,7 +160,10 @@ def condition_options(f: Any) -> Any:
         click.option("--negative-prompt", default=None, type=Text(),
                      help="Text to steer away from (replaces the empty prompt in classifier-free guidance)."),
         click.option("--guidance", type=Finite(min=0), default=None,
-                     help="Classifier-free guidance scale (1: none; default: the model's own, from training).")])
+                     help="Classifier-free guidance scale (1: none; default: the model's own, from training)."),
+        click.option("--guidance-max-t", type=Finite(min=0), default=None,
+                     help="Guide only the steps with timestep t <= this, of 1000 (guidance interval: the noisiest "
+                          "steps keep the samples' variety); 1000: every step; default: the model's own.")])
 
 
 def sampling_options(f: Any) -> Any:
@@ -229,7 +232,7 @@ def image_options(f: Any) -> Any:
 
 
 SETTING_PARAMS = ("n_samples", "batch_size", "steps", "sampler", "seed", "spacing", "eta", "guidance",
-                  "class_label", "prompt", "negative_prompt", "strength", "resample")
+                  "guidance_max_t", "class_label", "prompt", "negative_prompt", "strength", "resample")
 
 
 def settings_from(params: dict[str, Any], **fixed: Any) -> Any:

@@ -165,15 +165,18 @@ class LatentSampler:
                 self.cond.prompts(per_sample(s.negative_prompt or "", n, "negative_prompt")), scale)
 
     def eps_fn(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], guidance: float, schedule: Schedule,
-               regions: Optional[list[tuple[dict[str, Tensor], Tensor]]] = None) -> Callable[[Tensor, Tensor], Tensor]:
+               regions: Optional[list[tuple[dict[str, Tensor], Tensor]]] = None,
+               max_t: Optional[float] = None) -> Callable[[Tensor, Tensor], Tensor]:
         """The UNet as the ε-predictor the samplers take, with classifier-free guidance (regional: each
-        region's condition guides only inside its mask, and ``cond`` is not used)."""
+        region's condition guides only inside its mask, and ``cond`` is not used), guided only at t <= ``max_t``
+        (default: the model's own interval)."""
         net = with_concat(self.unet)
         dtype = next(self.unet.parameters()).dtype
         if dtype != torch.float32:  # bf16 weights: the sampler's state stays fp32, only the network runs narrow
             net = _cast_inputs(net, dtype)
-        model_fn = (classifier_free_guidance(net, cond, uncond, guidance, self.guidance_max_t) if regions is None
-                    else regional_guidance(net, regions, uncond, guidance, self.guidance_max_t))
+        max_t = self.guidance_max_t if max_t is None else max_t
+        model_fn = (classifier_free_guidance(net, cond, uncond, guidance, max_t) if regions is None
+                    else regional_guidance(net, regions, uncond, guidance, max_t))
         return as_eps_fn(model_fn, schedule, self.diffusion.prediction)
 
     def sample_latents(self, settings: SampleSettings, noise: Optional[SeededNoise | GeneratorNoise] = None,
@@ -202,7 +205,7 @@ class LatentSampler:
             extra = {} if concat is None else {"concat": concat[part]}
             eps_fn = self.eps_fn({k: v[part] for k, v in cond_all.items()},
                                  {k: v[part] for k, v in uncond_all.items()}, scale, schedule,
-                                 None if regions is None else regions.part(part, extra))
+                                 None if regions is None else regions.part(part, extra), s.guidance_max_t)
             hook = None if callback is None else _progress(callback, (start // b) * s.steps, total)
             z, nfe = sample(eps_fn, x_T, schedule, sampler, s.steps, generator=src, callback=hook, spacing=spacing,
                             clip_x0=1.0 if isinstance(self.autoencoder, IdentityAutoencoder) else None,

@@ -71,6 +71,8 @@ class SampleSettings:
     spacing: Optional[str] = None  # timestep/σ grid; None: the sampler name's own
     eta: Optional[float] = None  # noise of ddim / euler_ancestral / dpmpp_*_sde; None: the sampler's default
     guidance: Optional[float] = None  # classifier-free guidance scale; None: the model's own
+    guidance_max_t: Optional[float] = None  # guide only steps with t <= this (guidance interval); None: the model's
+    # own; >= the number of timesteps: every step
     class_label: Optional[int | tuple[int, ...]] = None  # one, or one per sample
     prompt: Optional[str | tuple[str, ...]] = None  # one, or one per sample
     negative_prompt: Optional[str | tuple[str, ...]] = None  # replaces the empty prompt in guidance
@@ -122,6 +124,8 @@ class SampleSettings:
         check_seed(self.seed, n)
         if self.guidance is not None and not (_number(self.guidance) and 0 <= self.guidance < math.inf):
             raise SettingError("guidance", f"must be a finite number >= 0, got {self.guidance!r}")
+        if self.guidance_max_t is not None and not (_number(self.guidance_max_t) and self.guidance_max_t >= 0):
+            raise SettingError("guidance_max_t", f"must be a number >= 0 (a timestep), got {self.guidance_max_t!r}")
         sampler, _ = self.resolved
         check_sampler_args(sampler, self.sampler_options, self.strength, self.resample, replace, self.sampler)
         if self.class_label is not None:

@@ -33,7 +33,7 @@ from latentdiff.models.folder import load_autoencoder
 from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.evaluate import adherence_prompt_sets, evaluate_adherence
 from latentdiff.pipelines.generate import Pipeline
-from latentdiff.pipelines.layout import layout_regions
+from latentdiff.pipelines.layout import layout_regions, layout_settings
 from latentdiff.training.recipe import STATE, run_recipe
 
 GRID_PROMPTS = [
@@ -74,7 +74,9 @@ def prompt_grid(pipe: Pipeline, path: Path, guidance: float | None, model: str =
     n, images = DIVERSITY_SEEDS, []
     for p in GRID_PROMPTS:
         s = SampleSettings(n, n, 25, "ddim", 0, prompt=p, guidance=guidance)
-        regions = layout_regions([p] * n, pipe.image_hw(s), 0) if p in LAYOUT_PROMPTS else None
+        regions = None
+        if p in LAYOUT_PROMPTS:
+            s, regions = layout_settings(s), layout_regions([p] * n, pipe.image_hw(s), 0)
         images.append(pipe.run(s, regions=regions).images)
     images = torch.cat(images)
     shown = images.reshape(len(GRID_PROMPTS), DIVERSITY_SEEDS, *images.shape[1:])[:, :GRID_SEEDS].flatten(0, 1)

@@ -13,16 +13,23 @@ The whole two-object prompt is kept as a third region over the whole image with 
 halves get 1 − BASE_SHARE), like the "base prompt" of regional-prompting tools: on the demo's model
 it kept both objects in the picture (count 75 → 94 %) and raised whole-prompt adherence 34 → 43 %
 (docs/demo.md, "Two objects").
+
+A layout-guided run guides every step (:func:`layout_settings`), whatever the model's guidance interval:
+the interval exists to keep the variety of places that guidance at the noisiest steps removes, and a
+layout already draws the places; with the interval (t <= 300) the demo's model fell from 45 % to 17 %
+whole-prompt adherence on two objects (docs/demo.md).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from latentdiff.data.shapes import SIZES, Scene, ShapeSpec, caption, parse_caption
+from latentdiff.models.settings import SampleSettings
 
 # relation -> where the first and the second object go; the cross positions of each axis
 SIDES = {"above": ("top", "bottom"), "below": ("bottom", "top"),
@@ -69,3 +76,8 @@ def layout_regions(prompts: Sequence[str], hw: tuple[int, int], seed: int = 0) -
     """Regions for `Pipeline.run(settings, regions=...)` on (H, W) images: sample i planned with the generator
     of seed + i."""
     return [plan(p, hw, np.random.default_rng(seed + i)) for i, p in enumerate(prompts)]
+
+
+def layout_settings(settings: SampleSettings) -> SampleSettings:
+    """The settings for a layout-guided run: every step guided unless the caller chose an interval."""
+    return settings if settings.guidance_max_t is not None else settings.replace(guidance_max_t=math.inf)

@@ -121,8 +121,9 @@ def validate(req: GenerateRequest, models: dict[str, Pipeline], limits: Limits) 
                    f"{limits.max_steps} steps")
     settings = SampleSettings(
         req.n_samples, batch_size, req.steps, req.sampler, secrets.randbelow(2**32) if req.seed is None else req.seed,
-        spacing=req.spacing, guidance=req.guidance, class_label=req.class_label, prompt=req.prompt,
-        negative_prompt=req.negative_prompt, strength=task.default_strength if req.strength is None else req.strength,
+        spacing=req.spacing, guidance=req.guidance, guidance_max_t=req.guidance_max_t, class_label=req.class_label,
+        prompt=req.prompt, negative_prompt=req.negative_prompt,
+        strength=task.default_strength if req.strength is None else req.strength,
         resample=req.resample, width=req.width or req.size, height=req.height or req.size)
     try:
         return pipe.check(settings, task), task

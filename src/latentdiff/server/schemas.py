@@ -40,6 +40,8 @@ class GenerateRequest(BaseModel):
     spacing: Optional[str] = Field(None, description="timestep/σ spacing; default: the sampler preset's")
     steps: int = Field(SampleSettings.steps, ge=1)
     guidance: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    guidance_max_t: Optional[float] = Field(None, ge=0, allow_inf_nan=False,
+                                            description="guide only steps with t <= this; default the model's")
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="null: a random seed (returned in settings)")
     n_samples: int = Field(SampleSettings.n_samples, ge=1)
     batch_size: Optional[int] = Field(None, ge=1, description="images per network call; default n_samples")
