@@ -84,9 +84,9 @@ def main() -> None:
         lines += [f"## guidance {g:g} ({r['seconds_per_image'] * 1000:.0f} ms per image)", "",
                   format_table(r), "", format_diversity(d), ""]
     res = Path(__file__).parent / "results"
-    (res / "adherence.json").write_text(json.dumps({"machine": cpu_name(), "command": command, "demo": demo,
+    (res / "adherence_guidance.json").write_text(json.dumps({"machine": cpu_name(), "command": command, "demo": demo,
                                                     "guidance_max_t": max_t, "rows": rows}, indent=2))
-    (res / "adherence.md").write_text("\n".join(lines))
+    (res / "adherence_guidance.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -263,6 +263,34 @@ def test_demo_end_to_end_on_a_small_shapes_set(tmp_path):
     assert settings["prompts"] == GRID_PROMPTS and settings["seeds"] == list(range(GRID_SEEDS))
 
 
+@pytest.mark.filterwarnings("ignore:prompt .* truncated")
+def test_layout_images_two_passes(captioned_run):
+    """Two-object prompts: the first object's half is pass 1's image exactly, the rest is redrawn under the
+    regions; one-object prompts are a plain pass; every sample keeps its seed whatever the batch holds."""
+    import numpy as np
+
+    from latentdiff.models.settings import SampleSettings
+    from latentdiff.pipelines.layout import COMPOSE_BASE_SHARE, layout_images, plan
+
+    pipe = Pipeline.load(captioned_run[0])
+    prompts = ("a red circle above a blue square", "a small green cross at the top left",
+               "a blue square to the right of a red circle")
+    s = SampleSettings(3, 2, 3, "ddim", 7, prompt=prompts, guidance=3.0)
+    images = layout_images(pipe, s)
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
+    plain = pipe.generate(1, 1, 3, "ddim", seed=8, prompt=prompts[1], guidance=3.0, guidance_max_t=math.inf)
+    assert torch.equal(images[1], plain[0])  # one object: a plain pass at its own seed
+    for i, kept in ((0, np.s_[:, :8, :]), (2, np.s_[:, :, 8:])):  # "above": top half kept; "to the right of": right
+        first_prompt = plan(prompts[i], (16, 16), np.random.default_rng(7 + i), COMPOSE_BASE_SHARE)[0][0]
+        first = pipe.generate(1, 1, 3, "ddim", seed=7 + i, prompt=first_prompt, guidance=3.0)
+        assert torch.equal(images[i][kept], first[0][kept])
+        assert not torch.equal(images[i], first[0])  # the other half was redrawn
+        alone = layout_images(pipe, s.replace(n_samples=1, seed=7 + i, prompt=prompts[i]))
+        assert torch.equal(alone[0], images[i])
+    with pytest.raises(UserError, match="sampler"):  # pass 2 inpaints by replacement: refused before pass 1
+        layout_images(pipe, s.replace(sampler="dpmpp_2m"))
+
+
 def test_generate_with_regions(captioned_run):
     """One full region is plain guidance; regions steer each prompt to its part; bad masks are refused."""
     pipe = Pipeline.load(captioned_run[0])

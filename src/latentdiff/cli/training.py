@@ -132,14 +132,17 @@ def _setting(cfg, override: str):
               help="Prompts per adherence set (one object seen / unseen, two objects).")
 @click.option("--guidance", type=Finite(min=0), default=None,
               help="Guidance scale for the grid and the scores (default: the model's own).")
-def demo(out: Path, minutes: str, n_eval: int, guidance: float | None) -> None:
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Training seed of both models (initial weights, batch order, noise); the data stay the same.")
+def demo(out: Path, minutes: str, n_eval: int, guidance: float | None, seed: int) -> None:
     """Text-to-image from scratch: train an autoencoder and a text-conditional LDM on the embedded shapes,
     draw a grid of prompts and print how well the images follow them."""
     from latentdiff.pipelines.demo import run_demo
     from latentdiff.training.plan import check_minutes
 
     t0 = time.perf_counter()
-    summary = run_demo(out, check_minutes(minutes), n_eval, guidance, log=lambda m: click.echo(m, err=True))
+    summary = run_demo(out, check_minutes(minutes), n_eval, guidance, log=lambda m: click.echo(m, err=True),
+                       overrides=[f"train.seed={seed}"] if seed else [])
     click.echo(f"\nprompt adherence (model-free scorer, guidance {summary['guidance']:g}):\n{summary['table']}")
     click.echo(f"\ndiversity of the grid's prompts (spread over seeds / the data's):\n{summary['diversity_table']}")
     click.echo(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; model: {out / 'ldm'}")

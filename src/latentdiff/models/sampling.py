@@ -49,6 +49,17 @@ class SeededNoise:
         return PerSampleNoise(list(range(self.seed + start, self.seed + start + n)))
 
 
+class ListedNoise:
+    """Sample j of the run draws from seeds[j] on the CPU: a subset of a larger run, each sample keeping its seed."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.seeds = list(seeds)
+
+    def chunk(self, start: int, n: int) -> NoiseSource:
+        """The noise of samples start … start + n - 1."""
+        return PerSampleNoise(self.seeds[start:start + n])
+
+
 class GeneratorNoise:
     """Every draw, for all samples together, from one generator in turn (the trainer's fixed-seed grids)."""
 
@@ -62,6 +73,9 @@ class GeneratorNoise:
     def randn(self, shape: tuple[int, ...]) -> Tensor:
         """Standard normal noise of ``shape`` from the generator."""
         return torch.randn(shape, generator=self.generator)
+
+
+Noise = SeededNoise | ListedNoise | GeneratorNoise  # where each chunk of a run draws its noise
 
 
 @dataclass(frozen=True)
@@ -179,7 +193,7 @@ class LatentSampler:
                     else regional_guidance(net, regions, uncond, guidance, max_t))
         return as_eps_fn(model_fn, schedule, self.diffusion.prediction)
 
-    def sample_latents(self, settings: SampleSettings, noise: Optional[SeededNoise | GeneratorNoise] = None,
+    def sample_latents(self, settings: SampleSettings, noise: Optional[Noise] = None,
                        callback: Optional[Callable[[Step], None]] = None, *, init: Optional[Tensor] = None,
                        mask: Optional[Tensor] = None, concat: Optional[Tensor] = None,
                        regions: Optional[RegionConditions] = None) -> Latents:

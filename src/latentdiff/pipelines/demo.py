@@ -6,7 +6,8 @@ run continues where the first stopped):
 2. the text-conditional LDM (ldm-shapes) on those latents, reading prompts through the frozen packaged
    MiniLM encoder, captions dropped 10% of the time for classifier-free guidance;
 3. a grid for a list of prompts (seen and unseen colour-shape pairs, two objects), several seeds each,
-   two-object prompts with layout guidance (each object guided in its half: pipelines/layout.py);
+   two-object prompts with layout guidance (the first object alone, then the other half redrawn around it
+   under regional prompts: pipelines/layout.py, layout_images);
    the prompt-adherence scores of the model-free scorer (eval/adherence.py) on fixed prompt sets (the
    two-object set both from the prompt alone and with layout guidance); the
    diversity of the grid's prompts over DIVERSITY_SEEDS seeds against the data's own (eval/diversity.py);
@@ -33,7 +34,7 @@ from latentdiff.models.folder import load_autoencoder
 from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.evaluate import adherence_prompt_sets, evaluate_adherence
 from latentdiff.pipelines.generate import Pipeline
-from latentdiff.pipelines.layout import layout_regions, layout_settings
+from latentdiff.pipelines.layout import layout_images
 from latentdiff.training.recipe import STATE, run_recipe
 
 GRID_PROMPTS = [
@@ -74,10 +75,7 @@ def prompt_grid(pipe: Pipeline, path: Path, guidance: float | None, model: str =
     n, images = DIVERSITY_SEEDS, []
     for p in GRID_PROMPTS:
         s = SampleSettings(n, n, 25, "ddim", 0, prompt=p, guidance=guidance)
-        regions = None
-        if p in LAYOUT_PROMPTS:
-            s, regions = layout_settings(s), layout_regions([p] * n, pipe.image_hw(s), 0)
-        images.append(pipe.run(s, regions=regions).images)
+        images.append(layout_images(pipe, s) if p in LAYOUT_PROMPTS else pipe.run(s).images)
     images = torch.cat(images)
     shown = images.reshape(len(GRID_PROMPTS), DIVERSITY_SEEDS, *images.shape[1:])[:, :GRID_SEEDS].flatten(0, 1)
     save_png(captioned_rows(upscale_nearest(shown), GRID_PROMPTS, GRID_SEEDS), path,

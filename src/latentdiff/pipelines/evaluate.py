@@ -140,7 +140,7 @@ def evaluate_adherence(pipe: Pipeline, prompt_sets: dict[str, list[str]], steps:
     its half of the image, pipelines/layout.py) and reported as its own group, outside the overall rates.
     """
     from latentdiff.eval.adherence import adherence_report
-    from latentdiff.pipelines.layout import layout_regions, layout_settings
+    from latentdiff.pipelines.layout import layout_images
 
     prompts, groups, images = [], [], []
     t0 = time.perf_counter()
@@ -148,10 +148,7 @@ def evaluate_adherence(pipe: Pipeline, prompt_sets: dict[str, list[str]], steps:
         for i in range(0, len(group), batch_size):
             chunk = tuple(group[i:i + batch_size])
             settings = SampleSettings(len(chunk), batch_size, steps, sampler, seed + i, prompt=chunk, guidance=guidance)
-            regions = None
-            if name == LAYOUT_SET:
-                settings, regions = layout_settings(settings), layout_regions(chunk, pipe.image_hw(settings), seed + i)
-            images.append(pipe.run(settings, regions=regions).images)
+            images.append(layout_images(pipe, settings) if name == LAYOUT_SET else pipe.run(settings).images)
         prompts += group
         groups += [name] * len(group)
     images = torch.cat(images)

@@ -23,13 +23,14 @@ from latentdiff.models.autoencoder import Autoencoder, IdentityAutoencoder
 from latentdiff.models.concat import ConcatKind, inpaint_concat, low_res_concat
 from latentdiff.models.conditioning import Conditioner
 from latentdiff.models.folder import Manifest, load_autoencoder, load_unet, read_manifest
-from latentdiff.models.sampling import GeneratorNoise, LatentSampler, Latents, PerSampleNoise, SeededNoise, Step
+from latentdiff.models.sampling import LatentSampler, Latents, ListedNoise, Noise, PerSampleNoise, SeededNoise, Step
 from latentdiff.models.settings import NOT_AN_UPSCALER, SEED_MAX, TASK_HINTS, TASKS, SampleSettings, Task
 from latentdiff.models.text_encoder import load_text_encoder
 from latentdiff.models.unet import UNet
 from latentdiff.pipelines.regions import Regions, region_inputs
 
-__all__ = ["Pipeline", "Generated", "SampleSettings", "Task", "Step", "PerSampleNoise", "SeededNoise", "SEED_MAX"]
+__all__ = ["Pipeline", "Generated", "SampleSettings", "Task", "Step", "PerSampleNoise", "SeededNoise", "ListedNoise",
+           "SEED_MAX"]
 TASK_INPUTS = ("images", "mask", "low_res", "paste", "callback", "preview", "preview_every", "noise", "regions")
 
 
@@ -147,7 +148,7 @@ class Pipeline:
         """The settings as run (sampler resolved, size filled in), for PNG metadata and job records."""
         return settings.metadata(task, self.image_hw(settings))
 
-    def sample_latents(self, settings: SampleSettings, noise: Optional[SeededNoise | GeneratorNoise] = None,
+    def sample_latents(self, settings: SampleSettings, noise: Optional[Noise] = None,
                        callback: Optional[Callable[[Step], None]] = None, images: Optional[torch.Tensor] = None,
                        mask: Optional[torch.Tensor] = None, low_res: Optional[torch.Tensor] = None,
                        regions: Optional[Regions] = None) -> Latents:
@@ -167,7 +168,7 @@ class Pipeline:
             mask: Optional[torch.Tensor] = None, low_res: Optional[torch.Tensor] = None, paste: bool = True,
             callback: Optional[Callable[[int, int], None]] = None,
             preview: Optional[Callable[[int, torch.Tensor], None]] = None, preview_every: int = 1,
-            noise: Optional[SeededNoise | GeneratorNoise] = None, regions: Optional[Regions] = None) -> Generated:
+            noise: Optional[Noise] = None, regions: Optional[Regions] = None) -> Generated:
         """Draw ``settings.n_samples`` images (uint8 (N, C, H, W)) and the network evaluations per image.
 
         With ``images`` (uint8, one or n_samples) it is img2img at ``settings.strength``; with a ``mask``
