@@ -5,7 +5,9 @@ denoiser is known (latentdiff.diffusion.exact: a 3-D Gaussian and a 2-D two-comp
 
 Two errors, both against the linear DDPM schedule (T = 1000):
 - distribution: W2 of the fitted Gaussian (Gaussian data) and sliced W2 to the exact mixture, 8192
-  quasi-random starting points, at 5/10/20/50/100 steps, for the 'trailing' and 'karras' spacings;
+  quasi-random starting points, at 5/10/20/50/100 steps, on the 'trailing' and 'karras' spacings and the
+  few-step grids 'exponential', 'ays' and 'fitted' (the last fitted on 2048 other points of the same data
+  sets, benchmarks/fit_sigma_grid.py: in-sample in the data, not in the points);
 - deterministic: mean distance, at σ_min before the last denoising step, to the exact flow (Gaussian)
   or a 1000-step heun solution (mixture) from the same 1024 starting points, on Karras grids. Its
   log-log slope against NFE over 10-80 steps is the measured order.
@@ -32,6 +34,7 @@ from latentdiff.diffusion.samplers import DETERMINISTIC
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = Schedule.from_name("linear")
 STEPS = (5, 10, 20, 50, 100)
+GRIDS = ("trailing", "karras", "exponential", "ays", "fitted")
 ORDER_STEPS = (10, 20, 40, 80)
 NFE = {"heun": "2N-1"}  # every other fixed-step sampler: N
 ADAPTIVE = [("web UIs' (0.05, 0.0078)", {"rtol": 0.05, "atol": 0.0078}), ("1e-2", {"rtol": 1e-2, "atol": 1e-2}),
@@ -127,9 +130,9 @@ def plot(dist_err: dict, det_err: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    color = {name: plt.cm.tab10(k) for k, name in enumerate(SAMPLERS)}
+    color = {name: plt.cm.tab20(k) for k, name in enumerate(SAMPLERS)}
     same = {"euler": "euler = ddim", "euler_ancestral": "euler_ancestral = ddpm"}  # identical maps (tested)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    fig, axes = plt.subplots(3, 2, figsize=(11, 12.5))
     for col, dist in enumerate(DISTS):
         ax = axes[0, col]
         for name, pts in dist_err[(dist, "trailing")].items():
@@ -138,7 +141,14 @@ def plot(dist_err: dict, det_err: dict, path: Path) -> None:
                 ax.loglog(*zip(*pts), "o-" if name in DETERMINISTIC else "s--", ms=3, color=color[name], label=label)
         ax.set(title=f"{dist}: {'W2' if dist == 'gauss' else 'sliced W2'} to the data (trailing spacing)",
                xlabel="NFE", ylabel="distribution error")
-        ax = axes[1, col]
+        ax = axes[1, col]  # the optimised grids, for the multistep solvers they were made for
+        for name in ("lms", "dpmpp_2m", "unipc", "unipc_bh2", "deis"):
+            for spacing, style in (("karras", ":"), ("ays", "--"), ("fitted", "-")):
+                ax.loglog(*zip(*dist_err[(dist, spacing)][name]), "o" + style, ms=3, color=color[name],
+                          label=f"{name} {spacing}")
+        ax.set(title=f"{dist}: karras (dotted), ays (dashed), fitted (solid)", xlabel="NFE",
+               ylabel="distribution error")
+        ax = axes[2, col]
         for name, pts in det_err[dist].items():
             if name != "ddim":
                 label = same.get(name, name) + (" (η=0)" if name in ODE else "")
@@ -148,9 +158,31 @@ def plot(dist_err: dict, det_err: dict, path: Path) -> None:
             ax.loglog([n0, 300], [e0, e0 * (n0 / 300) ** p], "k" + style, lw=0.7, label=f"slope {p}")
         ax.set(title=f"{dist}: distance to the reference flow (karras)", xlabel="NFE", ylabel="mean distance at σ_min")
     axes[0, 0].legend(fontsize=7)
-    axes[1, 0].legend(fontsize=7)
+    axes[1, 0].legend(fontsize=6, ncol=3)
+    axes[2, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def best_at_few_steps(dist_err: dict, top: int = 6) -> list[str]:
+    """Markdown: the lowest distribution errors at 5 and 10 NFE (samplers that take one evaluation a step)."""
+    lines = ["## Best at 5 and 10 NFE", "", "Every sampler with N network evaluations for N steps, on every grid "
+             f"above; the {top} lowest per column. diffusers at 10 NFE on the Gaussian "
+             "([sampler_10nfe.md](sampler_10nfe.md)): 0.083 at best with its schedulers' defaults (LMS, trailing), "
+             "0.014 with DEIS order 3 on Karras σ. "
+             "`fitted` was fitted on these two data sets (other starting points): an in-sample number; "
+             "[fid_vs_nfe.md](fid_vs_nfe.md) is the out-of-sample check on a trained model.", "",
+             "| rank | " + " | ".join(f"{d} {n} NFE" for d in DISTS for n in (5, 10)) + " |",
+             "|---|" + "---|" * (2 * len(DISTS))]
+    cols = []
+    for dist in DISTS:
+        for k in (0, 1):  # STEPS[0] = 5, STEPS[1] = 10
+            cells = [(errs[k][1], name, sp) for (d, sp), table in dist_err.items() if d == dist
+                     for name, errs in table.items() if name not in NFE and name != "dpm_adaptive"]
+            cols.append(sorted(cells)[:top])
+    for r in range(top):
+        lines.append(f"| {r + 1} | " + " | ".join(f"{c[r][1]} {c[r][2]} {fmt(c[r][0])}" for c in cols) + " |")
+    return lines + [""]
 
 
 def fmt(e: float) -> str:
@@ -172,7 +204,7 @@ def main() -> None:
     command = env + "python " + " ".join(sys.argv)
     print(f"# {command}\n# {machine}")
     t0 = time.perf_counter()
-    dist_err = {(d, s): distribution_errors(d, s) for d in DISTS for s in ("trailing", "karras")}
+    dist_err = {(d, s): distribution_errors(d, s) for d in DISTS for s in GRIDS}
     det_err = {d: deterministic_errors(d) for d in DISTS}
     parity = diffusers_parity()
     elapsed = time.perf_counter() - t0
@@ -180,6 +212,7 @@ def main() -> None:
     lines = ["# Sampler certificate", "", f"machine: {machine}  ", f"command: `{command}`  ",
              f"time: {elapsed:.0f} s. Produced by [`benchmarks/sampler_certificate.py`](../sampler_certificate.py); "
              "plot: [`docs/sampler_certificate.png`](../../docs/sampler_certificate.png).", ""]
+    lines += best_at_few_steps(dist_err)
     for dist in DISTS:
         metric = "W2 of the fitted Gaussian" if dist == "gauss" else "sliced W2 to the exact mixture"
         lines += [f"## {'Gaussian (3-D)' if dist == 'gauss' else 'Two-component mixture (2-D)'}: {metric}", "",
@@ -192,7 +225,7 @@ def main() -> None:
         for name in SAMPLERS:
             if name == "dpm_adaptive":
                 continue
-            for spacing in ("trailing", "karras"):
+            for spacing in GRIDS:
                 errs = " | ".join(fmt(e) for _, e in dist_err[(dist, spacing)][name])
                 o = f"{order(det_err[dist][name]):.2f}" if name in det_err[dist] and spacing == "karras" else ""
                 o = o + " (η=0)" if name in ODE and o else o

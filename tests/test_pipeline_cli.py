@@ -109,6 +109,9 @@ def test_cli_any_sampler_and_spacing_reports_nfe(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "heun karras, 7 network evaluations per image" in r.stdout  # Heun: 2 per step, 1 on the last
     assert read_png_settings(tmp_path / "h" / "000000.png")["nfe"] == 7
+    r = cli("sample", run_dir, "--n-samples", 1, "--steps", 3, "--sampler", "DPM++ 2M", "--spacing", "ays",
+            "--out", tmp_path / "a")
+    assert r.returncode == 0 and "dpmpp_2m ays, 3 network evaluations per image" in r.stdout, r.stderr
     r = cli("sample", run_dir, "--n-samples", 1, "--sampler", "ddpm", "--eta", "0.5")
     assert r.returncode == 2 and "takes no option(s) eta" in r.stderr
 

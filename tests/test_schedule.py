@@ -177,3 +177,27 @@ def test_bad_names_are_user_errors():
         Schedule(torch.tensor([0.1, 1.5]))
     with pytest.raises(UserError, match="prediction"):
         Schedule.from_name("linear").to_eps(torch.zeros(1), torch.zeros(1), torch.zeros(1), "score")
+
+
+def test_abar_at_values_unchanged_and_no_host_read_back(monkeypatch):
+    """abar_at (what v and x0 models go through every sampler step) looks ᾱ up where t lives: same values as
+    the table and as 1/(1+σ(t)²) between timesteps, and no .cpu()/.item()/bool()/float() on the way (each
+    of those is a host sync per step when t is on a GPU; before, the fractional path called t.cpu())."""
+    from latentdiff.diffusion.schedule import interp_log_sigma
+    s = Schedule.from_name("linear")
+    ints, frac = torch.tensor([0, 1, 500, 999]), torch.tensor([0.0, 0.5, 17.25, 998.75], dtype=torch.float64)
+    expect_frac = 1 / (1 + interp_log_sigma(s.sigmas.log(), frac).exp() ** 2)  # the formula, from the table
+    calls = []
+    for name in ("cpu", "item", "__bool__", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n),
+                                                                                             _o(self, *a, **k))[1])
+    likes = (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2, 2))
+    got = [(s.abar_at(ints, like), s.abar_at(frac, like)) for like in likes]
+    monkeypatch.undo()
+    assert calls == []
+    for like, (got_int, got_frac) in zip(likes, got):
+        assert got_int.shape == got_frac.shape == (4,) + (1,) * (like.ndim - 1) and got_int.dtype == like.dtype
+        torch.testing.assert_close(got_int.flatten(), s.alphas_cumprod[ints].to(like.dtype), rtol=0, atol=0)
+        torch.testing.assert_close(got_frac.flatten(), expect_frac.to(like.dtype), rtol=0, atol=0)
+    assert s._tables(torch.device("cpu"))[0] is s._tables(torch.device("cpu"))[0]  # the lookup tables are cached

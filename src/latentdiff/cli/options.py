@@ -173,8 +173,9 @@ def sampling_options(f: Any) -> Any:
                 help='A name users know ("DPM++ 2M Karras", "Euler a", ...) or ours (dpmpp_2m, ddim, ...); '
                      "docs/samplers.md lists them all."),
         setting("--spacing", type=Text(),
-                help="Timesteps: trailing, leading, linspace, lcm; or σ grids karras, exponential (default: the "
-                     "sampler name's own; trailing for our names)."),
+                help="Timesteps: trailing, leading, linspace, lcm; or σ grids karras, exponential, ays (Align Your "
+                     "Steps), fitted (few steps; docs/samplers.md) (default: the sampler name's own; trailing for "
+                     "our names)."),
         setting("--steps", type=click.IntRange(min=1), help="Sampler steps (network evaluations for most samplers)."),
         click.option("--eta", default=None, type=Finite(min=0),
                      help="Noise of ddim / euler_ancestral / dpmpp_*_sde: 0 deterministic, 1 ancestral."),

@@ -69,6 +69,7 @@ class Schedule:
             raise UserError("betas must be a 1-D tensor with every value in (0, 1)")
         self.betas, self.name = betas, name
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (20.7) ᾱ_t = ∏_{τ≤t} (1 - β_τ)
+        self._lookup: dict[str, tuple[Tensor, Tensor]] = {}  # device -> (ᾱ_t, log σ_t) there, see _tables
 
     @classmethod
     def from_name(cls, name: str, num_timesteps: int = 1000, **kwargs: float) -> "Schedule":
@@ -109,10 +110,20 @@ class Schedule:
         network's continuous time input, log σ interpolated linearly (the inverse of Denoiser's σ -> t), and
         ᾱ = 1/(1+σ²) since σ² = (1-ᾱ)/ᾱ in (20.8)."""
         t = torch.as_tensor(t)
+        abar, log_sigmas = self._tables(t.device)  # where t is: no copy of t back to the host per step
         if not t.is_floating_point():
-            return _expand(self.alphas_cumprod, t, like)
-        sigma = interp_log_sigma(self.sigmas.log(), t.cpu().reshape(-1)).exp()
+            return _expand(abar, t, like)
+        sigma = interp_log_sigma(log_sigmas, t.to(log_sigmas.device).reshape(-1)).exp()
         return (1 / (1 + sigma**2)).to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(ᾱ_t, log σ_t) in float64 on a CUDA ``device`` (copied there once, then cached), else on the CPU:
+        a sampler's per-step lookups for a v or x0 model then index on the GPU without a host sync."""
+        key = str(device) if device.type == "cuda" else "cpu"  # MPS has no float64: look up on the CPU there
+        if key not in self._lookup:
+            abar = self.alphas_cumprod.to(key)
+            self._lookup[key] = abar, ((1 - abar) / abar).sqrt().log()
+        return self._lookup[key]
 
     def snr(self, t: Tensor) -> Tensor:
         """SNR(t) = ᾱ_t / (1-ᾱ_t) for integer timesteps t, float64."""

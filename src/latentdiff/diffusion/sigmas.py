@@ -13,15 +13,21 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, eps_to_x0_at
+from latentdiff.diffusion.schedule import Schedule, abar_from_sigma, eps_to_x0_at, interp_log_sigma
 from latentdiff.errors import SettingError
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "lcm")  # integer timesteps (diffusers' timestep_spacing)
-SIGMA_SPACINGS = ("karras", "exponential")  # σ grids between the schedule's σ_min and σ_max
+SIGMA_SPACINGS = ("karras", "exponential", "ays", "fitted")  # σ grids between the schedule's σ_min and σ_max
 SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS
 LCM_ORIGINAL_STEPS = 50  # the timesteps LCM was distilled on: (1..50) · T/50 - 1 (diffusers' original_inference_steps)
 KARRAS_RHO = 7.0  # Karras et al. (2022) eq. 5; diffusers' use_karras_sigmas uses the same ρ
+# Align Your Steps (Sabour et al. 2024, Table 3): the 10-step σ grid optimised for Stable Diffusion 1.5, whose
+# schedule is scaled_linear; its last value is SD's σ_min, where sampling ends (replaced by 0 here)
+AYS_SD15_SIGMAS = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+# A 10-step grid fitted on the sampler certificate (Gaussian and mixture data, exact denoiser, linear schedule):
+# u_k = log(σ_max/σ_k) / log(σ_max/σ_min), from benchmarks/fit_sigma_grid.py; other step counts interpolate it
+FITTED_LOG_FRACTIONS = (0.0, 0.0466, 0.1933, 0.3857, 0.4371, 0.4753, 0.5577, 0.6753, 0.7035, 0.813, 1.0)
 
 
 def check_grid(num_timesteps: int, steps: int, spacing: str) -> None:
@@ -35,7 +41,7 @@ def check_grid(num_timesteps: int, steps: int, spacing: str) -> None:
                                     f"timesteps), got {steps}")
     if spacing in TIMESTEP_SPACINGS and steps > num_timesteps:
         raise SettingError("steps", f"{steps} is more than the schedule's {num_timesteps} timesteps (spacing "
-                                    f"{spacing}); use fewer steps or a sigma spacing (karras, exponential)")
+                                    f"{spacing}); use fewer steps or a sigma spacing ({', '.join(SIGMA_SPACINGS)})")
 
 
 def timesteps_for(schedule: Schedule, steps: int, spacing: str = "trailing", offset: int = 0) -> list[int]:
@@ -75,15 +81,58 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> Tensor
     return torch.cat([log_sig.exp(), torch.zeros(1, dtype=torch.float64)])
 
 
+def loglinear_resample(sigmas: Tensor, steps: int) -> Tensor:
+    """A descending grid of K values stretched to ``steps`` + 1: log σ interpolated linearly over the grid's
+    index (AYS's recipe for other step counts), the last value then set to 0 (the step onto clean data)."""
+    log_s = sigmas.double().log()
+    pos = torch.linspace(0, len(log_s) - 1, steps + 1, dtype=torch.float64)
+    out = interp_log_sigma(log_s, pos).exp()
+    out[-1] = 0.0
+    return out
+
+
+def time_at_sigma(log_sigmas: Tensor, sigma: float) -> float:
+    """t(σ): the timestep index interpolated linearly in log σ (clamped to [0, T-1]); interp_log_sigma inverted."""
+    T = len(log_sigmas)
+    i = int(torch.searchsorted(log_sigmas, torch.tensor([math.log(sigma)], dtype=log_sigmas.dtype)).clamp(1, T - 1))
+    w = (math.log(sigma) - float(log_sigmas[i - 1])) / float(log_sigmas[i] - log_sigmas[i - 1])
+    return min(max(i - 1 + w, 0.0), T - 1.0)
+
+
+def ays_sigmas(schedule: Schedule, steps: int) -> Tensor:
+    """Align Your Steps' SD-1.5 grid carried to ``schedule`` at the same fraction of the time axis, then 0.
+
+    Each published σ is SD's σ at a (fractional) timestep; this schedule's σ at that fraction of its own
+    timesteps takes its place, so a scaled_linear schedule gets the published values back. Other step
+    counts: loglinear_resample, as the AYS authors recommend.
+    """
+    sd = Schedule.from_name("scaled_linear").sigmas.log()
+    frac = torch.tensor([time_at_sigma(sd, s) / (len(sd) - 1) for s in AYS_SD15_SIGMAS], dtype=torch.float64)
+    own = schedule.sigmas.double().log()
+    return loglinear_resample(interp_log_sigma(own, frac * (len(own) - 1)).exp(), steps)
+
+
+def fitted_sigmas(steps: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """The certificate-fitted grid (FITTED_LOG_FRACTIONS) on [σ_min, σ_max], stretched to ``steps``, then 0."""
+    u = torch.tensor(FITTED_LOG_FRACTIONS, dtype=torch.float64)
+    return loglinear_resample((math.log(sigma_max) + u * (math.log(sigma_min) - math.log(sigma_max))).exp(), steps)
+
+
 def sigmas_for(schedule: Schedule, steps: int, spacing: str = "trailing") -> Tensor:
     """The descending σ grid (``steps`` + 1 values, float64, the last one 0) of a named spacing.
 
     Timestep spacings give σ of their integer timesteps, so the model is evaluated exactly where it
-    was trained; 'karras' and 'exponential' span [σ_min, σ_max] of the schedule (σ at t = 0 and T-1).
+    was trained; the σ spacings span [σ_min, σ_max] of the schedule (σ at t = 0 and T-1): 'karras' (Karras
+    et al. eq. 5), 'exponential' (even in log σ), 'ays' (Align Your Steps' SD-1.5 grid) and 'fitted' (fitted
+    on the sampler certificate, benchmarks/fit_sigma_grid.py).
     """
     check_grid(schedule.num_timesteps, steps, spacing)
+    if spacing == "ays":
+        return ays_sigmas(schedule, steps)
     if spacing in SIGMA_SPACINGS:
         lo, hi = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
+        if spacing == "fitted":
+            return fitted_sigmas(steps, lo, hi)
         return karras_sigmas(steps, lo, hi) if spacing == "karras" else exponential_sigmas(steps, lo, hi)
     ts = timesteps_for(schedule, steps, spacing)
     return torch.cat([schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)])
@@ -112,10 +161,7 @@ class Denoiser:
 
     def time(self, sigma: float) -> float:
         """t(σ): the timestep index interpolated linearly in log σ (clamped to [0, T-1])."""
-        ls, T = self.log_sigmas, len(self.log_sigmas)
-        i = int(torch.searchsorted(ls, torch.tensor([math.log(sigma)], dtype=ls.dtype)).clamp(1, T - 1))
-        w = (math.log(sigma) - float(ls[i - 1])) / float(ls[i] - ls[i - 1])
-        return min(max(i - 1 + w, 0.0), T - 1.0)
+        return time_at_sigma(self.log_sigmas, sigma)
 
     def time_input(self, sigma: float, x: Tensor) -> Tensor:
         """The (B,) time input of the network at σ: long where t(σ) is an integer (or quantized), else float."""
