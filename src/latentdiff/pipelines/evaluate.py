@@ -136,8 +136,9 @@ def evaluate_adherence(pipe: Pipeline, prompt_sets: dict[str, list[str]], steps:
                        guidance: Optional[float] = None, seed: int = 0, batch_size: int = 100) -> dict[str, Any]:
     """Generate one image per prompt (same seeds for every set) and score it with the model-free scorer.
 
-    The set named LAYOUT_SET is drawn with layout guidance (each object of a two-object prompt guided in
-    its half of the image, pipelines/layout.py) and reported as its own group, outside the overall rates.
+    The set named LAYOUT_SET is drawn with layout guidance (pipelines/layout.py ``layout_images``: the first
+    object alone, then the other half redrawn around it under regional prompts) and reported as its own
+    group, outside the overall rates.
     """
     from latentdiff.eval.adherence import adherence_report
     from latentdiff.pipelines.layout import layout_images
