@@ -9,17 +9,6 @@ import torch
 
 from latentdiff.data.images import read_png_settings
 from latentdiff.pipelines.generate import Pipeline
-from latentdiff.training.diffusion_trainer import DiffusionTrainer as Trainer
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from latentdiff.training.config import load_config
-
-    cfg = load_config("digits-tiny", ["train.steps=4", "train.grid_samples=4", "train.grid_steps=2", "data.limit=32"])
-    out = tmp_path_factory.mktemp("run")
-    Trainer(cfg, out, progress=False).run()
-    return out
 
 
 def cli(*args, cwd=None):

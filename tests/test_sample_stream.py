@@ -19,17 +19,6 @@ from latentdiff.pipelines.generate import Pipeline
 from latentdiff.pipelines.stream import GRID_MAX, read_batch, stream_images
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from latentdiff.training.config import load_config
-    from latentdiff.training.diffusion_trainer import DiffusionTrainer
-
-    cfg = load_config("digits-tiny", ["train.steps=4", "train.grid_samples=4", "train.grid_steps=2", "data.limit=32"])
-    out = tmp_path_factory.mktemp("run")
-    DiffusionTrainer(cfg, out, progress=False).run()
-    return out
-
-
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "latentdiff", *map(str, args)], capture_output=True, text=True,
                           timeout=300, **kw)
