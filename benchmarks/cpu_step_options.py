@@ -7,8 +7,8 @@ cut to 1 024 images: a step's cost does not depend on the data set's size) and i
 data draw, forward, loss, backward, clipping, fused AdamW, EMA — is timed under every combination of
 torch threads (1, 2), memory format (contiguous, channels_last) and precision (fp32, bf16 autocast).
 The combinations are interleaved round by round, so a load that comes and goes hits them alike; the
-table gives the median milliseconds per step and images/s, and the speed relative to the default
-(fp32, contiguous, all threads).
+table gives the median milliseconds per step and images/s, and the speed relative to fp32, contiguous, all
+threads (what train.precision=auto picks on this CPU is stated above the table).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 from latentdiff.training import make_trainer
 from latentdiff.training.config import load_config
+from latentdiff.training.step import auto_precision
 
 AE_OF = {"ldm-fashion": "ae-fashion", "ldm-shapes": "ae-shapes"}
 SMALL = ["data.limit=1024", "train.checkpoint_every=0", "train.log_every=0"]
@@ -82,18 +83,18 @@ def main() -> None:
             for (th, cl, p), ts in times.items():
                 med = statistics.median(ts)
                 rows.append({"preset": preset, "batch": batch, "threads": th, "channels_last": cl, "precision": p,
-                             "ms_per_step": 1000 * med, "images_per_s": batch / med, "speed_vs_default": base / med})
+                             "ms_per_step": 1000 * med, "images_per_s": batch / med, "speed_vs_fp32": base / med})
     machine = f"{cpu_name()}, torch {torch.__version__}"
     lines = ["# CPU training-step options", "", f"machine: {machine}  ",
              f"command: `python {' '.join(sys.argv)}`  ",
-             f"median of {args.rounds} interleaved rounds of {args.steps} steps; default = fp32, contiguous, "
-             f"{max(args.threads)} threads  ",
+             f"median of {args.rounds} interleaved rounds of {args.steps} steps; baseline = fp32, contiguous, "
+             f"{max(args.threads)} threads; train.precision=auto here: {auto_precision(torch.device('cpu'))}  ",
              f"load average at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
              "(other processes: with more runnable threads than cores, several torch threads wait on each other)", "",
-             "| preset | batch | threads | channels_last | precision | ms/step | images/s | vs default |",
+             "| preset | batch | threads | channels_last | precision | ms/step | images/s | vs baseline |",
              "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {r['preset']} | {r['batch']} | {r['threads']} | {'yes' if r['channels_last'] else 'no'} | "
-              f"{r['precision']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {r['speed_vs_default']:.2f}x |"
+              f"{r['precision']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {r['speed_vs_fp32']:.2f}x |"
               for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -1,16 +1,22 @@
 """Training throughput and sampling time of latentdiff's UNet vs diffusers' UNet2DModel, same process.
 
-    python benchmarks/unet_throughput.py [--preset mnist] [--batch 64] [--iters 20] [--bf16] [--device cuda]
+    python benchmarks/unet_throughput.py [--preset mnist] [--batch 64] [--iters 5] [--rounds 5] [--device cuda]
 
-Both networks get the same widths, depths and attention placement; the table reports forward+backward
-images/s (AdamW step included, fused on CPU and CUDA as the trainers use it) and seconds per image for
-50 DDIM steps, and the ratio. On CUDA every timing waits for the device (torch.cuda.synchronize).
+Both networks get the same widths, depths, GroupNorm groups and attention placement. Four contenders:
+latentdiff as its trainer runs it (``train.precision=auto``: bf16 autocast on a CPU with bf16 units or a
+GPU, training/step.py), latentdiff in fp32, diffusers as the plain script runs it (fp32) and diffusers
+under the same bf16 autocast. Training is forward + backward + fused AdamW, timed in ``--rounds``
+interleaved rounds of ``--iters`` steps (a load that comes and goes hits every contender alike; the
+median round counts); sampling is 50 DDIM steps in each one's default precision (fp32). Latent presets
+(ldm-*) train on random latents of ``--size`` (default: the autoencoder's 4x smaller side). On CUDA every
+timing waits for the device (torch.cuda.synchronize).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,15 +24,14 @@ from pathlib import Path
 import torch
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
-from latentdiff.training.config import load_config
 from latentdiff.diffusion import Schedule, diffusion_loss, sample
 from latentdiff.models.unet import UNet
-
-
+from latentdiff.training.config import load_config
+from latentdiff.training.step import auto_precision
 
 
 def diffusers_peer(cfg):
-    """diffusers' UNet2DModel with the same channel plan (attention at the same levels, plus mid)."""
+    """diffusers' UNet2DModel with the same channel plan and groups (attention at the same levels, plus mid)."""
     from diffusers import UNet2DModel
 
     levels = len(cfg.channel_mult)
@@ -37,7 +42,7 @@ def diffusers_peer(cfg):
         down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
         attention_head_dim=cfg.model_channels * cfg.channel_mult[-1] // cfg.num_heads,
-        norm_num_groups=min(8, cfg.model_channels))
+        norm_num_groups=cfg.norm_groups)
 
 
 def wrap(model, is_diffusers):
@@ -52,27 +57,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_rate(fn, model, x, schedule, iters, bf16):
-    opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=x.device.type in ("cpu", "cuda"))
+class Contender:
+    """One network, its optimiser and its precision; ``step`` is one training step."""
 
-    on_device = schedule.to(x.device)  # t, ε and the schedule on the device: no host round trip per step
+    def __init__(self, name: str, model, is_diffusers: bool, precision: str, x, schedule):
+        self.name, self.model, self.precision, self.x = name, model, precision, x
+        self.fn = wrap(model, is_diffusers)
+        self.opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=x.device.type in ("cpu", "cuda"))
+        self.schedule = schedule.to(x.device)  # t, ε and the schedule on the device: no host round trip per step
+        self.times: list[float] = []
 
-    def step():
-        t = torch.randint(0, schedule.num_timesteps, (x.shape[0],), device=x.device)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(fn, x, on_device, t=t, eps=torch.randn_like(x))
-        opt.zero_grad()
+    def step(self) -> None:
+        x = self.x
+        t = torch.randint(0, self.schedule.num_timesteps, (x.shape[0],), device=x.device)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            loss = diffusion_loss(self.fn, x, self.schedule, t=t, eps=torch.randn_like(x))
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
+        self.opt.step()
 
-    for _ in range(3):
-        step()
-    sync(x.device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync(x.device)
-    return x.shape[0] * iters / (time.perf_counter() - t0)
+    def time_round(self, iters: int) -> None:
+        sync(self.x.device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            self.step()
+        sync(self.x.device)
+        self.times.append(self.x.shape[0] * iters / (time.perf_counter() - t0))
 
 
 def sample_time(fn, x, schedule, steps=50):
@@ -88,43 +98,68 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="mnist")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--iters", type=int, default=5, help="training steps per contender and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--size", type=int, default=0, help="side of the trained tensors (default: the preset's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the machine's name goes into the results)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = load_config(args.preset)
-    size, ch = cfg.data.image_size, cfg.data.channels
+    ucfg = cfg.unet
+    ucfg.norm_groups = min(8, ucfg.model_channels)  # the peer's groups: identical networks but for attention
+    latent = args.preset.startswith("ldm")
+    size = args.size or (cfg.data.image_size // 4 if latent else cfg.data.image_size)
     schedule = Schedule.from_name(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, ch, size, size).to(device)
-    rows = []
-    for name in ("latentdiff", "diffusers"):
+    x = torch.randn(args.batch, ucfg.in_channels, size, size).to(device)
+    auto = auto_precision(device)
+    contenders = []
+    for name, is_diffusers, precision in [("latentdiff", False, auto), ("latentdiff", False, "fp32" if auto == "bf16"
+                                          else "bf16"), ("diffusers", True, "fp32"), ("diffusers", True, "bf16")]:
         torch.manual_seed(0)
-        model = (UNet(cfg.unet) if name == "latentdiff" else diffusers_peer(cfg.unet)).to(device)
-        fn = wrap(model, name == "diffusers")
-        rows.append({"model": name, "params": sum(p.numel() for p in model.parameters()),
-                     "train_img_per_s": train_rate(fn, model, x, schedule, args.iters, args.bf16),
-                     "sample_s_per_img_ddim50": sample_time(fn, x[:16], schedule)})
-    ratio = rows[0]["train_img_per_s"] / rows[1]["train_img_per_s"]
-    sratio = rows[1]["sample_s_per_img_ddim50"] / rows[0]["sample_s_per_img_ddim50"]
+        model = (diffusers_peer(ucfg) if is_diffusers else UNet(ucfg)).to(device)
+        label = f"{name}, {precision}" + (" (train.precision=auto)" if not is_diffusers and precision == auto else "")
+        contenders.append(Contender(label, model, is_diffusers, precision, x, schedule))
+    for c in contenders:  # warm-up: allocations, oneDNN primitives
+        for _ in range(3):
+            c.step()
+    for _ in range(args.rounds):
+        for c in contenders:
+            c.time_round(args.iters)
+    rows, samples = [], {}
+    for c in contenders:
+        key = (c.name.split(",")[0])
+        if key not in samples:  # sampling in fp32, as both pipelines sample by default
+            samples[key] = sample_time(c.fn, x[:16], c.schedule)
+        rows.append({"model": c.name, "params": sum(p.numel() for p in c.model.parameters()),
+                     "train_img_per_s": statistics.median(c.times), "rounds_img_per_s": c.times,
+                     "sample_s_per_img_ddim50": samples[key]})
+    rate = {r["model"].split(" (")[0]: r["train_img_per_s"] for r in rows}
+    product, peer = rate[f"latentdiff, {auto}"], rate["diffusers, fp32"]
+    same_bf16 = rate["latentdiff, bf16"] / rate["diffusers, bf16"]
     machine = (f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else "") + \
         f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, device {device}"
-    lines = [f"# UNet throughput, preset `{args.preset}` ({size}x{size}x{ch}), batch {args.batch}, "
-             f"{'bf16 autocast' if args.bf16 else 'fp32'}", "",
-             f"machine: {machine}  ", f"command: `python {' '.join(sys.argv)}`", "",
-             "| model | params | train img/s | sampling s/img (DDIM 50) |", "| --- | --- | --- | --- |"]
+    shape = f"{size}x{size}x{ucfg.in_channels}"
+    lines = [f"# UNet training throughput, preset `{args.preset}` ({shape}), batch {args.batch}", "",
+             f"machine: {machine}  ", f"command: `python {' '.join(sys.argv)}`  ",
+             f"median of {args.rounds} interleaved rounds of {args.iters} steps", "",
+             "| model, precision | params | train img/s | sampling s/img (DDIM 50, fp32) |",
+             "| --- | --- | --- | --- |"]
     lines += [f"| {r['model']} | {r['params']:,} | {r['train_img_per_s']:.1f} | {r['sample_s_per_img_ddim50']:.3f} |"
               for r in rows]
-    lines += ["", f"latentdiff / diffusers: training {ratio:.2f}x, sampling {sratio:.2f}x faster", "",
-              "Same widths, depths and attention levels; the parameter counts differ because latentdiff's "
-              "attention is Stable Diffusion's transformer block (self-attention, cross-attention slot, GEGLU "
-              "feed-forward) where UNet2DModel has a plain attention block."]
+    lines += ["", f"**latentdiff as it trains ({auto}) / diffusers as the plain script runs it (fp32): "
+              f"{product / peer:.2f}x** images/s; at equal precision: fp32 "
+              f"{rate['latentdiff, fp32'] / peer:.2f}x, bf16 {same_bf16:.2f}x; "
+              f"sampling {samples['diffusers'] / samples['latentdiff']:.2f}x faster", "",
+              "Same widths, depths, GroupNorm groups and attention levels; the parameter counts differ because "
+              "latentdiff's attention is Stable Diffusion's transformer block (self-attention, cross-attention slot, "
+              "GEGLU feed-forward) where UNet2DModel has a plain attention block. latentdiff's attention runs in "
+              "fp32 under bf16 autocast on a CPU (nn/attention.py: torch's bf16 attention backward is slower there)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    suffix = ("_bf16" if args.bf16 else "") + ("" if device.type == "cpu" else f"_{device.type}")
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
     out = Path(__file__).parent / "results" / f"unet_throughput_{args.preset}{suffix}.md"
     out.write_text(text)
     (out.with_suffix(".json")).write_text(json.dumps({"rows": rows, "machine": machine, "argv": sys.argv}, indent=2))

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from latentdiff.training.config import RunConfig, load_config
 
+# fp32: these runs compare splits of one batch at fp32 rounding (bf16 autocast, auto on a CPU with bf16 units,
+# rounds each split differently)
 STEPS = ["train.steps=3", "train.log_every=1", "train.checkpoint_every=0", "train.grid_samples=4",
-         "train.grid_steps=2", "train.warmup_steps=1", "data.limit=64", "train.batch_size=8"]
+         "train.grid_steps=2", "train.warmup_steps=1", "data.limit=64", "train.batch_size=8", "train.precision=fp32"]
 
 # name -> (preset, overrides); every run has a global batch of 8 images (the CLI test runs the diffusion one)
 RUNS = {

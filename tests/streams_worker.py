@@ -33,7 +33,8 @@ def shard_run(shards: Path) -> RunConfig:
     return load_config("digits-tiny", [f"data.source={shards}", "data.workers=1", "data.hflip=true",
                                        "unet.num_classes=10", "train.steps=3", "train.batch_size=8",
                                        "train.log_every=1", "train.checkpoint_every=0", "train.grid_samples=2",
-                                       "train.grid_steps=2", "train.warmup_steps=1"])
+                                       "train.grid_steps=2", "train.warmup_steps=1",
+                                       "train.precision=fp32"])  # compared with one process at fp32 rounding
 
 
 def main(out: Path) -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 from latentdiff.training.config import load_config
 from latentdiff.diffusion import classifier_free_guidance
 from latentdiff.errors import UserError
+from latentdiff.models.settings import SampleSettings
 from latentdiff.pipelines.generate import Pipeline
 from latentdiff.training.diffusion_trainer import DiffusionTrainer
 
@@ -158,17 +159,21 @@ def test_text_conditional_model_samples_from_prompts(captioned_run):
 def test_guidance_interval_per_call_overrides_the_models(captioned_run):
     pipe = Pipeline.load(captioned_run[0])
     kw = dict(n_samples=2, batch_size=2, steps=4, sampler="ddim", seed=5, prompt="red square", guidance=5.0)
-    every, plain = pipe.generate(**kw), pipe.generate(**kw | {"guidance": 1.0})
+
+    def latents(**extra):  # the sampled latents: a 3-step model's guidance moves pixels by under one grey level
+        return pipe.sample_latents(SampleSettings.build(**(kw | extra))).z
+
+    every, plain = latents(), latents(guidance=1.0)
     # an interval below every step's t leaves the whole run unguided: the conditional model alone
-    assert torch.equal(pipe.generate(**kw, guidance_max_t=0.5), plain)
-    assert torch.equal(pipe.generate(**kw, guidance_max_t=1000), every)
-    partial = pipe.generate(**kw, guidance_max_t=300)  # DDIM 4 steps: only the last (t < 300) guided
+    assert torch.equal(latents(guidance_max_t=0.5), plain)
+    assert torch.equal(latents(guidance_max_t=1000), every)
+    partial = latents(guidance_max_t=300)  # DDIM 4 steps: only the last (t < 300) guided
     assert not torch.equal(partial, every) and not torch.equal(partial, plain)
     # the model's own interval (manifest) is the default, and a call's own value replaces it
     pipe.manifest = dataclasses.replace(pipe.manifest, conditioning=dataclasses.replace(
         pipe.manifest.conditioning, guidance_max_t=0.5))
-    assert torch.equal(pipe.generate(**kw), plain)
-    assert torch.equal(pipe.generate(**kw, guidance_max_t=math.inf), every)
+    assert torch.equal(latents(), plain)
+    assert torch.equal(latents(guidance_max_t=math.inf), every)
 
 
 def test_text_bad_input(captioned_run, tmp_path):
@@ -301,10 +306,9 @@ def test_generate_with_regions(captioned_run):
     assert (plain.int() - one.int()).abs().max() <= 1
     top = torch.zeros(16, 16)
     top[:8] = 1
-    split = pipe.generate(1, 1, 3, "ddim", prompt="red square",
-                          regions=[[("red square", top), ("blue square", 1 - top)]],
-                          **kw)
-    red = pipe.generate(1, 1, 3, "ddim", prompt="red square", **kw)
+    settings = SampleSettings.build(1, 1, 3, "ddim", prompt="red square", **kw)  # latents: this 3-step model's
+    split = pipe.sample_latents(settings, regions=[[("red square", top), ("blue square", 1 - top)]]).z  # text
+    red = pipe.sample_latents(settings).z  # moves pixels by under one grey level
     assert not torch.equal(split, red)
     with pytest.raises(UserError, match="add up to 1"):
         pipe.generate(1, 1, 2, "ddim", prompt="red square", regions=[[("red square", top)]])

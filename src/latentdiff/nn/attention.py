@@ -6,6 +6,8 @@ Names follow CompVis `ldm/modules/attention.py` (`to_q`, `to_k`, `to_v`, `to_out
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,14 +35,20 @@ class Attention(nn.Module):
         # (B, L, heads*d) -> (B, heads, L, d): SDPA picks its fused (flash) kernels only for 4-D inputs.
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        s = self.slice_size
-        if s is None or s >= b * self.heads:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:  # chunk over batch*heads so that only `s` (N x M) score matrices exist at once
-            q, k, v = (t.flatten(0, 1)[None] for t in (q, k, v))  # (1, B*heads, L, d)
-            out = torch.cat([F.scaled_dot_product_attention(q[:, i:i + s], k[:, i:i + s], v[:, i:i + s])
-                             for i in range(0, q.shape[1], s)], dim=1).unflatten(1, (b, self.heads))[0]
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        dtype, s = q.dtype, self.slice_size
+        # bf16 training on a CPU: torch's bf16 attention backward is 2-4x slower than fp32's on the small token
+        # counts of CPU models (benchmarks/results/cpu_step_options.md), so the scores run in fp32 (exact, too)
+        upcast = dtype == torch.bfloat16 and q.is_cpu and torch.is_grad_enabled()
+        with torch.autocast("cpu", enabled=False) if upcast else nullcontext():
+            if upcast:
+                q, k, v = q.float(), k.float(), v.float()
+            if s is None or s >= b * self.heads:
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:  # chunk over batch*heads so that only `s` (N x M) score matrices exist at once
+                q, k, v = (t.flatten(0, 1)[None] for t in (q, k, v))  # (1, B*heads, L, d)
+                out = torch.cat([F.scaled_dot_product_attention(q[:, i:i + s], k[:, i:i + s], v[:, i:i + s])
+                                 for i in range(0, q.shape[1], s)], dim=1).unflatten(1, (b, self.heads))[0]
+        return self.to_out(out.to(dtype).transpose(1, 2).reshape(b, n, -1))
 
 
 class GEGLU(nn.Module):

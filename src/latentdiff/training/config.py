@@ -94,7 +94,7 @@ class TrainConfig:
     #                               channels start at zero, as SD inpainting started from SD); None: random init
     seed: int = 0
     # autocast of the forward: fp32 (none), bf16 (CPU, GPU), fp16 (GPU; with a GradScaler), or auto: bf16 on a
-    # GPU that has it, fp32 on the CPU (bf16 autocast no faster there: benchmarks/cpu_step_options.py)
+    # GPU that has it and on a CPU with bf16 units (AVX-512 BF16, AMX), else fp32 (benchmarks/cpu_step_options.py)
     precision: str = "auto"
     compile: bool = False  # torch.compile the trained network's forward (first steps slower; never required)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default

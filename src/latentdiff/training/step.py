@@ -3,7 +3,9 @@ processes and accumulation, and the skip of a non-finite step on the device (mix
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack, nullcontext
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -11,6 +13,24 @@ import torch
 from latentdiff.training import distributed
 
 Batch = dict[str, torch.Tensor]  # a global batch: tensors whose first dimension runs over its images
+
+
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where oneDNN's bf16 convolutions and
+    matrix products run ~2x fp32's; elsewhere bf16 is emulated and no faster, so auto keeps fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, keep fp32
+        return False
+    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def auto_precision(device: torch.device) -> str:
+    """What train.precision=auto means on ``device``: bf16 on a GPU or CPU that computes it natively, else fp32."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
 
 
 class StepHelpers:
@@ -24,13 +44,10 @@ class StepHelpers:
 
     @property
     def precision(self) -> str:
-        """train.precision, with auto resolved: bf16 on a GPU that has it (fp32 master weights), else fp32
-        (on this project's CPU bf16 autocast was no faster in a loaded-machine run of
-        benchmarks/cpu_step_options.py)."""
+        """train.precision, with auto resolved: bf16 autocast (fp32 master weights) on a GPU that has it and
+        on a CPU with bf16 units, else fp32 (benchmarks/results/cpu_step_options.md: 1.09-1.42x per step)."""
         p = self.cfg.train.precision
-        if p != "auto":
-            return p
-        return "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return auto_precision(self.device) if p == "auto" else p
 
     def autocast(self) -> ContextManager:
         """Autocast of the forward for train.precision (bf16 or fp16); nothing for fp32."""
