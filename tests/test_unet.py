@@ -89,6 +89,59 @@ def test_no_labels_is_the_null_class() -> None:
     assert (labelled - unlabelled).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every sample's label shows
 
 
+@pytest.mark.parametrize("labels", [False, True])
+def test_plain_attention_unet_equals_diffusers_unet2dmodel(labels: bool) -> None:
+    """unet.attention_block=plain is diffusers' UNet2DModel: its weights load by name and the outputs agree."""
+    diffusers = pytest.importorskip("diffusers")
+    from latentdiff.formats.checkpoint import load_into
+    from latentdiff.formats.sd_keys import unet_from_diffusers, unet_key_map
+
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=16, norm_num_groups=8,
+        num_class_embeds=4 if labels else None).eval()
+    with torch.no_grad():  # perturb so the zero-initialised layers take part in the comparison
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = UNetConfig(in_channels=3, out_channels=3, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                     attention_resolutions=(2, 4), num_heads=2, norm_groups=8, attention_block="plain",
+                     num_classes=4 if labels else None)
+    ours = UNet(cfg).eval()
+    state = dict(ref.state_dict())
+    if labels:  # our label table has one more row, the "no class" of classifier-free guidance
+        state["class_embedding.weight"] = torch.cat([state["class_embedding.weight"], torch.zeros(1, 64)])
+    load_into(ours, unet_from_diffusers(state, unet_key_map(ours.state_dict(), ours.layout)), "UNet2DModel")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    y = torch.tensor([1, 3]) if labels else None
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, class_labels=y), ref(x, t, class_labels=y).sample, atol=1e-5,
+                                   rtol=1e-4)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) + 64 * labels
+    with pytest.raises(UserError, match="attention_block=plain"):
+        UNetConfig(context_dim=8, attention_block="plain")
+    with pytest.raises(UserError, match="attention_block"):
+        UNetConfig(attention_block="linear")
+
+
+def test_bf16_training_attention_runs_in_fp32_on_cpu() -> None:
+    """Under CPU bf16 autocast with gradients the attention scores are fp32: the same output as fp32 inputs."""
+    torch.manual_seed(0)
+    attn = Attention(16, None, 2, 8)
+    x = torch.randn(3, 10, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        q, k, v = (m(x).unflatten(-1, (2, -1)).transpose(1, 2) for m in (attn.to_q, attn.to_k, attn.to_v))
+        out = attn(x)
+    assert out.dtype == torch.bfloat16
+    scores = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = attn.to_out(scores.to(torch.bfloat16).transpose(1, 2).reshape(3, 10, 16))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    out.float().sum().backward()
+    assert attn.to_q.weight.grad is not None and attn.to_q.weight.grad.dtype == torch.float32
+
+
 def test_channels_last_bf16_and_checkpointing_agree() -> None:
     torch.manual_seed(0)
     model = UNet(UNetConfig(context_dim=8))

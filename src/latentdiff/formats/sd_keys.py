@@ -26,18 +26,23 @@ _RES_UNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "ti
              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 _RES_VAE = {"nin_shortcut": "conv_shortcut"}
 _ATTN_VAE = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# unet.attention_block=plain (nn.AttentionBlock) -> the attention of diffusers' UNet2DModel
+_ATTN_PLAIN = {"norm": "group_norm", "attn.to_q": "to_q", "attn.to_k": "to_k", "attn.to_v": "to_v",
+               "attn.to_out": "to_out"}
 
 
-def _unet_blocks(layout: Any) -> dict[str, tuple[str, dict[str, str]]]:
+def _unet_blocks(layout: Any, plain: bool = False) -> dict[str, tuple[str, dict[str, str]]]:
     """CompVis block prefix -> (diffusers prefix, renames of the names inside the block).
 
     ``layout`` is the UNet's `UNetLayout` (models/unet_layout.py): the blocks of each level in CompVis order.
+    ``plain``: its attention blocks are plain AttentionBlocks (UNet2DModel names), not SpatialTransformers.
     """
+    attn = _ATTN_PLAIN if plain else {}
     blocks: dict[str, tuple[str, dict[str, str]]] = {
         "time_embed.0": ("time_embedding.linear_1", {}), "time_embed.2": ("time_embedding.linear_2", {}),
         "label_emb": ("class_embedding", {}), "input_blocks.0.0": ("conv_in", {}),
         "out.0": ("conv_norm_out", {}), "out.2": ("conv_out", {}),
-        "middle_block.0": ("mid_block.resnets.0", _RES_UNET), "middle_block.1": ("mid_block.attentions.0", {}),
+        "middle_block.0": ("mid_block.resnets.0", _RES_UNET), "middle_block.1": ("mid_block.attentions.0", attn),
         "middle_block.2": ("mid_block.resnets.1", _RES_UNET)}
     last = len(layout.levels) - 1  # diffusers numbers up_blocks in running order, CompVis by level
     for ours, first, side, level_of in (("input_blocks", 1, layout.down, lambda level: f"down_blocks.{level}"),
@@ -47,7 +52,7 @@ def _unet_blocks(layout: Any) -> dict[str, tuple[str, dict[str, str]]]:
             if b.downsample:
                 layers = [("downsamplers.0", {"op": "conv"})]
             else:
-                layers = [(f"resnets.{b.index}", _RES_UNET)] + [(f"attentions.{b.index}", {})] * b.attention
+                layers = [(f"resnets.{b.index}", _RES_UNET)] + [(f"attentions.{b.index}", attn)] * b.attention
                 layers += [("upsamplers.0", {})] * b.upsample
             for j, (name, inner) in enumerate(layers):
                 blocks[f"{ours}.{k}.{j}"] = (f"{theirs}.{name}", inner)
@@ -100,8 +105,11 @@ def _key_map(keys: Iterable[str], blocks: dict[str, tuple[str, dict[str, str]]])
 
 
 def unet_key_map(keys: Iterable[str], layout: Any) -> dict[str, str]:
-    """CompVis key -> diffusers key for every key of our UNet: ``keys`` its state dict, ``layout`` its `UNetLayout`."""
-    return _key_map(keys, _unet_blocks(layout))
+    """CompVis key -> diffusers key for every key of our UNet: ``keys`` its state dict, ``layout`` its `UNetLayout`.
+
+    SpatialTransformer UNets get UNet2DConditionModel's names, plain-attention ones UNet2DModel's."""
+    keys = list(keys)
+    return _key_map(keys, _unet_blocks(layout, plain=any(".attn.to_q." in k for k in keys)))
 
 
 def vae_key_map(keys: Iterable[str], cfg: Any) -> dict[str, str]:

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from latentdiff.formats.dataclass_io import ConfigMixin
-from ..nn.attention import Attention, SpatialTransformer
+from ..nn.attention import Attention, AttentionBlock, SpatialTransformer
 from ..nn.embeddings import timestep_embedding
 from ..nn.resblock import Downsample, ResBlock, Upsample, group_norm, zero_module
 from .unet_layout import BlockLayout, LevelLayout, unet_layout
@@ -38,6 +38,9 @@ class UNetConfig(ConfigMixin):
     num_heads: int = 4
     num_head_channels: int = -1  # if > 0: heads = channels // num_head_channels, overriding num_heads (SD v2: 64)
     transformer_depth: int = 1
+    # "transformer": SD's SpatialTransformer (self-attention, cross-attention, GEGLU feed-forward); "plain": one
+    # self-attention per block, as CompVis's unconditional UNets and diffusers' UNet2DModel (no text context)
+    attention_block: str = "transformer"
     context_dim: int | None = None  # width of the cross-attention context (text tokens); None: attn2 is self-attention
     use_linear_projection: bool = False  # SD v2: Linear instead of 1x1 conv for proj_in / proj_out
     dropout: float = 0.0
@@ -73,6 +76,12 @@ class UNetConfig(ConfigMixin):
         if self.norm_groups < 1 or not self.norm_eps > 0 or not self.mid_scale > 0:
             raise UserError(f"unet: norm_groups ({self.norm_groups}), norm_eps ({self.norm_eps}) and mid_scale "
                             f"({self.mid_scale}) must be positive")
+        if self.attention_block not in ("transformer", "plain"):
+            raise UserError(f"unet.attention_block: expected 'transformer' or 'plain', got {self.attention_block!r}")
+        if self.attention_block == "plain" and (self.context_dim is not None or self.transformer_depth != 1):
+            raise UserError("unet.attention_block=plain has no cross-attention and one attention per block: it "
+                            f"needs context_dim None and transformer_depth 1 (got {self.context_dim}, "
+                            f"{self.transformer_depth}); use attention_block=transformer")
         if self.downsample_padding not in (0, 1):
             raise UserError(f"unet.downsample_padding: expected 0 or 1, got {self.downsample_padding!r}")
         unet_layout(self)  # heads that do not fit a level's width are refused here, naming the level
@@ -122,7 +131,9 @@ class UNet(nn.Module):
         def res(ch_in: int, ch_out: int, scale: float = 1.0) -> ResBlock:
             return ResBlock(ch_in, emb_dim, cfg.dropout, ch_out, cfg.norm_groups, cfg.norm_eps, scale)
 
-        def attn(level: LevelLayout) -> SpatialTransformer:
+        def attn(level: LevelLayout) -> SpatialTransformer | AttentionBlock:
+            if cfg.attention_block == "plain":
+                return AttentionBlock(level.channels, level.heads, level.head_dim, cfg.norm_groups, cfg.norm_eps)
             return SpatialTransformer(level.channels, level.heads, level.head_dim, cfg.transformer_depth, cfg.dropout,
                                       cfg.context_dim, cfg.use_linear_projection, cfg.norm_groups)
 

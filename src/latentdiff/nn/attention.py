@@ -19,13 +19,13 @@ class Attention(nn.Module):
     """Multi-head attention: self-attention on x, or cross-attention from x to `context` when given."""
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0, slice_size: int | None = None):
+                 dropout: float = 0.0, slice_size: int | None = None, qkv_bias: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.slice_size = heads, slice_size
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)  # SD: no bias; plain attention blocks: bias
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -136,3 +136,26 @@ class SpatialTransformer(nn.Module):
         if not self.use_linear:
             y = self.proj_out(y)
         return x + y
+
+
+class AttentionBlock(nn.Module):
+    """Plain self-attention over the H*W pixels, added back as a residual: GroupNorm, one multi-head attention.
+
+    The attention of CompVis's unconditional UNets (``use_spatial_transformer: False``) and of diffusers'
+    UNet2DModel: no LayerNorms, no second attention and no feed-forward, so about half the work of a
+    SpatialTransformer without context. It cannot take a text context.
+    """
+
+    def __init__(self, channels: int, num_heads: int, head_dim: int, groups: int = 32, eps: float = 1e-5):
+        super().__init__()
+        self.norm = group_norm(channels, eps, groups)
+        self.attn = Attention(channels, None, num_heads, head_dim, qkv_bias=True)
+        zero_module(self.attn.to_out[0])  # starts as the identity, like the SpatialTransformer's proj_out
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W); a context is refused (there is no cross-attention)."""
+        if context is not None:
+            raise ValueError("a plain AttentionBlock has no cross-attention: use a SpatialTransformer")
+        b, c, h, w = x.shape
+        y = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return x + self.attn(y).reshape(b, h, w, c).permute(0, 3, 1, 2)
