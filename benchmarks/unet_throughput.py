@@ -2,19 +2,20 @@
 
     python benchmarks/unet_throughput.py [--preset mnist] [--batch 64] [--iters 5] [--rounds 5] [--device cuda]
 
-Both networks get the same widths, depths, GroupNorm groups and attention placement. Four contenders:
+Both networks get the same widths, depths, GroupNorm groups and attention placement. Contenders:
 latentdiff as its trainer runs it (``train.precision=auto``: bf16 autocast on a CPU with bf16 units or a
-GPU, training/step.py), latentdiff in fp32, diffusers as the plain script runs it (fp32) and diffusers
-under the same bf16 autocast. Training is forward + backward + fused AdamW, timed in ``--rounds``
-interleaved rounds of ``--iters`` steps (a load that comes and goes hits every contender alike; the
-median round counts); sampling is 50 DDIM steps in each one's default precision (fp32). Latent presets
-(ldm-*) train on random latents of ``--size`` (default: the autoencoder's 4x smaller side). On CUDA every
-timing waits for the device (torch.cuda.synchronize).
+GPU, training/step.py) and in the other precision, the same with ``unet.attention_block=plain``
+(UNet2DModel's own architecture), diffusers as the plain script runs it (fp32) and under bf16 autocast.
+Training is forward + backward + fused AdamW, timed in ``--rounds`` interleaved rounds of ``--iters``
+steps (a load that comes and goes hits every contender alike; the median round counts); sampling is 50
+DDIM steps in fp32. Latent presets (ldm-*) train on random latents of ``--size`` (default: the
+autoencoder's 4x smaller side). On CUDA every timing waits for the device (torch.cuda.synchronize).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -115,13 +116,16 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, ucfg.in_channels, size, size).to(device)
     auto = auto_precision(device)
+    plain = dataclasses.replace(ucfg, attention_block="plain")  # UNet2DModel's own architecture
+    other = "fp32" if auto == "bf16" else "bf16"
     contenders = []
-    for name, is_diffusers, precision in [("latentdiff", False, auto), ("latentdiff", False, "fp32" if auto == "bf16"
-                                          else "bf16"), ("diffusers", True, "fp32"), ("diffusers", True, "bf16")]:
+    for name, is_diffusers, precision in [("latentdiff", False, auto), ("latentdiff", False, other),
+                                          ("latentdiff plain", False, auto), ("latentdiff plain", False, other),
+                                          ("diffusers", True, "fp32"), ("diffusers", True, "bf16")]:
         torch.manual_seed(0)
-        model = (diffusers_peer(ucfg) if is_diffusers else UNet(ucfg)).to(device)
+        model = diffusers_peer(ucfg) if is_diffusers else UNet(plain if "plain" in name else ucfg)
         label = f"{name}, {precision}" + (" (train.precision=auto)" if not is_diffusers and precision == auto else "")
-        contenders.append(Contender(label, model, is_diffusers, precision, x, schedule))
+        contenders.append(Contender(label, model.to(device), is_diffusers, precision, x, schedule))
     for c in contenders:  # warm-up: allocations, oneDNN primitives
         for _ in range(3):
             c.step()
@@ -130,7 +134,7 @@ def main() -> None:
             c.time_round(args.iters)
     rows, samples = [], {}
     for c in contenders:
-        key = (c.name.split(",")[0])
+        key = c.name.split(",")[0]
         if key not in samples:  # sampling in fp32, as both pipelines sample by default
             samples[key] = sample_time(c.fn, x[:16], c.schedule)
         rows.append({"model": c.name, "params": sum(p.numel() for p in c.model.parameters()),
@@ -138,7 +142,8 @@ def main() -> None:
                      "sample_s_per_img_ddim50": samples[key]})
     rate = {r["model"].split(" (")[0]: r["train_img_per_s"] for r in rows}
     product, peer = rate[f"latentdiff, {auto}"], rate["diffusers, fp32"]
-    same_bf16 = rate["latentdiff, bf16"] / rate["diffusers, bf16"]
+    same = {p: rate[f"latentdiff, {p}"] / rate[f"diffusers, {p}"] for p in ("fp32", "bf16")}
+    same_plain = {p: rate[f"latentdiff plain, {p}"] / rate[f"diffusers, {p}"] for p in ("fp32", "bf16")}
     machine = (f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else "") + \
         f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, device {device}"
     shape = f"{size}x{size}x{ucfg.in_channels}"
@@ -150,13 +155,20 @@ def main() -> None:
     lines += [f"| {r['model']} | {r['params']:,} | {r['train_img_per_s']:.1f} | {r['sample_s_per_img_ddim50']:.3f} |"
               for r in rows]
     lines += ["", f"**latentdiff as it trains ({auto}) / diffusers as the plain script runs it (fp32): "
-              f"{product / peer:.2f}x** images/s; at equal precision: fp32 "
-              f"{rate['latentdiff, fp32'] / peer:.2f}x, bf16 {same_bf16:.2f}x; "
-              f"sampling {samples['diffusers'] / samples['latentdiff']:.2f}x faster", "",
-              "Same widths, depths, GroupNorm groups and attention levels; the parameter counts differ because "
-              "latentdiff's attention is Stable Diffusion's transformer block (self-attention, cross-attention slot, "
-              "GEGLU feed-forward) where UNet2DModel has a plain attention block. latentdiff's attention runs in "
-              "fp32 under bf16 autocast on a CPU (nn/attention.py: torch's bf16 attention backward is slower there)."]
+              f"{product / peer:.2f}x** images/s (with `unet.attention_block=plain`, UNet2DModel's architecture: "
+              f"{rate[f'latentdiff plain, {auto}'] / peer:.2f}x); at equal precision: fp32 {same['fp32']:.2f}x "
+              f"(plain {same_plain['fp32']:.2f}x), bf16 {same['bf16']:.2f}x (plain {same_plain['bf16']:.2f}x); "
+              f"sampling {samples['diffusers'] / samples['latentdiff']:.2f}x faster (plain "
+              f"{samples['diffusers'] / samples['latentdiff plain']:.2f}x)", "",
+              "Same widths, depths, GroupNorm groups and attention levels. `latentdiff` is the preset as it "
+              "trains: " + ("one plain attention per block (`unet.attention_block: plain`), UNet2DModel's network, "
+                            "so the two latentdiff rows are the same model; " if ucfg.attention_block == "plain" else
+                            "Stable Diffusion's transformer block (self-attention, cross-attention slot, GEGLU "
+                            "feed-forward) where UNet2DModel has one plain attention, hence more parameters and "
+                            "work; ") +
+              "`latentdiff plain` sets `unet.attention_block=plain` and is UNet2DModel's network (its weights load "
+              "by name, tests/test_unet.py). latentdiff's attention scores run in fp32 under bf16 autocast on a "
+              "CPU (nn/attention.py: torch's bf16 attention backward is slower there)."]
     text = "\n".join(lines) + "\n"
     print(text)
     suffix = "" if device.type == "cpu" else f"_{device.type}"
