@@ -36,8 +36,9 @@ class Attention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         dtype, s = q.dtype, self.slice_size
-        # bf16 training on a CPU: torch's bf16 attention backward is 2-4x slower than fp32's on the small token
-        # counts of CPU models (benchmarks/results/cpu_step_options.md), so the scores run in fp32 (exact, too)
+        # bf16 training on a CPU: torch's bf16 attention backward was 2-4x slower than fp32's at the 16-256 tokens
+        # of CPU models (a probe; the whole step's gain is in benchmarks/results/cpu_step_options.md), so the
+        # scores run in fp32 (exact, too)
         upcast = dtype == torch.bfloat16 and q.is_cpu and torch.is_grad_enabled()
         with torch.autocast("cpu", enabled=False) if upcast else nullcontext():
             if upcast:
