@@ -63,6 +63,7 @@ class Contender:
 
     def __init__(self, name: str, model, is_diffusers: bool, precision: str, x, schedule):
         self.name, self.model, self.precision, self.x = name, model, precision, x
+        self.key = f"{name}, {precision}"  # what the ratios look rows up by
         self.fn = wrap(model, is_diffusers)
         self.opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=x.device.type in ("cpu", "cuda"))
         self.schedule = schedule.to(x.device)  # t, ε and the schedule on the device: no host round trip per step
@@ -117,15 +118,15 @@ def main() -> None:
     x = torch.randn(args.batch, ucfg.in_channels, size, size).to(device)
     auto = auto_precision(device)
     plain = dataclasses.replace(ucfg, attention_block="plain")  # UNet2DModel's own architecture
+    is_plain = ucfg.attention_block == "plain"  # the preset already is: its rows serve as the plain ones
     other = "fp32" if auto == "bf16" else "bf16"
+    plan = [("latentdiff", False, auto), ("latentdiff", False, other)]
+    plan += [] if is_plain else [("latentdiff plain", False, auto), ("latentdiff plain", False, other)]
     contenders = []
-    for name, is_diffusers, precision in [("latentdiff", False, auto), ("latentdiff", False, other),
-                                          ("latentdiff plain", False, auto), ("latentdiff plain", False, other),
-                                          ("diffusers", True, "fp32"), ("diffusers", True, "bf16")]:
+    for name, is_diffusers, precision in plan + [("diffusers", True, "fp32"), ("diffusers", True, "bf16")]:
         torch.manual_seed(0)
         model = diffusers_peer(ucfg) if is_diffusers else UNet(plain if "plain" in name else ucfg)
-        label = f"{name}, {precision}" + (" (train.precision=auto)" if not is_diffusers and precision == auto else "")
-        contenders.append(Contender(label, model.to(device), is_diffusers, precision, x, schedule))
+        contenders.append(Contender(name, model.to(device), is_diffusers, precision, x, schedule))
     for c in contenders:  # warm-up: allocations, oneDNN primitives
         for _ in range(3):
             c.step()
@@ -134,13 +135,16 @@ def main() -> None:
             c.time_round(args.iters)
     rows, samples = [], {}
     for c in contenders:
-        key = c.name.split(",")[0]
-        if key not in samples:  # sampling in fp32, as both pipelines sample by default
-            samples[key] = sample_time(c.fn, x[:16], c.schedule)
-        rows.append({"model": c.name, "params": sum(p.numel() for p in c.model.parameters()),
+        if c.name not in samples:  # sampling in fp32, as both pipelines sample by default
+            samples[c.name] = sample_time(c.fn, x[:16], c.schedule)
+        auto_mark = " (train.precision=auto)" if c.name != "diffusers" and c.precision == auto else ""
+        rows.append({"model": c.key + auto_mark, "params": sum(p.numel() for p in c.model.parameters()),
                      "train_img_per_s": statistics.median(c.times), "rounds_img_per_s": c.times,
-                     "sample_s_per_img_ddim50": samples[key]})
-    rate = {r["model"].split(" (")[0]: r["train_img_per_s"] for r in rows}
+                     "sample_s_per_img_ddim50": samples[c.name]})
+    rate = {c.key: statistics.median(c.times) for c in contenders}
+    if is_plain:
+        rate |= {f"latentdiff plain, {p}": rate[f"latentdiff, {p}"] for p in ("fp32", "bf16")}
+        samples["latentdiff plain"] = samples["latentdiff"]
     product, peer = rate[f"latentdiff, {auto}"], rate["diffusers, fp32"]
     same = {p: rate[f"latentdiff, {p}"] / rate[f"diffusers, {p}"] for p in ("fp32", "bf16")}
     same_plain = {p: rate[f"latentdiff plain, {p}"] / rate[f"diffusers, {p}"] for p in ("fp32", "bf16")}
@@ -161,14 +165,14 @@ def main() -> None:
               f"sampling {samples['diffusers'] / samples['latentdiff']:.2f}x faster (plain "
               f"{samples['diffusers'] / samples['latentdiff plain']:.2f}x)", "",
               "Same widths, depths, GroupNorm groups and attention levels. `latentdiff` is the preset as it "
-              "trains: " + ("one plain attention per block (`unet.attention_block: plain`), UNet2DModel's network, "
-                            "so the two latentdiff rows are the same model; " if ucfg.attention_block == "plain" else
+              "trains: " + ("one plain attention per block (`unet.attention_block: plain`), so the plain figures "
+                            "are its own rows; " if is_plain else
                             "Stable Diffusion's transformer block (self-attention, cross-attention slot, GEGLU "
                             "feed-forward) where UNet2DModel has one plain attention, hence more parameters and "
-                            "work; ") +
-              "`latentdiff plain` sets `unet.attention_block=plain` and is UNet2DModel's network (its weights load "
-              "by name, tests/test_unet.py). latentdiff's attention scores run in fp32 under bf16 autocast on a "
-              "CPU (nn/attention.py: torch's bf16 attention backward is slower there)."]
+                            "work; `latentdiff plain` sets `unet.attention_block=plain`; ") +
+              "plain attention is UNet2DModel's network (its weights load by name, tests/test_unet.py). "
+              "latentdiff's attention scores run in fp32 under bf16 autocast on a CPU (nn/attention.py: torch's "
+              "bf16 attention backward is slower there)."]
     text = "\n".join(lines) + "\n"
     print(text)
     suffix = "" if device.type == "cpu" else f"_{device.type}"
