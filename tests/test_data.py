@@ -93,6 +93,18 @@ def test_fashion_mnist_missing(tmp_path: Path) -> None:
     assert str(tmp_path) in str(e.value)
 
 
+def test_fashion_mnist_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$LATENTDIFF_FASHION_MNIST_DIR is the default folder; data.fashion_mnist_dir still wins over it."""
+    env, own = tmp_path / "env", tmp_path / "own"
+    monkeypatch.setenv("LATENTDIFF_FASHION_MNIST_DIR", str(env))
+    with pytest.raises(UserError, match="LATENTDIFF_FASHION_MNIST_DIR") as e:
+        load_dataset(DataConfig(source="fashion-mnist"))
+    assert str(env / "train-images-idx3-ubyte") in str(e.value)
+    with pytest.raises(UserError) as e:
+        load_dataset(DataConfig(source="fashion-mnist", fashion_mnist_dir=str(own)))
+    assert str(own) in str(e.value) and str(env) not in str(e.value)
+
+
 def test_fashion_mnist_bad_magic(tmp_path: Path) -> None:
     import gzip
 

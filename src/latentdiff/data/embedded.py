@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from latentdiff.data.transforms import resize_and_crop
 from latentdiff.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+FASHION_MNIST_ENV = "LATENTDIFF_FASHION_MNIST_DIR"  # a machine-wide default for data.fashion_mnist_dir
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -44,8 +46,9 @@ def load_digits(cfg: DataConfig) -> SourceImages:
 
 
 def load_fashion_mnist(cfg: DataConfig) -> SourceImages:
-    """Fashion-MNIST's idx files (its own 60k / 10k split) from data.fashion_mnist_dir or Debian's path."""
-    folder = Path(cfg.fashion_mnist_dir or FASHION_MNIST_DIR)
+    """Fashion-MNIST's idx files (its own 60k / 10k split) from data.fashion_mnist_dir, else
+    $LATENTDIFF_FASHION_MNIST_DIR (scripts and evaluations that build their own DataConfig), else Debian's path."""
+    folder = Path(cfg.fashion_mnist_dir or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
     prefix = "train" if cfg.split == "train" else "t10k"
     paths = []
     for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
@@ -53,7 +56,7 @@ def load_fashion_mnist(cfg: DataConfig) -> SourceImages:
         if not found:
             raise UserError(
                 f"fashion-mnist: {folder / name}.gz not found; install it with "
-                "`apt-get install dataset-fashion-mnist` or set data.fashion_mnist_dir"
+                f"`apt-get install dataset-fashion-mnist` or set data.fashion_mnist_dir (or ${FASHION_MNIST_ENV})"
             )
         paths.append(found[0])
     images, labels = _read_idx(paths[0], 0x0803), _read_idx(paths[1], 0x0801)
