@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -75,8 +76,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--shares", type=float, nargs="*", default=[0.15, 0.3, 0.5])
     ap.add_argument("--pixel", action="store_true", help="also pixel-fashion on the whole budget")
-    ap.add_argument("--ldm-step", type=float, default=64 / 386, help="quiet seconds per ldm-fashion step "
-                    "(default: 386 img/s, benchmarks/results/latent_vs_pixel.md, 2 quiet cores)")
+    ap.add_argument("--ldm-step", type=float, default=64 / 910, help="quiet seconds per ldm-fashion step "
+                    "(default: 910 img/s, the recipe's LDM stage in benchmarks/results/time_to_quality_cpu.md)")
     ap.add_argument("--ratios", type=json.loads, default=None, help='{"ae": .., "pixel": .., "encode64": ..} '
                     "step times relative to ldm's (default: --measure)")
     ap.add_argument("--measure", type=int, default=6, help="interleaved rounds to measure the ratios")
@@ -99,7 +100,7 @@ def main() -> None:
             for s in args.shares}
     if args.pixel:
         runs["pixel"] = (0, int((60 * args.minutes - args.overhead) / (r["pixel"] * s_ldm)))
-    rows, common = {}, [f"train.threads={args.threads}", "train.checkpoint_every=0"]
+    mine, merged, common = {}, {}, [f"train.threads={args.threads}", "train.checkpoint_every=0"]
     for name, (ae_steps, steps) in runs.items():
         t = time.perf_counter()
         out = args.work / name.replace(", ", "-").replace(" ", "")
@@ -114,11 +115,11 @@ def main() -> None:
                          device="cpu", progress=False).run()
             out = out / "ldm"
         q = evaluate_samples(out, args.n_eval, batch_size=250, steps=50)
-        rows[name] = {"ae_steps": ae_steps, "steps": steps, "fid": q["fid"], "precision": q["precision"],
+        mine[name] = {"ae_steps": ae_steps, "steps": steps, "fid": q["fid"], "precision": q["precision"],
                       "recall": q["recall"], "wall_minutes": (time.perf_counter() - t) / 60}
-        print(name, rows[name], flush=True)
-        rows = merge_rows(args, rows, r, s_ldm, encode, train)  # several processes may share the results file
-    write(rows)
+        print(name, mine[name], flush=True)
+        merged = merge_rows(args, mine, r, s_ldm, encode, train)  # several processes may share the results file
+    write(merged)
 
 
 def merge_rows(args: argparse.Namespace, rows: dict, ratios: dict, s_ldm: float, encode: float, train: float) -> dict:
@@ -134,7 +135,7 @@ def merge_rows(args: argparse.Namespace, rows: dict, ratios: dict, s_ldm: float,
         path = RESULTS / "recipe_split.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
         merged = old.get("rows", {}) if old.get("setup") == setup else {}
-        merged |= {k: v | {"command": f"python {' '.join(sys.argv)}"} for k, v in rows.items()}
+        merged |= {k: v | {"command": f"python {shlex.join(sys.argv)}"} for k, v in rows.items()}
         path.write_text(json.dumps({"setup": setup, "rows": merged}, indent=2))
     (RESULTS / "recipe_split.lock").unlink(missing_ok=True)
     return {"setup": setup, "rows": merged}
