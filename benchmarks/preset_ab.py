@@ -62,12 +62,13 @@ def run_one(preset: str, overrides: list[str], seed: int, out: Path, n_eval: int
     return row
 
 
-def write(preset: str, variants: dict[str, list[str]], work: Path, argv: list[str]) -> None:
+def write(preset: str, variants: dict[str, list[str]], work: Path, argv: list[str], note: str = "") -> None:
     """Results table from every finished folder (other processes' too)."""
     rows = {name: [json.loads(p.read_text()) for p in sorted((work / slug(name)).glob("seed-*/quality.json"))]
             for name in variants}
     lines = [f"# `{preset}` under override sets: sample quality at equal steps", "",
              f"machine: {cpu_name()}, torch {torch.__version__}  ", f"command: `python {shlex.join(argv)}`", "",
+             *([f"> {note}", ""] if note else []),
              "| variant | overrides | seeds | FID | precision | recall | FID per seed | train img/s (load-dependent) |",
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for name, overrides in variants.items():
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="default runs/bench-preset-ab-PRESET")
+    ap.add_argument("--note", default="", help="a line for the results page (e.g. what the preset was then)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = dict(parse_variant(v) for v in args.variant)
@@ -114,7 +116,7 @@ def main() -> None:
                 continue
             row = run_one(args.preset, overrides, seed, work / slug(name) / f"seed-{seed}", args.n_eval, args.threads)
             print(name, seed, {k: round(row[k], 3) for k in METRICS}, flush=True)
-    write(args.preset, variants, work, sys.argv)
+    write(args.preset, variants, work, sys.argv, args.note)
 
 
 if __name__ == "__main__":
