@@ -8,9 +8,11 @@
 Each (variant, seed) trains the preset with those overrides (``train.seed=N``; the preset's steps, no time
 limit, so a busy machine changes the wall time, not the result) into ``--work/VARIANT/seed-N`` in this
 process, then scores FID / precision / recall of ``--n-eval`` DDIM-50 samples against as many held-out
-images in the shipped domain classifier's features. A run whose folder already holds quality.json is read
-back, not retrained, so the work can be split over processes (``--only`` one variant) and merged: every
-process rewrites benchmarks/results/preset_ab_PRESET.{md,json} from the folders that are done.
+images in the shipped domain classifier's features; a class-conditional preset also gets its class accuracy
+and FID with labels (--n-eval samples, the classes in turn, the preset's guidance). A run whose folder
+already holds quality.json is read back, not retrained, so the work can be split over processes (``--only``
+one variant) and merged: every process rewrites benchmarks/results/preset_ab_PRESET.{md,json}
+from the folders that are done.
 Training images/s are the runs' own (metrics.csv, first row dropped) and depend on the load: compare
 speed with unet_throughput.py or cpu_step_options.py, not here.
 """
@@ -58,8 +60,32 @@ def run_one(preset: str, overrides: list[str], seed: int, out: Path, n_eval: int
     q = evaluate_samples(out, n_eval, batch_size=250, steps=50)
     row = {k: q[k] for k in METRICS} | {"seed": seed, "overrides": overrides, "n_eval": n_eval,
                                          "train_img_per_s": statistics.mean(rates[1:] or rates)}
+    row |= class_scores(out, n_eval)
     done.write_text(json.dumps(row, indent=2))
     return row
+
+
+def class_scores(model: Path, n: int) -> dict:
+    """Class accuracy (the shipped domain classifier agrees with the asked class) and FID of n labelled samples
+    at the model's default guidance; {} for a model without classes."""
+    import numpy as np
+
+    from latentdiff.eval.features import DomainFeatures
+    from latentdiff.eval.stats import fid_from_features
+    from latentdiff.pipelines.evaluate import reference_images
+    from latentdiff.pipelines.generate import Pipeline
+
+    pipe = Pipeline.load(model)
+    classes = pipe.unet.config.num_classes or 0
+    if not classes:
+        return {}
+    labels = [i % classes for i in range(n)]
+    images = torch.cat([pipe.generate(len(labels[i:i + 250]), 250, 50, "ddim", seed=i, class_label=labels[i:i + 250])
+                        for i in range(0, n, 250)])
+    domain = DomainFeatures.shipped(pipe.manifest.data.source)
+    real, _ = reference_images(pipe.manifest, n)
+    return {"class_accuracy": float((domain.logits(images).argmax(1) == np.asarray(labels)).mean()),
+            "class_fid": float(fid_from_features(domain(images), domain(real)))}
 
 
 def write(preset: str, variants: dict[str, list[str]], work: Path, argv: list[str], note: str = "") -> None:
@@ -77,6 +103,9 @@ def write(preset: str, variants: dict[str, list[str]], work: Path, argv: list[st
             continue
         mean = {k: statistics.mean(x[k] for x in r) for k in METRICS}
         per_seed = " / ".join(f"{x['fid']:.1f}" for x in r)
+        if "class_accuracy" in r[0]:  # class-conditional: the labelled samples' scores too
+            per_seed += "; with labels: accuracy " + " / ".join(f"{100 * x['class_accuracy']:.1f} %" for x in r) \
+                + ", FID " + " / ".join(f"{x['class_fid']:.1f}" for x in r)
         lines.append(f"| {name} | `{' '.join(overrides)}` | {', '.join(str(x['seed']) for x in r)} | "
                      f"{mean['fid']:.1f} | {mean['precision']:.2f} | {mean['recall']:.2f} | {per_seed} | "
                      f"{statistics.mean(x['train_img_per_s'] for x in r):.0f} |")
