@@ -110,8 +110,10 @@ def write(preset: str, variants: dict[str, list[str]], work: Path, argv: list[st
                      f"{mean['fid']:.1f} | {mean['precision']:.2f} | {mean['recall']:.2f} | {per_seed} | "
                      f"{statistics.mean(x['train_img_per_s'] for x in r):.0f} |")
     n = next((x["n_eval"] for r in rows.values() for x in r), 0)
-    lines += ["", f"FID / precision / recall: {n} DDIM-50 samples (EMA weights) against {n} held-out images in the "
-              "shipped domain classifier's features (not Inception: compare only at equal n)."]
+    lines += ["", f"FID / precision / recall: {n} DDIM-50 samples (EMA weights; a class-conditional model's "
+              f"unconditional ones, the null class) against {n} held-out images in the shipped domain classifier's "
+              "features (not Inception: compare only at equal n). With labels: the classes in turn at the preset's "
+              "guidance; accuracy = the same classifier names the asked class."]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
