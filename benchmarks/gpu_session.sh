@@ -51,6 +51,7 @@ case "$stage" in
     rm -f benchmarks/results/time_to_quality_cpu_smoke.*
     ;;
   throughput)
+    trap bring_back EXIT  # what finished comes back even if a later command fails
     setup
     python benchmarks/unet_throughput.py --preset ldm-fashion --device cuda --batch 64 --iters 20 --rounds 5
     cp benchmarks/results/unet_throughput_ldm-fashion_cuda.md benchmarks/results/unet_throughput_ldm-fashion_b64_cuda.md
@@ -58,12 +59,11 @@ case "$stage" in
     timeout 180 python benchmarks/sd_train_step.py --device cuda --batch 8 || echo "sd_train_step: stopped"
     timeout 120 python benchmarks/sd_unet.py --device cuda --precision fp16 bf16 --ref-precision fp16 --out sd_unet_gpu \
       || echo "sd_unet: stopped (timeout or error)"
-    bring_back
     ;;
   ttq)
+    trap bring_back EXIT
     setup
-    python benchmarks/time_to_quality.py --device cuda --minutes 3 --n-eval 2000
-    bring_back
+    python benchmarks/time_to_quality.py --device cuda --minutes 3 --n-eval 2000 --work "$(mktemp -d)"  # a rerun starts clean
     ;;
   *)
     echo "unknown stage $stage: prepare|smoke|throughput|ttq" >&2
