@@ -68,9 +68,7 @@ def run_one(preset: str, overrides: list[str], seed: int, out: Path, n_eval: int
 def class_scores(model: Path, n: int) -> dict:
     """Class accuracy (the shipped domain classifier agrees with the asked class) and FID of n labelled samples
     at the model's default guidance; {} for a model without classes."""
-    import numpy as np
-
-    from latentdiff.eval.features import DomainFeatures
+    from latentdiff.eval.features import DomainFeatures, accuracy
     from latentdiff.eval.stats import fid_from_features
     from latentdiff.pipelines.evaluate import reference_images
     from latentdiff.pipelines.generate import Pipeline
@@ -84,7 +82,7 @@ def class_scores(model: Path, n: int) -> dict:
                         for i in range(0, n, 250)])
     domain = DomainFeatures.shipped(pipe.manifest.data.source)
     real, _ = reference_images(pipe.manifest, n)
-    return {"class_accuracy": float((domain.logits(images).argmax(1) == np.asarray(labels)).mean()),
+    return {"class_accuracy": accuracy(domain, images, torch.tensor(labels)),
             "class_fid": float(fid_from_features(domain(images), domain(real)))}
 
 
