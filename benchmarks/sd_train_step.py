@@ -25,27 +25,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from machine import cpu_name  # benchmarks/machine.py, beside this script
+from sd_unet import paired_unets  # the same weights in both UNets
 
-from latentdiff.formats import sd_configs, sd_keys
-from latentdiff.models.unet import UNet, UNetConfig
+from latentdiff.models.unet import UNetConfig
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def build(cfg: UNetConfig, size: int, device: torch.device) -> dict[str, torch.nn.Module]:
-    """latentdiff's UNet and diffusers' UNet2DConditionModel with the same random weights."""
-    import diffusers
-
-    torch.manual_seed(0)
-    ours = UNet(cfg)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0, 0.02)
-    dcfg = sd_configs.unet_config_to_diffusers(cfg, ours.layout)
-    dcfg.pop("_class_name")
-    ref = diffusers.UNet2DConditionModel(**dcfg, sample_size=size)
-    state = ours.state_dict()
-    ref.load_state_dict(sd_keys.unet_to_diffusers(state, sd_keys.unet_key_map(state, ours.layout)), strict=True)
+    """latentdiff's UNet and diffusers' UNet2DConditionModel with the same random weights, in training mode."""
+    ours, ref = paired_unets(cfg, size)
     return {"latentdiff": ours.to(device).train(), "diffusers": ref.to(device).train()}
 
 

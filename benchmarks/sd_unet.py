@@ -67,22 +67,30 @@ def peak_of(fn, device: torch.device) -> tuple[float, float, float]:
     return time.perf_counter() - t0, time.process_time() - c0, peak - before
 
 
-def build(precisions: list[str], ref_precision: str, device: torch.device) -> dict[str, torch.nn.Module]:
-    """diffusers' UNet2DConditionModel and latentdiff's SD v1 UNet in each precision, same random weights."""
+def paired_unets(cfg: UNetConfig, sample_size: int = 64) -> tuple[UNet, torch.nn.Module]:
+    """latentdiff's UNet of ``cfg`` with random weights and diffusers' UNet2DConditionModel holding the same ones
+    (through latentdiff's key map), both fp32 on the CPU."""
     import diffusers
 
     torch.manual_seed(0)
-    cfg = UNetConfig.sd_v1()
-    ours = UNet(cfg).eval().requires_grad_(False)
+    ours = UNet(cfg)
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02)
     dcfg = sd_configs.unet_config_to_diffusers(cfg, ours.layout)
     dcfg.pop("_class_name")
-    ref = diffusers.UNet2DConditionModel(**dcfg, sample_size=64).eval().requires_grad_(False)
+    ref = diffusers.UNet2DConditionModel(**dcfg, sample_size=sample_size)
     state = ours.state_dict()
     ref.load_state_dict(sd_keys.unet_to_diffusers(state, sd_keys.unet_key_map(state, ours.layout)), strict=True)
-    del state
+    return ours, ref
+
+
+def build(precisions: list[str], ref_precision: str, device: torch.device) -> dict[str, torch.nn.Module]:
+    """diffusers' UNet2DConditionModel and latentdiff's SD v1 UNet in each precision, same random weights."""
+    cfg = UNetConfig.sd_v1()
+    ours, ref = paired_unets(cfg)
+    ours.eval().requires_grad_(False)
+    ref.eval().requires_grad_(False)
     models = {f"diffusers {ref_precision}": ref.to(device, DTYPES[ref_precision])}
     for p in precisions:  # other precisions built narrow and filled by cast: no second fp32 copy at any time
         models[f"latentdiff {p}"] = narrow_copy(ours, cfg, DTYPES[p]).to(device)
