@@ -14,6 +14,7 @@ A model folder says which kind it takes in its manifest: ``"concat": "inpaint" |
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Optional
 
 import torch
@@ -88,3 +89,11 @@ def widen_input(state: dict[str, Tensor], in_channels: int, source: str) -> dict
                         f"more than unet.in_channels={in_channels}")
     extra = w.new_zeros(w.shape[0], in_channels - w.shape[1], *w.shape[2:])
     return state | {key: torch.cat([w, extra], dim=1)}
+
+
+def network_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
+    """The unet.* overrides that would make ``cfg`` the network a saved UNet config.json describes (in_channels,
+    which a fine-tune may widen, and dropout, which holds no weights, aside)."""
+    mine = cfg.to_dict()
+    return [f"unet.{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in saved.items()
+            if k in mine and k not in ("in_channels", "dropout") and mine[k] != v]

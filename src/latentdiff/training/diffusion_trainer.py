@@ -15,8 +15,9 @@ from latentdiff.data.transforms import resize_bicubic
 from latentdiff.diffusion import diffusion_loss, draw_t_eps
 from latentdiff.errors import UserError
 from latentdiff.models.autoencoder import IdentityAutoencoder
-from latentdiff.formats.checkpoint import load_into, load_tensors
-from latentdiff.models.concat import ConcatKind, inpaint_concat, low_res_concat, widen_input, with_concat
+from latentdiff.formats.checkpoint import load_into, load_json_object, load_tensors
+from latentdiff.models.concat import (ConcatKind, inpaint_concat, low_res_concat, network_differences, widen_input,
+                                      with_concat)
 from latentdiff.models.conditioning import CondKind, Conditioner, conditioning_kind
 from latentdiff.models.folder import Conditioning, DataInfo, Manifest, load_autoencoder, save_model_folder
 from latentdiff.models.sampling import GeneratorNoise, LatentSampler
@@ -61,11 +62,24 @@ class DiffusionTrainer(TrainingRun):
         self.train_schedule = self.schedule.to(self.device)  # the loss indexes it on the device
         self.model = UNet(self.cfg.unet).to(self.device)
         if tc.init_unet:  # fine-tuning; a resume then loads its own checkpoint over these weights
-            path = Path(tc.init_unet) / "unet" / "model.safetensors"
-            load_into(self.model, widen_input(load_tensors(path), self.cfg.unet.in_channels, str(path)), str(path))
+            self._init_unet(Path(tc.init_unet))
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = self.adamw(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.train_model = self.parallel(self.model)
+
+    def _init_unet(self, folder: Path) -> None:
+        """train.init_unet: start from another model's UNet (added input channels at zero weight); a different
+        network is an error that names the unet.* settings which would make it the same."""
+        path = folder / "unet" / "model.safetensors"
+        try:
+            load_into(self.model, widen_input(load_tensors(path), self.cfg.unet.in_channels, str(path)), str(path))
+        except UserError as e:
+            saved = folder / "unet" / "config.json"
+            differ = network_differences(load_json_object(saved), self.cfg.unet) if saved.is_file() else []
+            if not differ:
+                raise
+            raise UserError(f"train.init_unet={folder}: its UNet is another network than this run's; add "
+                            f"{' '.join(differ)} to train the same network ({e})") from None
 
     def modules(self) -> dict[str, nn.Module]:
         """The trained UNet and its EMA copy."""
