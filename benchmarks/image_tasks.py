@@ -1,7 +1,7 @@
 """Dedicated inpainting vs inpainting by replacement, and SR3 super-resolution vs bicubic (Fashion-MNIST).
 
     python benchmarks/image_tasks.py --inpaint runs/bench-tasks/ldm-inpaint \
-        --ldm runs/bench-latent-vs-pixel/ldm-fashion --sr runs/bench-tasks/sr-pixel \
+        --ldm runs/bench-recipe-split/latent-share0.3/ldm --sr runs/bench-tasks/sr-pixel \
         --sr-latent runs/bench-tasks/sr-latent
 
 Inpainting: held-out test images, two fixed masks (a centre box, brush strokes). The known region is
@@ -111,6 +111,7 @@ def super_resolution(path: Path, n: int, n_div: int, steps: int) -> tuple[dict, 
 
     f = lambda a, b: {"psnr": psnr(a.float(), b.float(), 255.0), "ssim": ssim(a.float(), b.float(), 255.0)}  # noqa: E731
     row = {"model": str(path), "step": pipe.manifest.step, "sizes": f"{low_size} -> {size}",
+           "attention_block": pipe.unet.config.attention_block,
            "space": "latent" if "autoencoder" in pipe.manifest.components else "pixel",
            "bicubic": f(bicubic, real), "sr": f(sr, real), "sr_mean_of_8": f(mean8, real[:n_div]),
            "bicubic_first_n_div": f(bicubic[:n_div], real[:n_div]),
@@ -134,7 +135,8 @@ def main() -> None:
     ap.add_argument("--inpaint", type=Path, nargs="+", required=True,
                     help="dedicated inpainting model(s) (ldm-fashion-inpaint)")
     ap.add_argument("--ldm", type=Path, required=True, help="plain LDM on the same autoencoder (ldm-fashion)")
-    ap.add_argument("--sr", type=Path, required=True, help="pixel-space SR3 model (sr-fashion)")
+    ap.add_argument("--sr", type=Path, nargs="+", required=True,
+                    help="pixel-space SR3 model(s) (sr-fashion; the first one's samples make the figure)")
     ap.add_argument("--sr-latent", type=Path, required=True, help="latent SR model (sr-fashion-latent)")
     ap.add_argument("--n", type=int, default=500, help="test images for inpainting and latent SR")
     ap.add_argument("--n-sr-pixel", type=int, default=200, help="test images for pixel SR (slow on a CPU)")
@@ -158,12 +160,13 @@ def main() -> None:
                  {"rows": "original; per mask: masked input, dedicated model(s), replacement, RePaint x4"})
     if args.only != "inpaint":
         sr_rows = []
-        for path, n, name in ((args.sr, args.n_sr_pixel, "upscale.png"),
-                              (args.sr_latent, args.n, "upscale_latent.png")):
+        pixel = [(path, args.n_sr_pixel, "upscale.png" if i == 0 else None) for i, path in enumerate(args.sr)]
+        for path, n, name in pixel + [(args.sr_latent, args.n, "upscale_latent.png")]:
             row, fig = super_resolution(path, n, args.n_div, args.sr_steps)
             sr_rows.append(row)
-            save_png(make_grid(upscale_nearest(fig, 64), 7), args.figures / name,
-                     {"columns": "low-res (nearest), bicubic, 4 seeds, original"})
+            if name:
+                save_png(make_grid(upscale_nearest(fig, 64), 7), args.figures / name,
+                         {"columns": "low-res (nearest), bicubic, 4 seeds, original"})
     runs.append({"part": args.only or "all", "command": f"python {' '.join(sys.argv)}",
                  "minutes": round((time.perf_counter() - t_start) / 60, 1)})
     write_report(args, inp_rows, sr_rows, runs)
@@ -186,11 +189,12 @@ def write_report(args: argparse.Namespace, inp_rows: list[dict], sr_rows: list[d
               "the autoencoder row is the best a latent model can do there. Hole MSE in [0, 1] units. FID with "
               "the shipped Fashion-MNIST classifier features, the pasted outputs against the original images.", "",
               "## Super-resolution", "",
-              "| model | space | sizes | step | PSNR bicubic | PSNR SR (1 sample) | PSNR mean of 8 | "
+              "| model | attention | space | sizes | step | PSNR bicubic | PSNR SR (1 sample) | PSNR mean of 8 | "
               "SSIM bicubic | SSIM SR | diversity (std over 8 seeds) | consistency PSNR SR / bicubic | s/image |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sr_rows:
-        lines.append(f"| `{r['model']}` | {r['space']} | {r['sizes']} | {r['step']} | {r['bicubic']['psnr']:.2f} | "
+        lines.append(f"| `{r['model']}` | {r.get('attention_block', 'transformer')} | {r['space']} | {r['sizes']} | "
+                     f"{r['step']} | {r['bicubic']['psnr']:.2f} | "
                      f"{r['sr']['psnr']:.2f} | {r['sr_mean_of_8']['psnr']:.2f} "
                      f"(bicubic {r['bicubic_first_n_div']['psnr']:.2f}) | "
                      f"{r['bicubic']['ssim']:.3f} | {r['sr']['ssim']:.3f} | {r['diversity_std']:.4f} | "
