@@ -208,7 +208,7 @@ def test_init_unet_widens_a_plain_model_with_zero_channels(tmp_path, inpaint_dir
         torch.testing.assert_close(with_concat(trainer.model)(x, t, concat=extra), load_unet(plain)(x, t))
     with pytest.raises(UserError, match="reads 3 input channels, more than unet.in_channels=1"):
         make_trainer(load_config("digits-tiny", TINY + [f"train.init_unet={inpaint_dir}"]), tmp_path / "x")
-    # another network (here: plain attention, more heads) names the overrides that would make it the same one
+    # another network (here: plain attention, one head) names the overrides that would make it the same one
     with pytest.raises(UserError, match=r"another network than this run's; add unet.attention_block=transformer "
                                         r"unet.num_heads=2 to train the same network"):
         make_trainer(load_config("digits-tiny", TINY + ["unet.in_channels=3", "cond.concat=inpaint",
